@@ -1,0 +1,58 @@
+"""The `edgedi` command line: one console script, one module per subcommand.
+
+Each subcommand lives in `edgedi.agent.commands.<name>` and exposes
+`add_arguments(parser)` and `run(args) -> int`. Modules are imported only when
+their subcommand runs, so `edgedi --help` stays fast and never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+# name -> (module, one-line help). Order is the order `edgedi --help` shows.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "models": ("models", "list the model zoo: parameters, GFLOPs, largest activation"),
+    "verify": ("verify", "check that partitioned execution equals the whole forward pass"),
+    "data": ("data", "generate or inspect NEU-CLS-like defect images"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgedi",
+        description="Distributed CNN inference on clusters of small devices over MQTT.",
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (_module, help_text) in SUBCOMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = build_parser()
+    # Parse only up to the subcommand; the subcommand's own parser takes the rest.
+    known, rest = top.parse_known_args(argv)
+    module_name, help_text = SUBCOMMANDS[known.command]
+    module = importlib.import_module(f"edgedi.agent.commands.{module_name}")
+    parser = argparse.ArgumentParser(prog=f"edgedi {known.command}", description=help_text)
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    level = logging.WARNING - 10 * min(known.verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        code: int = module.run(args)
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per `edgedi` subcommand (see edgedi.agent.cli)."""

@@ -1,0 +1,1 @@
+"""edgedi.planner."""
