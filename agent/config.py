@@ -1,0 +1,178 @@
+"""Agent configuration: one pydantic model per section, loaded once in `main()`.
+
+Sources, strongest first: command-line flags, `EDGEDI_*` environment variables
+(nested with `__`, e.g. `EDGEDI_BROKER__PORT=1884`), the YAML file given with
+`--config`, then the defaults below. The MQTT password may also come from
+systemd's `$CREDENTIALS_DIRECTORY/mqtt-password` (LoadCredential=), so it never
+sits in a world-readable file. Unknown keys are errors, not silently ignored.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; `lines` holds one `field.path: message` per problem."""
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BrokerSettings(_Section):
+    host: str = Field("127.0.0.1", description="MQTT broker host name or address")
+    port: int = Field(1883, ge=1, le=65535, description="MQTT broker port")
+    username: str | None = Field(None, description="MQTT user name (per-device credentials)")
+    password: str | None = Field(
+        None,
+        description="MQTT password; prefer $CREDENTIALS_DIRECTORY/mqtt-password under systemd",
+    )
+    tls_ca_file: Path | None = Field(None, description="CA bundle; setting it turns TLS on")
+    # Seconds, not a minute: a silent device is noticed after ~1.5 keepalives.
+    keepalive_s: int = Field(5, ge=2, le=600, description="MQTT keepalive in seconds")
+    topic_root: str = Field("edgedi/v1", description="topic prefix shared by the fleet")
+    cluster: str = Field("default", pattern=r"^[A-Za-z0-9_-]+$", description="cluster name")
+
+
+class ComputeSettings(_Section):
+    threads: int | None = Field(None, ge=1, le=256, description="torch threads (default: all)")
+    models: list[str] = Field(
+        default_factory=lambda: ["vgg16-edgedi", "resnet18-edgedi", "tiny", "tiny-edgedi"],
+        description="models this device holds and may be asked to run",
+    )
+    checkpoint_dir: Path | None = Field(
+        None, description="folder of trained checkpoints; the shipped ones are used otherwise"
+    )
+    input_size: int = Field(200, ge=16, le=1024, description="image side length in pixels")
+    profile_seconds: float = Field(
+        5.0, gt=0, le=60, description="time budget of the start-up micro-benchmark"
+    )
+    slowdown: float = Field(
+        1.0,
+        ge=1.0,
+        le=100.0,
+        description="emulate a slower device: sleep so each tile takes this many times longer",
+    )
+
+
+class PlannerSettings(_Section):
+    candidate: bool = Field(True, description="may this device be elected planner/coordinator")
+    priority: int = Field(
+        0, description="election order among candidates (lower wins, then device id)"
+    )
+    strategy: str = Field("edgeci", description="partitioning strategy for new plans")
+
+
+class JobSettings(_Section):
+    deadline_s: float = Field(30.0, gt=0, description="default end-to-end deadline of a job")
+    max_in_flight: int = Field(8, ge=1, le=256, description="jobs coordinated at once")
+    max_payload_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="largest message accepted from a peer"
+    )
+    wire_dtype: Literal["float32", "float16"] = Field(
+        "float32", description="dtype of tiles on the wire (float16 halves bytes, ~2e-3 error)"
+    )
+
+
+class AgentSettings(BaseSettings):
+    """Everything an `edgedi agent` needs; see `edgedi agent --check-config`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="EDGEDI_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+    # Set on a subclass by `load_settings` so the YAML path is not global state.
+    yaml_path: ClassVar[Path | None] = None
+
+    device_id: str = Field(..., pattern=DEVICE_ID_PATTERN, description="unique device name")
+    broker: BrokerSettings = Field(default_factory=BrokerSettings)  # type: ignore[arg-type]
+    compute: ComputeSettings = Field(default_factory=ComputeSettings)  # type: ignore[arg-type]
+    planner: PlannerSettings = Field(default_factory=PlannerSettings)  # type: ignore[arg-type]
+    jobs: JobSettings = Field(default_factory=JobSettings)  # type: ignore[arg-type]
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info")
+
+    @model_validator(mode="after")
+    def _tls_ca_file_exists(self) -> AgentSettings:
+        if self.broker.tls_ca_file is not None and not self.broker.tls_ca_file.exists():
+            raise ValueError(f"broker.tls_ca_file {self.broker.tls_ca_file} does not exist")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if cls.yaml_path is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=cls.yaml_path))
+        return tuple(sources)
+
+
+def _credential_password(environ: dict[str, str]) -> str | None:
+    directory = environ.get("CREDENTIALS_DIRECTORY")
+    if not directory:
+        return None
+    path = Path(directory) / "mqtt-password"
+    return path.read_text().strip() if path.exists() else None
+
+
+def _drop_none(values: dict[str, Any]) -> dict[str, Any]:
+    cleaned: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            value = _drop_none(value)
+            if not value:
+                continue
+        if value is not None:
+            cleaned[key] = value
+    return cleaned
+
+
+def load_settings(
+    config_file: Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    environ: dict[str, str] | None = None,
+) -> AgentSettings:
+    """Load and validate the settings; raise ConfigError with readable lines on failure.
+
+    `overrides` are command-line values (None means "not given"), nested by section,
+    e.g. `{"device_id": "pi-1", "broker": {"host": "10.0.0.2"}}`.
+    """
+    environ = dict(os.environ) if environ is None else environ
+    if config_file is not None and not config_file.is_file():
+        raise ConfigError([f"--config: no such file: {config_file}"])
+    settings_cls = type("AgentSettingsFromFile", (AgentSettings,), {"yaml_path": config_file})
+    values = _drop_none(overrides or {})
+    password = _credential_password(environ)
+    if password is not None:
+        values.setdefault("broker", {}).setdefault("password", password)
+    try:
+        settings: AgentSettings = settings_cls(**values)
+    except ValidationError as error:
+        raise ConfigError(
+            [
+                f"{'.'.join(str(part) for part in e['loc']) or '(root)'}: {e['msg']}"
+                for e in error.errors()
+            ]
+        ) from None
+    return settings

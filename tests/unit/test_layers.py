@@ -1,0 +1,103 @@
+"""The import contract of DESIGN.md: imports point downwards only.
+
+agent -> planner/broker/models; planner -> the torch-free model description and
+broker's plan schema; broker -> nothing of ours; models, planner and broker never
+touch MQTT or asyncio networking; planner and broker never import torch.
+Checked twice: statically over every module's import statements, and at run time
+by importing the pure layers in a fresh interpreter and looking at sys.modules.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = {"agent": "edgedi.agent", "broker": "edgedi.broker", "planner": "edgedi.planner",
+            "models": "edgedi.models"}
+NETWORK = ("aiomqtt", "paho", "amqtt", "asyncio", "socket")
+
+# For each layer: module prefixes it must never import.
+FORBIDDEN: dict[str, tuple[str, ...]] = {
+    "broker": ("edgedi.agent", "edgedi.planner", "edgedi.models", "torch"),
+    "planner": ("edgedi.agent", "torch", *NETWORK),
+    "models": ("edgedi.agent", "edgedi.planner", "edgedi.broker", *NETWORK),
+}
+# Modules of our own that the planner may use (plain data, no torch).
+PLANNER_ALLOWED_OURS = ("edgedi.planner", "edgedi.models.units", "edgedi.models.specs",
+                        "edgedi.broker.plan")
+# The broker's network modules may of course use the network; the schemas may not.
+BROKER_NETWORK_MODULES = {"connection", "server"}
+
+
+def _module_name(path: Path) -> str:
+    layer = path.relative_to(ROOT).parts[0]
+    rest = path.relative_to(ROOT / layer).with_suffix("").parts
+    parts = [PACKAGES[layer], *rest]
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _imports(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    module = _module_name(path)
+    found: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.extend(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: resolve against this module's package
+                package = module.split(".")
+                is_package = path.name == "__init__.py"
+                base = package[: len(package) - node.level + (1 if is_package else 0)]
+                found.append(".".join([*base, node.module] if node.module else base))
+            elif node.module:
+                found.append(node.module)
+    return found
+
+
+def _layer_files(layer: str) -> list[Path]:
+    return sorted((ROOT / layer).rglob("*.py"))
+
+
+def _matches(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+@pytest.mark.parametrize("layer", sorted(FORBIDDEN))
+def test_static_imports_point_downwards(layer: str) -> None:
+    violations = []
+    for path in _layer_files(layer):
+        for name in _imports(path):
+            forbidden = FORBIDDEN[layer]
+            if layer == "broker" and path.stem in BROKER_NETWORK_MODULES:
+                forbidden = tuple(p for p in forbidden if p not in NETWORK)
+            if any(_matches(name, prefix) for prefix in forbidden):
+                violations.append(f"{path.relative_to(ROOT)} imports {name}")
+            if layer == "planner" and name.startswith("edgedi.") and not any(
+                _matches(name, allowed) for allowed in PLANNER_ALLOWED_OURS
+            ):
+                violations.append(f"{path.relative_to(ROOT)} imports {name}")
+    assert not violations, "\n".join(violations)
+
+
+def test_pure_layers_do_not_load_torch_or_mqtt_at_run_time() -> None:
+    pure = [_module_name(p) for layer in ("planner",) for p in _layer_files(layer)]
+    pure += ["edgedi.models", "edgedi.models.units", "edgedi.broker.plan"]
+    pure = [m for m in pure if not m.endswith("__main__")]
+    script = (
+        "import importlib, sys\n"
+        f"for name in {pure!r}:\n"
+        "    importlib.import_module(name)\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('torch', 'aiomqtt', 'paho', 'amqtt'))\n"
+        "print(','.join(bad))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         check=True, timeout=120)
+    assert out.stdout.strip() == "", f"pure layers loaded: {out.stdout.strip()}"
