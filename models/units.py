@@ -21,6 +21,11 @@ Rows are half-open intervals `[start, stop)` along the height axis. Rows outside
 `[0, height)` are the zero padding of the full computation, so tiles are clamped to
 the map and padding is applied only at true image borders.
 
+The same arithmetic works along the width axis (the zoo's windows are square), so
+the functions that walk footprints take `axis="width"` to describe columns; a 2-D
+(DeepThings-style) tile is then a row geometry times a column geometry, and `Rows`
+holds columns there.
+
 Reductions inside a segment (the attention gate) pool over *all* rows of the map,
 so at every gate each tile also owns a disjoint share of the rows, and the shares
 cover the map: the partial sums of the shares add up to the exact global sum.
@@ -36,6 +41,7 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 OpKind = Literal["conv", "maxpool", "avgpool", "gate", "gap", "linear"]
+Axis = Literal["height", "width"]
 UnitKind = Literal["conv", "compact", "pool", "residual", "gap", "head"]
 # Ops whose running time the planner models separately (a per-kind time model).
 CostClass = Literal["conv1x1", "conv3x3", "convkxk", "depthwise", "pool", "gate", "fc"]
@@ -118,19 +124,25 @@ class Op:
             return "fc"
         return "gate"  # gate and global average pool: pooling + small dense work
 
-    def required_rows(self, out: Rows) -> Rows:
+    def in_extent(self, axis: Axis = "height") -> int:
+        return self.in_height if axis == "height" else self.in_width
+
+    def out_extent(self, axis: Axis = "height") -> int:
+        return self.out_height if axis == "height" else self.out_width
+
+    def required_rows(self, out: Rows, axis: Axis = "height") -> Rows:
         """Input rows (unclamped, may reach into the padding) that `out` needs."""
         if out.empty:
             return Rows(0, 0)
         if self.kind in ("gap", "linear"):
-            return Rows(0, self.in_height)
+            return Rows(0, self.in_extent(axis))
         start = out.start * self.stride - self.padding
         stop = (out.stop - 1) * self.stride - self.padding + self.dilation * (self.kernel - 1) + 1
         return Rows(start, stop)
 
-    def input_rows(self, out: Rows) -> Rows:
+    def input_rows(self, out: Rows, axis: Axis = "height") -> Rows:
         """Input rows that exist in the map (clamped) and that `out` needs."""
-        return self.required_rows(out).clamp(self.in_height)
+        return self.required_rows(out, axis).clamp(self.in_extent(axis))
 
     @property
     def macs_per_row(self) -> int:
@@ -236,15 +248,15 @@ class Unit:
         channels, _height, width = self.in_shape
         return channels * width * BYTES_PER_ELEMENT
 
-    def input_rows(self, out: Rows) -> Rows:
+    def input_rows(self, out: Rows, axis: Axis = "height") -> Rows:
         """Input rows needed for `out`, ignoring gate ownership (see `segment_tiles`)."""
         rows = out
         for op in reversed(self.main):
-            rows = op.input_rows(rows)
+            rows = op.input_rows(rows, axis)
         if self.shortcut is not None:
             skip = out
             for op in reversed(self.shortcut):
-                skip = op.input_rows(skip)
+                skip = op.input_rows(skip, axis)
             rows = rows.hull(skip)
         return rows
 
@@ -403,17 +415,19 @@ def _shares(needed: Sequence[Rows], height: int) -> list[Rows]:
     return shares
 
 
-def _ops_backwards(ops: Sequence[Op], outs: list[Rows]) -> tuple[list[list[OpRows]], list[Rows]]:
+def _ops_backwards(
+    ops: Sequence[Op], outs: list[Rows], axis: Axis = "height"
+) -> tuple[list[list[OpRows]], list[Rows]]:
     """Walk a branch backwards for all tiles at once; gates widen tiles to their shares."""
     per_tile: list[list[OpRows]] = [[] for _ in outs]
     current = list(outs)
     for op in reversed(ops):
         owned: list[Rows | None] = [None] * len(current)
         if op.is_reduction:
-            shares = _shares(current, op.out_height)
+            shares = _shares(current, op.out_extent(axis))
             owned = list(shares)
             current = [rows.hull(share) for rows, share in zip(current, shares, strict=True)]
-        ins = [op.input_rows(rows) for rows in current]
+        ins = [op.input_rows(rows, axis) for rows in current]
         for i, rows in enumerate(current):
             per_tile[i].append(OpRows(op, ins[i], rows, owned[i]))
         current = ins
@@ -422,13 +436,19 @@ def _ops_backwards(ops: Sequence[Op], outs: list[Rows]) -> tuple[list[list[OpRow
     return per_tile, current
 
 
-def segment_tiles(units: Sequence[Unit], out_parts: Sequence[Rows]) -> list[TileGeometry]:
+def segment_tiles(
+    units: Sequence[Unit], out_parts: Sequence[Rows], axis: Axis = "height"
+) -> list[TileGeometry]:
     """The geometry of each tile of a fused segment, given the output row partition.
 
     `units` are consecutive spatial units; `out_parts` partition the segment's output
     rows (one per device, possibly empty). Each tile's input rows are derived
     backwards through the footprints, widened at each reduction so that the tiles'
     shares cover the reduced map exactly once.
+
+    With `axis="width"` everything is about columns instead (a 2-D grid tile is a
+    row geometry times a column geometry; its share of a gate is the product of
+    the row share and the column share).
     """
     if not units:
         raise ValueError("a segment needs at least one unit")
@@ -438,14 +458,14 @@ def segment_tiles(units: Sequence[Unit], out_parts: Sequence[Rows]) -> list[Tile
     for before, after in itertools.pairwise(units):
         if after.index != before.index + 1:
             raise ValueError("segment units must be consecutive")
-    check_partition(out_parts, units[-1].out_shape[1])
+    check_partition(out_parts, units[-1].out_shape[1 if axis == "height" else 2])
 
     outs = list(out_parts)
     per_unit: list[list[UnitRows]] = [[] for _ in outs]
     for unit in reversed(units):
-        main, main_in = _ops_backwards(unit.main, outs)
+        main, main_in = _ops_backwards(unit.main, outs, axis)
         if unit.shortcut is not None:
-            skip, skip_in = _ops_backwards(unit.shortcut, outs)
+            skip, skip_in = _ops_backwards(unit.shortcut, outs, axis)
             ins = [m.hull(s) for m, s in zip(main_in, skip_in, strict=True)]
         else:
             skip = [[] for _ in outs]
@@ -461,6 +481,26 @@ def segment_tiles(units: Sequence[Unit], out_parts: Sequence[Rows]) -> list[Tile
         in_rows = Rows(0, 0) if empty else unit_rows[0].in_rows
         tiles.append(TileGeometry(in_rows, out_parts[i], tuple(unit_rows)))
     return tiles
+
+
+def grid_tile_macs(rows: TileGeometry, columns: TileGeometry) -> int:
+    """Work for the 2-D tile `rows × columns` (halos included), from the two geometries.
+
+    `rows` comes from `segment_tiles(...)` and `columns` from `segment_tiles(...,
+    axis="width")` over the same units. Per-row MACs scale with the share of the
+    output width the tile computes; the gate's dense layer is counted once per tile.
+    """
+    if rows.empty or columns.empty:
+        return 0
+    total = 0
+    for by_row, by_column in zip(rows.op_rows, columns.op_rows, strict=True):
+        op = by_row.op
+        if op.kind in ("gap", "linear"):
+            total += op.macs(len(by_row.out_rows))
+            continue
+        per_element = op.macs_per_row * len(by_row.out_rows) // op.out_width
+        total += per_element * len(by_column.out_rows) + op.fixed_macs
+    return total
 
 
 def split_rows(height: int, weights: Sequence[float]) -> list[Rows]:
