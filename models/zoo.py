@@ -120,7 +120,10 @@ class GateOp(nn.Module):
         return x * self.scale(mean)[:, :, None, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.rescale(x, x.mean(dim=(2, 3)))
+        # The mean is taken in float64, as a tiled run combines its partial sums; in fp32
+        # the two summation orders differ by ~1e-7, which deep stacks of gates amplify.
+        mean = x.mean(dim=(2, 3), dtype=torch.float64).to(x.dtype)
+        return self.rescale(x, mean)
 
 
 class GlobalPoolOp(nn.Module):
