@@ -156,7 +156,8 @@ class Op:
             # Pooling the row and scaling it; the tiny dense layer is per map, see `fixed_macs`.
             return 2 * self.out_width * self.out_channels
         if self.kind == "gap":
-            return self.in_width * self.in_channels
+            # Its single output "row" reads the whole map.
+            return self.in_height * self.in_width * self.in_channels
         return self.in_channels * self.out_channels  # linear: one "row"
 
     @property
