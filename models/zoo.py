@@ -12,8 +12,12 @@ Models are returned in eval mode: this project runs inference; training code cal
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from edgedi.models.specs import (
     DEFAULT_INPUT_SIZE,
     MODEL_NAMES,
@@ -26,7 +30,6 @@ from edgedi.models.specs import (
     get_architecture,
 )
 from edgedi.models.units import ModelSpec, Op, Unit
-from torch import nn
 
 __all__ = [
     "MODEL_NAMES",
@@ -291,25 +294,66 @@ def build_model(
 
 
 @torch.no_grad()
-def randomize_statistics(model: nn.Module, seed: int = 0) -> None:
+def randomize_statistics(model: ZooModel, seed: int = 0, calibrate: bool = True) -> None:
     """Draw non-trivial batch-norm statistics and affine terms and every bias.
 
     Freshly initialised batch norms are the identity and biases are zero, which would
     let a wrong border or a bias added in the wrong place go unnoticed; tests and
     `edgedi verify` call this so that the padding rules are really exercised.
+
+    With `calibrate` (the default) each batch norm's running statistics are set, in
+    forward order, from what it actually receives on a random image, then perturbed,
+    so activations keep a sane scale the way they do in a trained model. Uncalibrated
+    random statistics make deep models blow up and so ill-conditioned that fp32
+    rounding anywhere is amplified 100-fold, which says nothing about the tiling.
     """
     generator = torch.Generator().manual_seed(seed)
 
-    def draw(tensor: torch.Tensor, low: float, high: float) -> None:
-        values = torch.rand(tensor.shape, generator=generator, dtype=tensor.dtype)
-        tensor.copy_(low + (high - low) * values)
+    def uniform(shape: torch.Size, low: float, high: float) -> torch.Tensor:
+        return low + (high - low) * torch.rand(shape, generator=generator)
 
+    batchnorms = [module for module in model.modules() if isinstance(module, nn.BatchNorm2d)]
     for module in model.modules():
         if isinstance(module, nn.BatchNorm2d):
+            module.weight.copy_(uniform(module.weight.shape, 0.5, 1.5))
+            module.bias.copy_(uniform(module.bias.shape, -0.5, 0.5))
             assert module.running_mean is not None and module.running_var is not None
-            draw(module.running_mean, -0.5, 0.5)
-            draw(module.running_var, 0.5, 2.0)
-            draw(module.weight, 0.5, 1.5)
-            draw(module.bias, -0.5, 0.5)
+            module.running_mean.copy_(uniform(module.running_mean.shape, -0.5, 0.5))
+            module.running_var.copy_(uniform(module.running_var.shape, 0.5, 2.0))
         elif isinstance(module, nn.Conv2d | nn.Linear) and module.bias is not None:
-            draw(module.bias, -0.2, 0.2)
+            module.bias.copy_(uniform(module.bias.shape, -0.2, 0.2))
+    if calibrate:
+        _calibrate(model, batchnorms, generator, uniform)
+
+
+def _calibrate(
+    model: ZooModel,
+    batchnorms: list[nn.BatchNorm2d],
+    generator: torch.Generator,
+    uniform: Callable[[torch.Size, float, float], torch.Tensor],
+) -> None:
+    """One eval-mode pass; each batch norm takes its statistics from its input on the way."""
+
+    def measure(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        assert isinstance(module, nn.BatchNorm2d)
+        assert module.running_mean is not None and module.running_var is not None
+        x = inputs[0]
+        mean, variance = x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3))
+        # A channel that is (almost) always zero here would divide by ~sqrt(eps) on any
+        # other input: keep every variance near the layer's typical one.
+        variance = variance.clamp(min=max(0.1 * float(variance.mean()), 1e-3))
+        shape = mean.shape
+        module.running_mean.copy_(mean + variance.sqrt() * uniform(shape, -0.2, 0.2))
+        module.running_var.copy_(variance * uniform(shape, 0.7, 1.4))
+
+    _channels, height, width = model.spec.input_shape
+    image = torch.randn(2, model.spec.input_shape[0], height, width, generator=generator)
+    handles = [batchnorm.register_forward_pre_hook(measure) for batchnorm in batchnorms]
+    was_training = model.training
+    try:
+        model.eval()
+        model(image)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
