@@ -21,6 +21,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from edgedi.agent.cli import main
 from edgedi.models.specs import MODEL_NAMES
 from edgedi.models.tiling import (
     GatePartial,
@@ -310,3 +311,46 @@ def test_run_partitioned_checks_the_segments() -> None:
         run_partitioned(c.model, [(1, 3, [Rows(0, 11)])], c.x)
     with pytest.raises(ValueError, match="spatial units"):
         run_partitioned(c.model, [(0, 2, [Rows(0, spec.units[2].out_shape[1])])], c.x)
+
+
+# --- The `edgedi verify` command ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        ["tiny-edgedi", "--parts", "3", "--size", "45"],
+        ["tiny", "--grid", "2x3", "--fused", "2", "--size", "45"],
+        ["resnet18-edgedi", "--parts", "4", "--segments", "3,7", "--size", "72"],
+    ],
+)
+def test_verify_command_passes(arguments: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["verify", *arguments]) == 0
+    assert "OK" in capsys.readouterr().out
+
+
+def test_verify_command_fails_for_local_gates(capsys: pytest.CaptureFixture[str]) -> None:
+    assert (
+        main(["verify", "tiny-edgedi", "--parts", "4", "--size", "45", "--gate-mode", "local"]) == 1
+    )
+    assert "FAIL" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["alexnet", "--parts", "2"], "known models"),
+        (["tiny", "--parts", "0"], "at least 1"),
+        (["tiny"], "--parts"),
+        (["tiny", "--parts", "2", "--segments", "2,1"], "increasing"),
+        (["tiny", "--parts", "2", "--segments", "7"], "0..3"),
+        (["tiny", "--grid", "2by2"], "RxC"),
+        (["tiny", "--parts", "2", "--fused", "0"], "at least 1"),
+        (["vgg16", "--parts", "2", "--size", "16"], "too small"),
+    ],
+)
+def test_verify_command_rejects_bad_arguments(
+    arguments: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["verify", *arguments]) == 2
+    assert message in capsys.readouterr().err

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from edgedi.agent.cli import main
 from edgedi.models.specs import MODEL_NAMES, UnknownModelError, get_spec
 from edgedi.models.zoo import (
     ConvOp,
@@ -169,3 +170,12 @@ def test_randomize_statistics_changes_batch_norm_and_biases() -> None:
     assert not torch.allclose(batchnorm.batchnorm.running_var, torch.ones(8))
     with torch.inference_mode():
         assert not torch.allclose(forward(x), before)
+
+
+def test_models_command_prints_the_zoo(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "GFLOP@200px (2×MAC)" in lines[0]
+    assert [line.split()[0] for line in lines[1:]] == list(MODEL_NAMES)
+    vgg = next(line for line in lines if line.startswith("vgg16 "))
+    assert vgg.split()[2] == "24.397"
