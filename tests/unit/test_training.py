@@ -1,0 +1,245 @@
+"""Training, evaluation, checkpoints and L1 pruning, on the tiny models and small images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from edgedi.agent.cli import main
+from edgedi.models.checkpoints import (
+    CheckpointError,
+    load_checkpoint,
+    load_model,
+    load_training_state,
+    read_sidecar,
+    save_checkpoint,
+    shipped_checkpoint,
+)
+from edgedi.models.data import SyntheticDefects, split_indices
+from edgedi.models.pruning import prune, prune_to_budget
+from edgedi.models.training import Evaluation, TrainConfig, evaluate, normalize, train
+from edgedi.models.zoo import build_model
+
+SIZE = 48  # the defects still show; the tiny model trains on it in a few seconds
+
+
+@pytest.fixture(scope="module")
+def small_set() -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any], list[int], list[int]]:
+    images, labels = SyntheticDefects(per_class=40, seed=3, size=SIZE).arrays()
+    train_part, test_part = split_indices(labels.tolist(), 0.3, seed=0)
+    return images, labels, train_part, test_part
+
+
+@pytest.fixture(autouse=True)
+def _few_threads() -> Any:
+    # The suite shares two cores with others: more threads only add contention.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_tiny_model_learns_well_above_chance_on_held_out_images(
+    small_set: tuple[np.ndarray[Any, Any], np.ndarray[Any, Any], list[int], list[int]],
+) -> None:
+    images, labels, train_part, test_part = small_set
+    model = build_model("tiny", SIZE, seed=0)
+    before = evaluate(model, images[test_part], labels[test_part]).accuracy
+    config = TrainConfig(epochs=12, batch_size=16, learning_rate=1e-2, seed=0)
+    state = train(model, images[train_part], labels[train_part], config)
+    after = evaluate(model, images[test_part], labels[test_part])
+    assert len(state.history) == 12
+    assert after.total == len(test_part) == 72
+    # Chance is 1/6 ≈ 0.17; the untrained model sits near it.
+    assert after.accuracy >= 0.45, after.render()
+    assert after.accuracy > before + 0.2
+
+
+def test_training_is_reproducible_and_resumes_to_the_same_weights(
+    small_set: tuple[np.ndarray[Any, Any], np.ndarray[Any, Any], list[int], list[int]],
+) -> None:
+    images, labels, train_part, _test = small_set
+    x, y = images[train_part[:48]], labels[train_part[:48]]
+    config = TrainConfig(epochs=2, batch_size=16, seed=5)
+    straight = build_model("tiny-edgedi", SIZE, seed=1)
+    train(straight, x, y, config)
+    again = build_model("tiny-edgedi", SIZE, seed=1)
+    state = train(again, x, y, config, stop_after=1)
+    assert state.epochs_done == 1
+    resumed = build_model("tiny-edgedi", SIZE, seed=1)
+    resumed.load_state_dict(again.state_dict())
+    # Round-trip the state through its plain-data form, as a checkpoint does.
+    from edgedi.models.training import TrainState
+
+    train(resumed, x, y, config, state=TrainState.from_dict(state.as_dict()))
+    for key, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+def test_evaluation_metrics_from_a_known_confusion() -> None:
+    truth = [0, 0, 0, 1, 1, 2, 3, 4, 5, 5]
+    predicted = [0, 0, 1, 1, 1, 2, 3, 4, 5, 0]
+    evaluation = Evaluation.from_predictions(truth, predicted)
+    assert evaluation.accuracy == pytest.approx(0.8)
+    assert evaluation.confusion[0] == (2, 1, 0, 0, 0, 0)
+    assert evaluation.precision[0] == pytest.approx(2 / 3)
+    assert evaluation.recall[0] == pytest.approx(2 / 3)
+    assert evaluation.precision[1] == pytest.approx(2 / 3)
+    assert evaluation.recall[5] == pytest.approx(0.5)
+    assert "confusion" in evaluation.render()
+
+
+def test_normalize_removes_brightness_and_contrast() -> None:
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 60, size=(1, 16, 16))
+    brighter = (2 * base + 100).astype(np.uint8)
+    first, second = normalize(base.astype(np.uint8)), normalize(brighter)
+    assert first.shape == (1, 1, 16, 16)
+    assert torch.allclose(first, second, atol=1e-5)
+
+
+def test_checkpoint_round_trip_is_exact_in_fp32_and_close_in_fp16(tmp_path: Path) -> None:
+    model = build_model("tiny-edgedi", SIZE, seed=2)
+    x = torch.randn(2, 1, SIZE, SIZE)
+    path = save_checkpoint(model, "tiny-edgedi", tmp_path / "a.pt", {"note": "test"})
+    loaded = load_checkpoint("tiny-edgedi", path)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key]), key
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+
+    half = save_checkpoint(model, "tiny-edgedi", tmp_path / "h.pt", half=True)
+    assert half.stat().st_size < path.stat().st_size
+    restored = load_checkpoint("tiny-edgedi", half)
+    assert all(v.dtype != torch.float16 for v in restored.state_dict().values())
+    with torch.no_grad():
+        assert torch.allclose(model(x), restored(x), atol=2e-2)
+    # GAP-headed weights do not depend on the input size.
+    assert load_checkpoint("tiny-edgedi", path, input_size=SIZE * 2).spec.input_shape[1] == 96
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path: Path) -> None:
+    path = save_checkpoint(build_model("tiny", SIZE, seed=0), "tiny", tmp_path / "t.pt")
+    with pytest.raises(CheckpointError, match=r"holds 'tiny'.*not 'tiny-edgedi'"):
+        load_checkpoint("tiny-edgedi", path)
+    with pytest.raises(CheckpointError, match="model is 'tiny'"):
+        save_checkpoint(build_model("tiny", SIZE, seed=0), "tiny-edgedi", tmp_path / "x.pt")
+
+
+def test_checkpoint_with_a_changed_architecture_digest_is_refused(tmp_path: Path) -> None:
+    path = save_checkpoint(build_model("tiny", SIZE, seed=0), "tiny", tmp_path / "t.pt")
+    payload = torch.load(path, weights_only=True)
+    payload["digest"] = "0123456789abcdef"  # as if the model definition had changed since
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match="definition changed"):
+        load_checkpoint("tiny", path)
+
+
+def test_corrupted_or_foreign_files_are_refused(tmp_path: Path) -> None:
+    path = save_checkpoint(build_model("tiny", SIZE, seed=0), "tiny", tmp_path / "t.pt")
+    payload = torch.load(path, weights_only=True)
+    key = next(iter(payload["state"]))
+    payload["state"][key] = payload["state"][key] + 1
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match="corrupted"):
+        load_checkpoint("tiny", path)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    with pytest.raises(CheckpointError, match="not an edgedi checkpoint"):
+        load_checkpoint("tiny", foreign)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint("tiny", junk)
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        load_checkpoint("tiny", tmp_path / "missing.pt")
+
+
+def test_load_model_falls_back_to_random_weights_with_a_warning() -> None:
+    assert shipped_checkpoint("tiny") is None
+    model, description = load_model("tiny", SIZE)
+    assert description.startswith("WARNING") and "random weights" in description
+    assert model.spec.input_shape == (1, SIZE, SIZE)
+    _model, description = load_model("tiny", SIZE, checkpoint=None)
+    assert "WARNING" in description
+
+
+def test_shipped_checkpoint_loads_and_matches_its_record() -> None:
+    path = shipped_checkpoint("vgg16-edgedi")
+    if path is None:
+        pytest.skip("no shipped vgg16-edgedi checkpoint in this tree")
+    assert path.stat().st_size <= 10 * 1024 * 1024
+    model, description = load_model("vgg16-edgedi", 200)
+    assert "WARNING" not in description and str(path) in description
+    record = read_sidecar(path)
+    assert record is not None and record["data"]["kind"] == "synthetic"
+    assert "edgedi train vgg16-edgedi" in record["command"]
+    # A few images from a seed it was never trained on: clearly better than chance.
+    unseen = record["data"]["seed"] + 1000
+    images, labels = SyntheticDefects(per_class=3, seed=unseen, size=200).arrays()
+    assert evaluate(model, images, labels).accuracy >= 0.6
+
+
+def test_pruning_at_ratio_one_keeps_the_function_and_budget_is_met() -> None:
+    for name in ("tiny", "tiny-edgedi"):
+        if name == "tiny-edgedi":
+            with pytest.raises(ValueError, match="cannot be pruned"):
+                prune(build_model(name, SIZE, seed=0), 0.5)
+            continue
+        model = build_model(name, SIZE, seed=0)
+        x = torch.randn(3, 1, SIZE, SIZE)
+        same = prune(model, 1.0)
+        with torch.no_grad():
+            assert torch.allclose(model(x), same.model(x), atol=1e-5)
+        target = model.spec.macs // 3
+        thin = prune_to_budget(model, target)
+        assert thin.macs <= target < model.spec.macs
+        assert thin.params < model.spec.params
+        assert thin.model(x).shape == (3, 6)
+        # The filters kept are those with the largest L1 norms.
+        first = model.unit(0).main_ops[0]
+        norms = first.conv.weight.abs().sum(dim=(1, 2, 3))  # type: ignore[union-attr]
+        kept = thin.kept["conv1"]
+        dropped = [i for i in range(len(norms)) if i not in kept]
+        assert min(norms[kept]) >= max(norms[dropped])
+
+
+def test_pruned_vgg_keeps_the_flattened_classifier_consistent() -> None:
+    model = build_model("vgg16", 32, seed=0)
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model(x), prune(model, 1.0).model(x), atol=1e-4)
+    thin = prune(model, 0.25)
+    assert thin.model(x).shape == (2, 6)
+    assert thin.macs < model.spec.macs / 8
+
+
+def test_train_and_eval_commands_with_resume(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "tiny.pt"
+    common = ["--per-class", "6", "--size", "32", "--seed", "4", "--threads", "1"]
+    stop = ["train", "tiny", *common, "--epochs", "2", "--out", str(out), "--keep-state"]
+    assert main(stop) == 0
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert record["data"] == {"kind": "synthetic", "seed": 4, "per_class": 6}
+    assert record["split"]["train"] + record["split"]["test"] == 36
+    assert record["command"].startswith("edgedi train tiny")
+    state = load_training_state(out)
+    assert state is not None and state.epochs_done == 2
+    assert "confusion" in capsys.readouterr().out
+
+    # Same data: the held-out split; another seed: every image; training data in full: refused.
+    assert main(["eval", "tiny", "--ckpt", str(out), *common]) == 0
+    assert "split test" in capsys.readouterr().out
+    other = ["--per-class", "3", "--size", "32", "--seed", "9"]
+    assert main(["eval", "tiny", "--ckpt", str(out), *other]) == 0
+    assert "split all (18 images" in capsys.readouterr().out
+    assert main(["eval", "tiny", "--ckpt", str(out), *common, "--split", "all"]) == 1
+    assert main(["eval", "tiny-edgedi", "--ckpt", str(out), *common]) == 1
+    assert "holds 'tiny'" in capsys.readouterr().err
