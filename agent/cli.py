@@ -18,6 +18,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "models": ("models", "list the model zoo: parameters, GFLOPs, largest activation"),
     "verify": ("verify", "check that partitioned execution equals the whole forward pass"),
     "data": ("data", "generate or inspect NEU-CLS-like defect images"),
+    "train": ("train", "train a zoo model on defect images (resumable checkpoints)"),
+    "eval": ("eval", "accuracy, per-class precision/recall and confusion matrix of a checkpoint"),
 }
 
 
