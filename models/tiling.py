@@ -353,7 +353,8 @@ def run_tile(
     """Run one tile of a fused segment: a generator, see the module docstring.
 
     `x_tile` holds rows `geometry.in_rows` (and columns `columns.in_rows`, the whole
-    width by default) of the segment's input; the generator's return value holds rows
+    width by default; without `columns` it may hold every column of the map) of the
+    segment's input; the generator's return value holds rows
     `geometry.out_rows` × columns `columns.out_rows` of the segment's output. The
     arguments are checked here, before the first step.
     """
@@ -361,6 +362,12 @@ def run_tile(
         raise ValueError(f"gate mode must be 'exact' or 'local', got {gate_mode!r}")
     if columns is None:
         columns = full_width([unit_rows.unit for unit_rows in geometry.units])
+        # A strip may come with every column of the map although floor rounding leaves
+        # the last ones unread (a 2x2 pool on 25 columns reads 24): take what is needed.
+        width = geometry.units[0].unit.in_shape[2]
+        needed = columns.in_rows
+        if x_tile.dim() == 4 and x_tile.shape[3] == width != len(needed):
+            x_tile = x_tile[:, :, :, needed.start : needed.stop]
     _check_tile(model, geometry, columns, x_tile)
     if geometry.empty or columns.empty:
         return _empty_tile(model, geometry, columns, x_tile, gate_mode)

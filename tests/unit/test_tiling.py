@@ -288,6 +288,16 @@ def test_empty_tile_takes_part_in_every_gate_round() -> None:
     assert len(drive_tiles([])) == 0
 
 
+def test_a_strip_may_carry_columns_that_floor_rounding_never_reads() -> None:
+    c = case("tiny", 45)
+    units = c.model.spec.units[1:2]  # a 2x2 pool on 45 columns reads only 44
+    tile = segment_tiles(units, [Rows(0, 10), Rows(10, 22)])[1]
+    x = c.outputs[0][:, :, tile.in_rows.start : tile.in_rows.stop]
+    assert x.shape[3] == 45
+    output = drive_tiles([run_tile(c.model, tile, x)])[0]
+    assert torch.equal(output, c.outputs[1][:, :, 10:22])
+
+
 # --- Argument checks --------------------------------------------------------------------
 
 
