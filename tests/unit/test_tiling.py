@@ -38,7 +38,7 @@ from edgedi.models.zoo import GateOp, ZooModel, build_model, randomize_statistic
 TOLERANCE = 1e-5
 SMALL_SIZE = {"tiny": 45, "tiny-edgedi": 45, "vgg16": 56, "vgg16-edgedi": 56}
 # Tiny models are cheap, so they get many more examples than the big ones.
-EXAMPLES = {"tiny": 60, "tiny-edgedi": 60}
+EXAMPLES = {"tiny": 80, "tiny-edgedi": 80}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -120,7 +120,7 @@ def test_random_partitions_equal_the_whole_pass(name: str) -> None:
     size = SMALL_SIZE.get(name, 72)
 
     @settings(
-        max_examples=EXAMPLES.get(name, 10),
+        max_examples=EXAMPLES.get(name, 15),
         deadline=None,
         suppress_health_check=[HealthCheck.too_slow],
     )
@@ -223,6 +223,20 @@ def test_local_gates_differ_but_exact_gates_equal_the_whole_pass(name: str) -> N
     local = run_segment_local(c.model, units, parts, x, gate_mode="local")
     assert relative_error(exact, c.outputs[last]) <= TOLERANCE
     assert relative_error(local, c.outputs[last]) > 1e-3
+
+
+def test_a_batch_of_images_runs_as_one_tile_set() -> None:
+    c = case("tiny-edgedi", 45)
+    units = c.model.spec.spatial_units
+    parts = split_rows(units[-1].out_shape[1], [2, 1, 3])
+    x = torch.randn(3, 1, 45, 45, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        expected = c.model.run_units(x, 0, len(units))
+        logits = c.model(x)
+    result = run_segment_local(c.model, units, parts, x, columns=[Rows(0, 5), Rows(5, 12)])
+    assert relative_error(result, expected) <= TOLERANCE
+    segments = [Segment(0, len(units) - 1, parts)]
+    assert relative_error(run_partitioned(c.model, segments, x), logits) <= TOLERANCE
 
 
 def test_tiles_can_move_between_threads_between_gates() -> None:
