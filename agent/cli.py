@@ -20,6 +20,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "data": ("data", "generate or inspect NEU-CLS-like defect images"),
     "train": ("train", "train a zoo model on defect images (resumable checkpoints)"),
     "eval": ("eval", "accuracy, per-class precision/recall and confusion matrix of a checkpoint"),
+    "broker": ("broker", "run a private MQTT broker (Mosquitto, or embedded amqtt)"),
+    "plan": ("plan", "plan a model on a cluster and compare the partitioning strategies"),
 }
 
 

@@ -1,0 +1,75 @@
+"""The one exception tree of `edgedi.broker`.
+
+```
+BrokerError                     anything this package raises on purpose
+├── ProtocolError               bytes from a peer (or about to go to one) break the protocol
+│   ├── DecodeError             not JSON / msgpack, not an object, or fails the schema
+│   ├── SchemaVersionError      a schema `version` we do not speak
+│   ├── UnexpectedKind          a `kind` unknown, or not allowed on that topic
+│   ├── PayloadTooLarge         payload bytes or declared tensor elements over the limit
+│   ├── TensorError             dtype not allowed, shape × itemsize ≠ len(data), NaN/inf
+│   └── UnknownTopic            a topic outside the catalogue, or a bad topic parameter
+├── ConnectionLost              no broker connection, or an operation on it timed out
+└── BrokerStartError            a private broker did not come up
+```
+
+A `ProtocolError` raised while receiving is logged, counted and dropped by the
+connection loop: a peer's bad message never stops an agent. aiomqtt's and amqtt's
+own exceptions are translated into this tree once, in `connection` and `server`,
+so callers never catch a third-party type.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BrokerError",
+    "BrokerStartError",
+    "ConnectionLost",
+    "DecodeError",
+    "PayloadTooLarge",
+    "ProtocolError",
+    "SchemaVersionError",
+    "TensorError",
+    "UnexpectedKind",
+    "UnknownTopic",
+]
+
+
+class BrokerError(Exception):
+    """Base of every exception `edgedi.broker` raises on purpose."""
+
+
+class ProtocolError(BrokerError):
+    """A message or topic that breaks the wire protocol; never fatal for a receiver."""
+
+
+class DecodeError(ProtocolError):
+    """The payload is not valid JSON/msgpack, not an object, or fails schema validation."""
+
+
+class SchemaVersionError(ProtocolError):
+    """The payload's `version` is not the schema version this code speaks."""
+
+
+class UnexpectedKind(ProtocolError):
+    """The payload's `kind` tag is unknown, or not one the topic carries."""
+
+
+class PayloadTooLarge(ProtocolError):
+    """The payload, or a tensor's declared size, exceeds the configured bound."""
+
+
+class TensorError(ProtocolError):
+    """A tensor with a dtype outside the allow-list, inconsistent sizes or non-finite values."""
+
+
+class UnknownTopic(ProtocolError):
+    """A topic string outside the catalogue, or a parameter that is not a single safe level."""
+
+
+class ConnectionLost(BrokerError):
+    """There is no broker connection, or a publish/subscribe on it failed or timed out."""
+
+
+class BrokerStartError(BrokerError):
+    """A private broker (Mosquitto or the embedded amqtt) did not start listening."""

@@ -1,0 +1,466 @@
+"""Every message that travels over MQTT, and its encoding to and from bytes.
+
+Each message is a frozen, strict pydantic model that forbids extra fields and
+carries an explicit wire tag `kind` (a stable string, never a class name), the
+schema `version`, the `sender` (device or client id), a `message_id` (uuid4 hex)
+and `sent_at` (unix seconds). Plans, tasks, partials, gates and results carry the
+`epoch` of the leader that issued them, so anything from a lower epoch is ignored.
+
+Two encodings, fixed per message kind (`WireMessage.wire_encoding`):
+- **json** for control messages a person, `mosquitto_sub`, Node-RED or Home
+  Assistant may read (births, states, heartbeats, the leader, the plan, results);
+- **msgpack** for anything carrying a `Tensor` (and for the small messages that
+  share a topic with tensors), with the tensor as raw bytes.
+
+`encode(message) -> bytes` and `decode(payload, kinds) -> message` are the only
+ways in and out. Decoding checks, in order: payload size, well-formed bytes, an
+object, the `version`, the `kind` (known and expected), then the schema; each
+failure raises its own `ProtocolError` subclass (see `errors`).
+
+Every sequence field is a tuple: msgpack arrays decode to tuples and strict
+validation would refuse a list in their place; tuples also keep messages immutable.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Annotated, Any, ClassVar, Final, Literal, TypeVar
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
+
+from .errors import DecodeError, PayloadTooLarge, SchemaVersionError, UnexpectedKind
+from .ids import ID_PATTERN, DeviceIdField, JobIdField
+from .plan import Plan
+from .tensors import DEFAULT_LIMITS, LIMITS_CONTEXT_KEY, Limits, Tensor, pack, unpack
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "CancelJob",
+    "DeviceBirth",
+    "DeviceCapabilities",
+    "DeviceState",
+    "Encoding",
+    "GateValue",
+    "Heartbeat",
+    "JobResult",
+    "JobSubmit",
+    "LeaderRecord",
+    "LinkEstimate",
+    "PlanAnnouncement",
+    "RebirthRequest",
+    "ReductionPartial",
+    "TileFailed",
+    "TileResult",
+    "TileTask",
+    "WireMessage",
+    "decode",
+    "decode_as",
+    "encode",
+    "message_kinds",
+    "new_message_id",
+]
+
+SCHEMA_VERSION: Final = 1
+"""The wire schema version this code speaks; bump it on any incompatible change."""
+
+Encoding = Literal["json", "msgpack"]
+
+M = TypeVar("M", bound="WireMessage")
+
+# Registry of concrete message classes by their `kind` tag (filled as classes are defined).
+_KINDS: dict[str, type[WireMessage]] = {}
+
+
+def new_message_id() -> str:
+    """A fresh message id: uuid4 as 32 lowercase hex digits."""
+    return uuid.uuid4().hex
+
+
+def _check_row_interval(value: tuple[int, int]) -> tuple[int, int]:
+    start, stop = value
+    if start > stop:
+        raise ValueError(f"row interval [{start}, {stop}) has start after stop")
+    return value
+
+
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+NonNegativeFloat = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+RowInterval = Annotated[tuple[NonNegativeInt, NonNegativeInt], AfterValidator(_check_row_interval)]
+"""Half-open row interval `[start, stop)` of a feature map's height axis."""
+ShortText = Annotated[str, Field(max_length=2000)]
+Name = Annotated[str, Field(min_length=1, max_length=200)]
+
+_FROZEN_STRICT = ConfigDict(frozen=True, strict=True, extra="forbid")
+
+
+class WireMessage(BaseModel):
+    """Fields every message carries; subclasses add a `kind` literal and their content."""
+
+    model_config = _FROZEN_STRICT
+
+    wire_encoding: ClassVar[Encoding] = "json"
+    """How this kind is encoded on the wire (fixed per kind, matched by its topics)."""
+
+    version: Literal[1] = Field(
+        default=SCHEMA_VERSION, description="wire schema version (currently 1)"
+    )
+    kind: str = Field(description="message type tag, a stable string")
+    sender: str = Field(pattern=ID_PATTERN, description="id of the device or client that sent it")
+    message_id: str = Field(
+        default_factory=new_message_id,
+        pattern=r"^[0-9a-f]{32}$",
+        description="uuid4 hex; unique per message, used to spot duplicates",
+    )
+    sent_at: FiniteFloat = Field(
+        default_factory=time.time, description="unix time the sender built the message, seconds"
+    )
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        kind = cls.model_fields["kind"].default
+        if not isinstance(kind, str):
+            return  # an abstract intermediate class
+        if kind in _KINDS:
+            raise TypeError(f"message kind {kind!r} is declared twice")
+        _KINDS[kind] = cls
+
+
+class DeviceCapabilities(BaseModel):
+    """What a device is and holds; sent in its birth."""
+
+    model_config = _FROZEN_STRICT
+
+    cores: int = Field(ge=1, description="CPU cores usable for inference")
+    memory_bytes: NonNegativeInt = Field(description="memory available for inference, bytes")
+    machine: str = Field(max_length=200, description="platform, e.g. 'Linux-aarch64'")
+    software_version: str = Field(max_length=100, description="edgedi version")
+    torch_version: str | None = Field(
+        default=None, max_length=100, description="PyTorch version, if installed"
+    )
+    models: tuple[Name, ...] = Field(default=(), description="models this device holds")
+
+
+class LinkEstimate(BaseModel):
+    """The device's measured link to the broker."""
+
+    model_config = _FROZEN_STRICT
+
+    bandwidth_bytes_per_second: float = Field(
+        gt=0, allow_inf_nan=False, description="sustained throughput, bytes per second"
+    )
+    latency_seconds: NonNegativeFloat = Field(description="one-way latency, seconds")
+
+
+class DeviceBirth(WireMessage):
+    """A device announces itself (retained): capabilities, fitted profile, session."""
+
+    kind: Literal["device_birth"] = "device_birth"
+    device: DeviceIdField = Field(description="the device's id (also in the topic)")
+    session: NonNegativeInt = Field(
+        description="session counter, incremented per agent start; its Will carries the same"
+    )
+    candidate: bool = Field(description="whether the device may be elected leader")
+    capabilities: DeviceCapabilities = Field(description="hardware, software and models held")
+    profile: dict[Name, tuple[FiniteFloat, FiniteFloat]] = Field(
+        default_factory=dict,
+        description="fitted time model per unit kind: (a, b) with seconds ≈ a·FLOPs + b",
+    )
+    link: LinkEstimate | None = Field(default=None, description="measured link, if known")
+
+
+class DeviceState(WireMessage):
+    """A device's liveness (retained); its Last Will publishes `offline`."""
+
+    kind: Literal["device_state"] = "device_state"
+    device: DeviceIdField = Field(description="the device's id (also in the topic)")
+    session: NonNegativeInt = Field(
+        description="the birth's session counter; a state of another session is stale"
+    )
+    status: Literal["online", "offline", "stopped"] = Field(
+        description="online; offline (the Will: died); stopped (left gracefully)"
+    )
+
+
+class Heartbeat(WireMessage):
+    """A device's periodic load report (not retained)."""
+
+    kind: Literal["heartbeat"] = "heartbeat"
+    device: DeviceIdField = Field(description="the device's id (also in the topic)")
+    session: NonNegativeInt = Field(description="the birth's session counter")
+    sequence: NonNegativeInt = Field(description="counts up per heartbeat of this session")
+    load: NonNegativeFloat = Field(description="busy fraction of the cores since the last beat")
+    busy_tiles: NonNegativeInt = Field(description="tiles running or queued on the device")
+
+
+class LeaderRecord(WireMessage):
+    """The elected leader (retained): planner and job coordinator of the cluster."""
+
+    kind: Literal["leader"] = "leader"
+    device: DeviceIdField = Field(description="the leader's device id")
+    epoch: NonNegativeInt = Field(description="leadership epoch; a new leader takes a higher one")
+    session: NonNegativeInt = Field(description="the leader's session counter")
+
+
+class PlanAnnouncement(WireMessage):
+    """The plan in force (retained), issued by the leader of `epoch`."""
+
+    kind: Literal["plan_announcement"] = "plan_announcement"
+    epoch: NonNegativeInt = Field(description="epoch of the leader that made the plan")
+    plan: Plan = Field(description="the plan (schema in broker/plan.py)")
+
+
+class RebirthRequest(WireMessage):
+    """Ask every device to re-announce its birth and state (Sparkplug's rebirth)."""
+
+    kind: Literal["rebirth"] = "rebirth"
+    reason: ShortText = Field(default="", description="why, for the logs")
+
+
+class JobResult(WireMessage):
+    """A job's final outcome: exactly one per submitted job (JSON, for any MQTT client)."""
+
+    kind: Literal["job_result"] = "job_result"
+    job_id: JobIdField = Field(description="the submitted job's id (also in the topic)")
+    status: Literal["ok", "error"] = Field(description="ok, or error with `error` set")
+    epoch: NonNegativeInt | None = Field(default=None, description="epoch of the coordinator")
+    model: Name | None = Field(default=None, description="model that ran")
+    label: NonNegativeInt | None = Field(default=None, description="predicted class index")
+    class_name: Name | None = Field(default=None, description="predicted class name")
+    probabilities: tuple[FiniteFloat, ...] = Field(
+        default=(), description="class probabilities, in class index order"
+    )
+    latency_ms: dict[Name, NonNegativeFloat] = Field(
+        default_factory=dict,
+        description="latency breakdown per stage in milliseconds (e.g. queue, compute, total)",
+    )
+    plan_id: Name | None = Field(default=None, description="id of the plan used")
+    strategy: Name | None = Field(default=None, description="partitioning strategy of the plan")
+    devices: tuple[DeviceIdField, ...] = Field(default=(), description="devices that computed")
+    error: ShortText | None = Field(default=None, description="what went wrong, if status=error")
+
+    @model_validator(mode="after")
+    def _status_matches_content(self) -> JobResult:
+        if self.status == "error" and not self.error:
+            raise ValueError("an error result needs an error message")
+        if self.status == "ok" and self.error is not None:
+            raise ValueError("an ok result carries no error message")
+        return self
+
+
+class _TensorMessage(WireMessage):
+    """Base of the msgpack-encoded kinds."""
+
+    wire_encoding: ClassVar[Encoding] = "msgpack"
+
+
+class JobSubmit(_TensorMessage):
+    """A client submits an image; re-submitting the same `job_id` is idempotent."""
+
+    kind: Literal["job_submit"] = "job_submit"
+    job_id: JobIdField = Field(description="the job's id, chosen by the client")
+    model: Name = Field(description="model to run")
+    image: Tensor = Field(description="input image, (channels, height, width)")
+    client: str = Field(pattern=ID_PATTERN, description="id of the submitting client")
+    submitted_at: FiniteFloat = Field(
+        description="unix time of the first submission (kept on retries), seconds"
+    )
+    deadline_seconds: float | None = Field(
+        default=None, gt=0, allow_inf_nan=False, description="give up after this long"
+    )
+
+
+class TileTask(_TensorMessage):
+    """The leader asks a device to run one segment on one tile of rows."""
+
+    kind: Literal["tile_task"] = "tile_task"
+    job_id: JobIdField = Field(description="the job")
+    epoch: NonNegativeInt = Field(description="epoch of the leader that sent it")
+    plan_id: Name = Field(description="plan the tile belongs to")
+    device: DeviceIdField = Field(description="the device that must run it (also in the topic)")
+    segment: NonNegativeInt = Field(description="index of the fused segment in the plan")
+    tile: NonNegativeInt = Field(description="index of the tile within the segment")
+    input_rows: RowInterval = Field(description="rows of the segment input in `tensor`")
+    output_rows: RowInterval = Field(description="rows of the segment output to produce")
+    tensor: Tensor = Field(description="segment input rows, halo included")
+    deadline: FiniteFloat = Field(description="unix time after which the result is useless")
+    attempt: NonNegativeInt = Field(default=0, description="0, then +1 per re-dispatch")
+
+
+class CancelJob(_TensorMessage):
+    """Stop working on a job (shares the tasks topic, hence msgpack)."""
+
+    kind: Literal["cancel_job"] = "cancel_job"
+    job_id: JobIdField = Field(description="the job to drop")
+    epoch: NonNegativeInt = Field(description="epoch of the leader that sent it")
+    reason: ShortText = Field(default="", description="why, for the logs")
+
+
+class ReductionPartial(_TensorMessage):
+    """A worker's per-channel sums for one attention gate of a fused segment."""
+
+    kind: Literal["reduction_partial"] = "reduction_partial"
+    job_id: JobIdField = Field(description="the job (also in the topic)")
+    epoch: NonNegativeInt = Field(description="epoch of the task's leader")
+    segment: NonNegativeInt = Field(description="index of the fused segment")
+    tile: NonNegativeInt = Field(description="index of the tile that summed")
+    gate: NonNegativeInt = Field(description="index of the gate within the segment")
+    device: DeviceIdField = Field(description="the worker")
+    sums: Tensor = Field(description="per-channel sums over the tile's own rows (float64)")
+    positions: NonNegativeInt = Field(
+        description="spatial positions summed (rows × width); the leader divides by the total"
+    )
+
+
+class GateValue(_TensorMessage):
+    """The leader's combined gate vector, once every partial of a gate is in."""
+
+    kind: Literal["gate_value"] = "gate_value"
+    job_id: JobIdField = Field(description="the job (also in the topic)")
+    epoch: NonNegativeInt = Field(description="epoch of the leader")
+    segment: NonNegativeInt = Field(description="index of the fused segment")
+    gate: NonNegativeInt = Field(description="index of the gate within the segment")
+    vector: Tensor = Field(description="the gate's per-channel values")
+
+
+class TileResult(_TensorMessage):
+    """A worker's output rows for one tile."""
+
+    kind: Literal["tile_result"] = "tile_result"
+    job_id: JobIdField = Field(description="the job (also in the topic)")
+    epoch: NonNegativeInt = Field(description="epoch of the task's leader")
+    segment: NonNegativeInt = Field(description="index of the fused segment")
+    tile: NonNegativeInt = Field(description="index of the tile")
+    device: DeviceIdField = Field(description="the worker")
+    output_rows: RowInterval = Field(description="rows of the segment output in `tensor`")
+    tensor: Tensor = Field(description="the output rows")
+    compute_seconds: NonNegativeFloat = Field(description="time spent computing, seconds")
+    attempt: NonNegativeInt = Field(default=0, description="the task's attempt number")
+
+
+class TileFailed(_TensorMessage):
+    """A worker could not compute a tile (shares the tiles topic, hence msgpack)."""
+
+    kind: Literal["tile_failed"] = "tile_failed"
+    job_id: JobIdField = Field(description="the job (also in the topic)")
+    epoch: NonNegativeInt = Field(description="epoch of the task's leader")
+    segment: NonNegativeInt = Field(description="index of the fused segment")
+    tile: NonNegativeInt = Field(description="index of the tile")
+    device: DeviceIdField = Field(description="the worker")
+    reason: ShortText = Field(description="what went wrong")
+    attempt: NonNegativeInt = Field(default=0, description="the task's attempt number")
+
+
+def message_kinds() -> Mapping[str, type[WireMessage]]:
+    """Every concrete message class by its `kind` tag."""
+    return dict(_KINDS)
+
+
+def encode(message: WireMessage, limits: Limits = DEFAULT_LIMITS) -> bytes:
+    """The wire bytes of `message` in its kind's encoding.
+
+    Raises `PayloadTooLarge` when the result exceeds `limits.max_payload_bytes`, so a
+    sender fails loudly instead of the broker dropping the message silently.
+    """
+    if message.wire_encoding == "json":
+        payload = message.model_dump_json().encode()
+    else:
+        payload = pack(message.model_dump(mode="python"))
+    if len(payload) > limits.max_payload_bytes:
+        raise PayloadTooLarge(
+            f"{message.kind} encodes to {len(payload)} bytes, over the limit of "
+            f"{limits.max_payload_bytes}"
+        )
+    return payload
+
+
+def decode(
+    payload: bytes,
+    kinds: Iterable[type[WireMessage]] | None = None,
+    *,
+    limits: Limits = DEFAULT_LIMITS,
+) -> WireMessage:
+    """Validate `payload` as one of `kinds` (all kinds when None) and return the message.
+
+    Raises `PayloadTooLarge`, `DecodeError`, `SchemaVersionError`, `UnexpectedKind`
+    or `TensorError` (all `ProtocolError`) for a payload that is not acceptable.
+    """
+    allowed = tuple(_KINDS.values()) if kinds is None else tuple(kinds)
+    encodings = {cls.wire_encoding for cls in allowed}
+    if len(encodings) > 1 and kinds is not None:
+        raise ValueError(f"expected kinds mix encodings {sorted(encodings)}")
+    if len(payload) > limits.max_payload_bytes:
+        raise PayloadTooLarge(
+            f"payload of {len(payload)} bytes is over the limit of {limits.max_payload_bytes}"
+        )
+    encoding = encodings.pop() if len(encodings) == 1 else _sniff_encoding(payload)
+    raw = _parse_json(payload) if encoding == "json" else unpack(payload, limits)
+    if not isinstance(raw, Mapping):
+        raise DecodeError(f"a message is a {encoding} object, not {type(raw).__name__}")
+    version = raw.get("version")
+    if version != SCHEMA_VERSION:
+        raise SchemaVersionError(
+            f"message schema version {version!r}; this code speaks {SCHEMA_VERSION}"
+        )
+    kind = raw.get("kind")
+    cls = _KINDS.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise UnexpectedKind(f"unknown message kind {kind!r}")
+    if cls not in allowed:
+        names = ", ".join(sorted(c.model_fields["kind"].default for c in allowed))
+        raise UnexpectedKind(f"message kind {kind!r} is not expected here (expected {names})")
+    if cls.wire_encoding != encoding:
+        raise DecodeError(f"{kind} travels as {cls.wire_encoding}, got {encoding}")
+    context = {LIMITS_CONTEXT_KEY: limits}
+    try:
+        if encoding == "json":
+            return cls.model_validate_json(payload, context=context)
+        return cls.model_validate(raw, context=context)
+    except ValidationError as error:
+        raise DecodeError(f"invalid {kind}: {_summarise(error)}") from error
+
+
+def decode_as(payload: bytes, cls: type[M], *, limits: Limits = DEFAULT_LIMITS) -> M:
+    """`decode` for exactly one expected kind, typed as that kind."""
+    message = decode(payload, (cls,), limits=limits)
+    assert isinstance(message, cls)  # decode returns only allowed kinds
+    return message
+
+
+def _sniff_encoding(payload: bytes) -> Encoding:
+    # A JSON object starts with `{` (maybe after whitespace); a msgpack map never does.
+    return "json" if payload.lstrip()[:1] == b"{" else "msgpack"
+
+
+def _reject_constant(name: str) -> object:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _parse_json(payload: bytes) -> object:
+    try:
+        return json.loads(payload, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as error:  # JSONDecodeError, UnicodeDecodeError
+        raise DecodeError(f"malformed JSON: {error}") from error
+
+
+def _summarise(error: ValidationError, most: int = 5) -> str:
+    """`field.path: message` for the first few errors, like the config loader prints."""
+    lines = []
+    for detail in error.errors(include_url=False)[:most]:
+        path = ".".join(str(part) for part in detail["loc"]) or "(message)"
+        lines.append(f"{path}: {detail['msg']}")
+    more = error.error_count() - most
+    if more > 0:
+        lines.append(f"... and {more} more")
+    return "; ".join(lines)

@@ -1,0 +1,474 @@
+"""The topic catalogue: every MQTT topic edgedi uses, declared once.
+
+Each `TopicSpec` names its pattern below the root, its QoS, retain flag, the
+message kinds it carries and hence its encoding. Nothing else in the project
+formats or parses topic strings: publishers call `spec.topic(root, ...)`,
+subscribers `spec.filter(root, ...)`, receivers `parse_topic(root, topic)`.
+`render_markdown()` writes the reference page `docs/topics.md`
+(regenerate with `python -m edgedi.broker.topics docs/topics.md`).
+
+The root is `<prefix>/<cluster>` — `edgedi/v1/default` unless configured — so
+several clusters, or several test runs, share one broker without crosstalk.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final, Literal, NewType
+
+from pydantic import BaseModel
+
+from .errors import DecodeError, UnexpectedKind, UnknownTopic
+from .ids import is_topic_level
+from .messages import (
+    SCHEMA_VERSION,
+    CancelJob,
+    DeviceBirth,
+    DeviceCapabilities,
+    DeviceState,
+    Encoding,
+    GateValue,
+    Heartbeat,
+    JobResult,
+    JobSubmit,
+    LeaderRecord,
+    LinkEstimate,
+    PlanAnnouncement,
+    RebirthRequest,
+    ReductionPartial,
+    TileFailed,
+    TileResult,
+    TileTask,
+    WireMessage,
+    decode,
+    encode,
+)
+from .tensors import DEFAULT_LIMITS, Limits, Tensor
+
+__all__ = [
+    "CATALOGUE",
+    "CONTROL_REBIRTH",
+    "DEFAULT_PREFIX",
+    "DEVICE_BIRTH",
+    "DEVICE_HEARTBEAT",
+    "DEVICE_STATE",
+    "DEVICE_TASKS",
+    "JOB_GATES",
+    "JOB_PARTIALS",
+    "JOB_RESULT",
+    "JOB_SUBMIT",
+    "JOB_TILES",
+    "PLANNER_LEADER",
+    "PLAN_CURRENT",
+    "ParsedTopic",
+    "Publication",
+    "TopicRoot",
+    "TopicSpec",
+    "decode_for_topic",
+    "parse_topic",
+    "publication",
+    "render_markdown",
+]
+
+DEFAULT_PREFIX: Final = "edgedi/v1"
+
+
+@dataclass(frozen=True, slots=True)
+class TopicRoot:
+    """Where a cluster's topics live: `<prefix>/<cluster>/...`."""
+
+    prefix: str = DEFAULT_PREFIX
+    cluster: str = "default"
+
+    def __post_init__(self) -> None:
+        levels = self.prefix.split("/")
+        if (
+            not self.prefix
+            or any(not level or level[0] == "$" for level in levels)
+            or any(character in self.prefix for character in "+#\0")
+        ):
+            raise UnknownTopic(f"topic prefix {self.prefix!r} must be plain non-empty levels")
+        if not is_topic_level(self.cluster):
+            raise UnknownTopic(f"cluster name {self.cluster!r} is not a safe topic level")
+
+    @property
+    def base(self) -> str:
+        return f"{self.prefix}/{self.cluster}"
+
+
+@dataclass(frozen=True, slots=True)
+class TopicSpec:
+    """One topic of the catalogue."""
+
+    name: str
+    """Catalogue name, e.g. `device_birth`."""
+    pattern: str
+    """Levels below the root; `{parameter}` marks a single-level parameter."""
+    qos: Literal[0, 1]
+    retain: bool
+    kinds: tuple[type[WireMessage], ...]
+    description: str
+    levels: tuple[str, ...] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "levels", tuple(self.pattern.split("/")))
+        encodings = {kind.wire_encoding for kind in self.kinds}
+        if len(encodings) != 1:
+            raise TypeError(f"topic {self.name} mixes encodings {sorted(encodings)}")
+
+    @property
+    def encoding(self) -> Encoding:
+        return self.kinds[0].wire_encoding
+
+    @property
+    def parameters(self) -> tuple[str, ...]:
+        return tuple(level[1:-1] for level in self.levels if _is_parameter(level))
+
+    def topic(self, root: TopicRoot, **parameters: str) -> str:
+        """The concrete topic string, e.g. `edgedi/v1/default/devices/pi-1/birth`."""
+        return self._render(root, parameters, wildcards=False)
+
+    def filter(self, root: TopicRoot, **parameters: str) -> str:
+        """A subscription filter: parameters not given become the `+` wildcard."""
+        return self._render(root, parameters, wildcards=True)
+
+    def _render(self, root: TopicRoot, parameters: Mapping[str, str], *, wildcards: bool) -> str:
+        unknown = set(parameters) - set(self.parameters)
+        if unknown:
+            raise UnknownTopic(f"topic {self.name} has no parameter(s) {sorted(unknown)}")
+        levels = [root.base]
+        for level in self.levels:
+            if not _is_parameter(level):
+                levels.append(level)
+                continue
+            name = level[1:-1]
+            value = parameters.get(name)
+            if value is None:
+                if not wildcards:
+                    raise UnknownTopic(f"topic {self.name} needs parameter {name!r}")
+                value = "+"
+            elif not isinstance(value, str) or not is_topic_level(value):
+                raise UnknownTopic(f"{name}={value!r} is not a safe single topic level")
+            levels.append(value)
+        return "/".join(levels)
+
+    def match(self, root: TopicRoot, topic: str) -> dict[str, str] | None:
+        """The parameters if `topic` is an instance of this spec under `root`, else None."""
+        prefix = root.base + "/"
+        if not topic.startswith(prefix):
+            return None
+        levels = topic[len(prefix) :].split("/")
+        if len(levels) != len(self.levels):
+            return None
+        parameters: dict[str, str] = {}
+        for pattern_level, level in zip(self.levels, levels, strict=True):
+            if _is_parameter(pattern_level):
+                if not is_topic_level(level):
+                    return None
+                parameters[pattern_level[1:-1]] = level
+            elif pattern_level != level:
+                return None
+        return parameters
+
+
+def _is_parameter(level: str) -> bool:
+    return level.startswith("{") and level.endswith("}")
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedTopic:
+    """An incoming topic resolved against the catalogue."""
+
+    spec: TopicSpec
+    parameters: Mapping[str, str]
+    topic: str
+
+
+# --- The catalogue ------------------------------------------------------------------
+
+DEVICE_BIRTH: Final = TopicSpec(
+    name="device_birth",
+    pattern="devices/{device}/birth",
+    qos=1,
+    retain=True,
+    kinds=(DeviceBirth,),
+    description="A device's capabilities, fitted profile and session counter; "
+    "re-published on every (re)connect and on a rebirth request.",
+)
+DEVICE_STATE: Final = TopicSpec(
+    name="device_state",
+    pattern="devices/{device}/state",
+    qos=1,
+    retain=True,
+    kinds=(DeviceState,),
+    description="Liveness: `online` after the birth, `stopped` on a graceful exit, "
+    "`offline` from the MQTT Last Will. A state whose session differs from the "
+    "birth's is stale (a late Will of an older connection).",
+)
+DEVICE_HEARTBEAT: Final = TopicSpec(
+    name="device_heartbeat",
+    pattern="devices/{device}/heartbeat",
+    qos=0,
+    retain=False,
+    kinds=(Heartbeat,),
+    description="Periodic load report; losing one is harmless.",
+)
+PLANNER_LEADER: Final = TopicSpec(
+    name="planner_leader",
+    pattern="planner/leader",
+    qos=1,
+    retain=True,
+    kinds=(LeaderRecord,),
+    description="The elected leader and its epoch. A new leader takes a higher epoch; "
+    "everyone ignores plans and tasks of lower epochs.",
+)
+PLAN_CURRENT: Final = TopicSpec(
+    name="plan_current",
+    pattern="plans/current",
+    qos=1,
+    retain=True,
+    kinds=(PlanAnnouncement,),
+    description="The plan in force, wrapped with the epoch of the leader that made it.",
+)
+JOB_SUBMIT: Final = TopicSpec(
+    name="job_submit",
+    pattern="jobs/submit",
+    qos=1,
+    retain=False,
+    kinds=(JobSubmit,),
+    description="A client submits an image. Job ids make submission idempotent: "
+    "a retry with the same id is not run twice.",
+)
+DEVICE_TASKS: Final = TopicSpec(
+    name="device_tasks",
+    pattern="devices/{device}/tasks",
+    qos=1,
+    retain=False,
+    kinds=(TileTask, CancelJob),
+    description="The leader's work for one device: tile tasks, and job cancellations.",
+)
+JOB_PARTIALS: Final = TopicSpec(
+    name="job_partials",
+    pattern="jobs/{job_id}/partials",
+    qos=1,
+    retain=False,
+    kinds=(ReductionPartial,),
+    description="Workers' per-channel partial sums for an attention gate, to the leader.",
+)
+JOB_GATES: Final = TopicSpec(
+    name="job_gates",
+    pattern="jobs/{job_id}/gates",
+    qos=1,
+    retain=False,
+    kinds=(GateValue,),
+    description="The leader's combined gate vector, to the workers of that job.",
+)
+JOB_TILES: Final = TopicSpec(
+    name="job_tiles",
+    pattern="jobs/{job_id}/tiles",
+    qos=1,
+    retain=False,
+    kinds=(TileResult, TileFailed),
+    description="Workers' tile outputs (or failures), to the leader.",
+)
+JOB_RESULT: Final = TopicSpec(
+    name="job_result",
+    pattern="results/{job_id}",
+    qos=1,
+    retain=False,
+    kinds=(JobResult,),
+    description="Exactly one final result or error per submitted job; JSON, so "
+    "`mosquitto_sub`, Node-RED or Home Assistant can read it.",
+)
+CONTROL_REBIRTH: Final = TopicSpec(
+    name="control_rebirth",
+    pattern="control/rebirth",
+    qos=1,
+    retain=False,
+    kinds=(RebirthRequest,),
+    description="Asks every device to re-announce its birth and state.",
+)
+
+CATALOGUE: Final[tuple[TopicSpec, ...]] = (
+    DEVICE_BIRTH,
+    DEVICE_STATE,
+    DEVICE_HEARTBEAT,
+    PLANNER_LEADER,
+    PLAN_CURRENT,
+    JOB_SUBMIT,
+    DEVICE_TASKS,
+    JOB_PARTIALS,
+    JOB_GATES,
+    JOB_TILES,
+    JOB_RESULT,
+    CONTROL_REBIRTH,
+)
+
+
+def parse_topic(root: TopicRoot, topic: str) -> ParsedTopic:
+    """Resolve an incoming topic string; raises `UnknownTopic` if it is not ours."""
+    for spec in CATALOGUE:
+        parameters = spec.match(root, topic)
+        if parameters is not None:
+            return ParsedTopic(spec=spec, parameters=parameters, topic=topic)
+    raise UnknownTopic(f"topic {topic!r} is not in the catalogue under {root.base!r}")
+
+
+def decode_for_topic(
+    parsed: ParsedTopic, payload: bytes, limits: Limits = DEFAULT_LIMITS
+) -> WireMessage:
+    """Decode `payload` as one of the kinds its topic carries.
+
+    Also checks that a field named like a topic parameter (a birth's `device`, a
+    result's `job_id`) agrees with the topic, so a misrouted or forged message is
+    rejected (`DecodeError`) instead of being filed under the wrong device or job.
+    """
+    message = decode(payload, parsed.spec.kinds, limits=limits)
+    for name, value in parsed.parameters.items():
+        carried = getattr(message, name, None)
+        if carried is not None and carried != value:
+            raise DecodeError(
+                f"{message.kind} on {parsed.topic!r} carries {name}={carried!r}, "
+                f"the topic says {value!r}"
+            )
+    return message
+
+
+@dataclass(frozen=True, slots=True)
+class Publication:
+    """A message ready to publish: topic, encoded payload, QoS and retain flag."""
+
+    topic: str
+    payload: bytes
+    qos: Literal[0, 1]
+    retain: bool
+
+
+def publication(
+    root: TopicRoot,
+    spec: TopicSpec,
+    message: WireMessage,
+    *,
+    limits: Limits = DEFAULT_LIMITS,
+    **parameters: str,
+) -> Publication:
+    """Encode `message` for `spec`'s topic; refuses a kind the topic does not carry.
+
+    Raises `UnexpectedKind` for the wrong kind, `UnknownTopic` for bad parameters,
+    `PayloadTooLarge` when the encoded message is over `limits`, and `ValueError`
+    when a field contradicts a topic parameter (a bug in the caller).
+    """
+    if type(message) not in spec.kinds:
+        raise UnexpectedKind(f"topic {spec.name} does not carry {message.kind}")
+    for name, value in parameters.items():
+        carried = getattr(message, name, None)
+        if carried is not None and carried != value:
+            raise ValueError(f"{message.kind} has {name}={carried!r} but the topic says {value!r}")
+    topic = spec.topic(root, **parameters)
+    return Publication(
+        topic=topic, payload=encode(message, limits), qos=spec.qos, retain=spec.retain
+    )
+
+
+# --- The reference page --------------------------------------------------------------
+
+
+def _type_name(annotation: object) -> str:
+    """A short readable name of a field's type for the docs."""
+    if annotation is type(None):
+        return "null"
+    if isinstance(annotation, NewType):
+        return str(annotation.__name__)
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _type_name(typing.get_args(annotation)[0])
+    if origin is Literal:
+        return " \\| ".join(repr(value) for value in typing.get_args(annotation))
+    if origin in (typing.Union, types.UnionType):
+        return " \\| ".join(_type_name(arg) for arg in typing.get_args(annotation))
+    if origin is not None:
+        args = typing.get_args(annotation)
+        if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+            return f"list[{_type_name(args[0])}]"
+        inner = ", ".join(_type_name(arg) for arg in args)
+        if origin is tuple:  # a fixed-length JSON/msgpack array
+            return f"[{inner}]"
+        return f"{getattr(origin, '__name__', origin)}[{inner}]"
+    if annotation is Tensor:
+        return "tensor"
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return str(annotation)
+
+
+def _fields_table(model: type[BaseModel]) -> list[str]:
+    lines = ["| field | type | description |", "|---|---|---|"]
+    for name, info in model.model_fields.items():
+        if name in ("version", "sender", "message_id", "sent_at"):
+            continue  # common to every message; described once above
+        if name == "kind":
+            lines.append(f'| `kind` | `"{info.default}"` | the message type tag |')
+            continue
+        optional = "" if info.is_required() else " (optional)"
+        type_name = _type_name(info.annotation)
+        lines.append(f"| `{name}` | {type_name}{optional} | {info.description or ''} |")
+    return lines
+
+
+def render_markdown(root: TopicRoot | None = None) -> str:
+    """The topic reference page (`docs/topics.md`), generated from the catalogue."""
+    root = root or TopicRoot()
+    lines = [
+        "# MQTT topics and payloads",
+        "",
+        "<!-- Generated by `python -m edgedi.broker.topics docs/topics.md`; do not edit. -->",
+        "",
+        f"Every topic lives under `<prefix>/<cluster>/`, by default `{root.base}/`.",
+        "`{parameter}` stands for one topic level (letters, digits, `_`, `.`, `-`).",
+        "JSON payloads are UTF-8 objects; msgpack payloads are maps whose tensors are",
+        "`{dtype, shape, data: bin}` with raw little-endian bytes (dtype one of float32,",
+        "float16, float64, uint8, int64).",
+        "",
+        f"Every payload carries `version` (currently {SCHEMA_VERSION}), `kind` (the tag below),",
+        "`sender` (device or client id), `message_id` (uuid4 hex) and `sent_at` (unix",
+        "seconds). Messages from an older leader `epoch` are ignored.",
+        "",
+        "| topic | QoS | retained | encoding | payload kinds |",
+        "|---|---|---|---|---|",
+    ]
+    for spec in CATALOGUE:
+        kinds = ", ".join(f"`{kind.model_fields['kind'].default}`" for kind in spec.kinds)
+        retained = "yes" if spec.retain else "no"
+        lines.append(f"| `{spec.pattern}` | {spec.qos} | {retained} | {spec.encoding} | {kinds} |")
+    for spec in CATALOGUE:
+        lines += ["", f"## `{spec.pattern}`", "", spec.description, ""]
+        lines.append(
+            f"Example: `{spec.filter(root)}` — QoS {spec.qos}, "
+            f"{'retained' if spec.retain else 'not retained'}, {spec.encoding}."
+        )
+        for kind in spec.kinds:
+            tag = kind.model_fields["kind"].default
+            doc = (kind.__doc__ or "").strip().splitlines()[0]
+            lines += ["", f"### `{tag}` ({kind.__name__})", "", doc, ""]
+            lines += _fields_table(kind)
+    lines += ["", "## Nested objects"]
+    for model in (DeviceCapabilities, LinkEstimate):
+        doc = (model.__doc__ or "").strip().splitlines()[0]
+        lines += ["", f"### {model.__name__}", "", doc, ""]
+        lines += _fields_table(model)
+    lines += ["", "`Plan`: see `broker/plan.py`."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # regenerate the reference page
+    target = Path(sys.argv[1]) if len(sys.argv) > 1 else None
+    text = render_markdown()
+    if target is None:
+        sys.stdout.write(text)
+    else:
+        target.write_text(text)

@@ -1,0 +1,55 @@
+"""Suite-wide fixtures.
+
+Every asyncio test is checked for tasks it leaves behind: an orphaned task is a
+bug (it outlives its owner, swallows errors and may act after shutdown), so the
+test fails at teardown with the names of the tasks that were still pending.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import AsyncIterator
+
+import pytest
+import pytest_asyncio
+
+# Tasks get this long to finish after a test (some libraries cancel their helpers
+# via call_soon, so they end a few loop iterations after the test's last await).
+_GRACE_SECONDS = 1.0
+
+
+@pytest.fixture(autouse=True)
+def _fail_on_leaked_tasks(request: pytest.FixtureRequest) -> None:
+    """For coroutine tests, pull in the async checker (sync tests have no loop to check)."""
+    function = getattr(request.node, "function", None)
+    is_async = inspect.iscoroutinefunction(function) or (
+        request.node.get_closest_marker("asyncio") is not None
+    )
+    if is_async:
+        request.getfixturevalue("_asyncio_task_leak_check")
+
+
+@pytest_asyncio.fixture
+async def _asyncio_task_leak_check() -> AsyncIterator[None]:
+    """Fail the test if tasks it started are still pending at teardown."""
+    loop = asyncio.get_running_loop()
+    before = asyncio.all_tasks()
+    yield
+    current = asyncio.current_task()
+    deadline = loop.time() + _GRACE_SECONDS
+    while True:
+        leaked = [
+            task
+            for task in asyncio.all_tasks()
+            if task is not current and task not in before and not task.done()
+        ]
+        if not leaked or loop.time() >= deadline:
+            break
+        await asyncio.sleep(0.01)
+    if leaked:
+        names = ", ".join(sorted(task.get_name() for task in leaked))
+        for task in leaked:
+            task.cancel()
+        await asyncio.gather(*leaked, return_exceptions=True)
+        pytest.fail(f"the test left asyncio tasks pending: {names}")
