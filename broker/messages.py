@@ -172,6 +172,9 @@ class DeviceBirth(WireMessage):
         description="session counter, incremented per agent start; its Will carries the same"
     )
     candidate: bool = Field(description="whether the device may be elected leader")
+    priority: int = Field(
+        default=0, description="election rank among candidates: lower wins, then the device id"
+    )
     capabilities: DeviceCapabilities = Field(description="hardware, software and models held")
     profile: dict[Name, tuple[FiniteFloat, FiniteFloat]] = Field(
         default_factory=dict,
@@ -211,6 +214,9 @@ class LeaderRecord(WireMessage):
     device: DeviceIdField = Field(description="the leader's device id")
     epoch: NonNegativeInt = Field(description="leadership epoch; a new leader takes a higher one")
     session: NonNegativeInt = Field(description="the leader's session counter")
+    priority: int = Field(
+        default=0, description="the leader's election rank (breaks ties between equal epochs)"
+    )
 
 
 class PlanAnnouncement(WireMessage):
@@ -279,20 +285,48 @@ class JobSubmit(_TensorMessage):
     deadline_seconds: float | None = Field(
         default=None, gt=0, allow_inf_nan=False, description="give up after this long"
     )
+    strategy: Name | None = Field(
+        default=None,
+        description="partitioning strategy for this job (e.g. 'single'); null: the cluster's",
+    )
 
 
 class TileTask(_TensorMessage):
-    """The leader asks a device to run one segment on one tile of rows."""
+    """The leader asks a device to run one segment on one tile of rows (× columns).
+
+    Self-contained, so that it can be re-dispatched to any device unchanged: the
+    model, the segment's units and its whole output partition let the receiver
+    recompute the tile's geometry (halo rows, gate shares). Tiles are numbered
+    row-major: tile k is row part k // len(column_parts) × column part
+    k % len(column_parts) (a single full-width column part when `column_parts` is null).
+    """
 
     kind: Literal["tile_task"] = "tile_task"
     job_id: JobIdField = Field(description="the job")
     epoch: NonNegativeInt = Field(description="epoch of the leader that sent it")
     plan_id: Name = Field(description="plan the tile belongs to")
     device: DeviceIdField = Field(description="the device that must run it (also in the topic)")
+    model: Name = Field(description="model to run")
+    model_digest: Name = Field(description="architecture digest of the model at `input_size`")
+    input_size: int = Field(gt=0, description="square input size the model is built for, pixels")
     segment: NonNegativeInt = Field(description="index of the fused segment in the plan")
+    first_unit: NonNegativeInt = Field(description="first unit of the segment")
+    last_unit: NonNegativeInt = Field(description="last unit of the segment (inclusive)")
+    row_parts: tuple[RowInterval, ...] = Field(
+        min_length=1, description="the segment's output row partition, in order"
+    )
+    column_parts: tuple[RowInterval, ...] | None = Field(
+        default=None, description="output column partition of a grid; null: full-width strips"
+    )
     tile: NonNegativeInt = Field(description="index of the tile within the segment")
     input_rows: RowInterval = Field(description="rows of the segment input in `tensor`")
+    input_columns: RowInterval | None = Field(
+        default=None, description="columns of the segment input in `tensor`"
+    )
     output_rows: RowInterval = Field(description="rows of the segment output to produce")
+    output_columns: RowInterval | None = Field(
+        default=None, description="columns of the segment output to produce"
+    )
     tensor: Tensor = Field(description="segment input rows, halo included")
     deadline: FiniteFloat = Field(description="unix time after which the result is useless")
     attempt: NonNegativeInt = Field(default=0, description="0, then +1 per re-dispatch")
@@ -344,6 +378,9 @@ class TileResult(_TensorMessage):
     tile: NonNegativeInt = Field(description="index of the tile")
     device: DeviceIdField = Field(description="the worker")
     output_rows: RowInterval = Field(description="rows of the segment output in `tensor`")
+    output_columns: RowInterval | None = Field(
+        default=None, description="columns of the segment output in `tensor`; null: all"
+    )
     tensor: Tensor = Field(description="the output rows")
     compute_seconds: NonNegativeFloat = Field(description="time spent computing, seconds")
     attempt: NonNegativeInt = Field(default=0, description="the task's attempt number")
