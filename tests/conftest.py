@@ -9,10 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 from collections.abc import AsyncIterator
 
 import pytest
 import pytest_asyncio
+
+# One torch thread per process: the suite runs on 2 shared cores, where torch's default
+# (a thread per core) makes small convolutions ~10x slower through contention. Set
+# before anything imports torch; agent processes started by tests inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 # Tasks get this long to finish after a test (some libraries cancel their helpers
 # via call_soon, so they end a few loop iterations after the test's last await).
