@@ -202,7 +202,7 @@ def slot_bids(
     gates = int(table.gates[block])
     macs = np.zeros((len(live), len(table.classes)))
     for q in range(gates + 1):
-        macs += table.stop_sum[block, q][:, e].T - table.start_sum[block, q][:, s].T
+        macs += table.stop_sum[block, q][e] - table.start_sum[block, q][s]
         macs += table.fixed[block, q][None, :]
     compute = macs @ fleet.rate.T + (table.count[block].sum(axis=0) @ fleet.fixed.T)[None, :]
     bytes_in = (table.in_stop[block, e] - table.in_start[block, s]) * table.in_row_bytes[block]
@@ -245,7 +245,8 @@ def assign(
     order: IntArray,
     counts: IntArray,
     sink: int,
-    rounds: int = 4,
+    rounds: int = 2,
+    clearing_rounds: int = 3,
 ) -> tuple[IntArray, IntArray, float]:
     """Auction the partitions, re-clear the rows, repeat while the makespan improves."""
     blocks = np.array([block])
@@ -269,7 +270,9 @@ def assign(
         )
         if np.array_equal(new_order[: len(live)], best_order[live]):
             break
-        counts_b, span_b = clear(problem, blocks, new_order, sinks, new_counts[None, :])
+        counts_b, span_b = clear(
+            problem, blocks, new_order, sinks, new_counts[None, :], clearing_rounds
+        )
         span = float(span_b[0])
         if span >= best_span:
             break

@@ -143,8 +143,8 @@ class BlockTable:
     out_row_bytes: FloatArray
     in_start: IntArray  # (NB, X)
     in_stop: IntArray
-    stop_sum: FloatArray  # A: (NB, Q, C, X)
-    start_sum: FloatArray  # B: (NB, Q, C, X)
+    stop_sum: FloatArray  # A: (NB, Q, X, C), classes last so a lookup reads one run
+    start_sum: FloatArray  # B: (NB, Q, X, C)
     fixed: FloatArray  # (NB, Q, C) per-map MACs (the gate's dense layer)
     count: FloatArray  # (NB, Q, C) op invocations
     gates: IntArray  # (NB,) reduction rounds inside the block
@@ -178,7 +178,7 @@ class BlockTable:
         for c, cost_class in enumerate(self.classes):
             value = 0.0
             for q in range(gates + 1):
-                value += self.stop_sum[block, q, c, stop] - self.start_sum[block, q, c, start]
+                value += self.stop_sum[block, q, stop, c] - self.start_sum[block, q, start, c]
                 value += self.fixed[block, q, c]
             if self.count[block, : gates + 1, c].sum() > 0:
                 totals[cost_class] = round(value)
@@ -272,8 +272,8 @@ def block_table(spec: ModelSpec) -> BlockTable:
         out_row_bytes=np.array([float(spatial[j].out_row_bytes) for j in last]),
         in_start=in_start,
         in_stop=in_stop,
-        stop_sum=stop_sum,
-        start_sum=start_sum,
+        stop_sum=np.ascontiguousarray(stop_sum.transpose(0, 1, 3, 2)),
+        start_sum=np.ascontiguousarray(start_sum.transpose(0, 1, 3, 2)),
         fixed=fixed,
         count=count,
         gates=gates,

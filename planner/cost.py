@@ -184,6 +184,11 @@ def compute_seconds(profile: DeviceProfile, geometry: TileGeometry) -> float:
     return total
 
 
+def tile_bytes(geometry: TileGeometry) -> tuple[int, int]:
+    """Bytes a tile receives (its input rows, halo included) and sends (its output)."""
+    return geometry.in_bytes, geometry.out_bytes
+
+
 def phase_seconds(
     profile: DeviceProfile, geometry: TileGeometry, cols: Sequence[int | None] | None = None
 ) -> list[float]:

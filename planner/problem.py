@@ -67,6 +67,7 @@ class PlanningProblem:
         devices: Sequence[DeviceProfile],
         network: NetworkModel | None = None,
         leader: str | None = None,
+        tail_on_leader: bool = False,
     ) -> None:
         if not devices:
             raise InfeasiblePlanError("no devices to plan for")
@@ -79,6 +80,9 @@ class PlanningProblem:
             raise InfeasiblePlanError(f"leader {leader} is not among the devices")
         self.spec = spec
         self.devices = tuple(devices)
+        # By default a plan may end on another device that then runs the tail (no
+        # transfer back); runtimes that always finish on the leader set this.
+        self.tail_on_leader = tail_on_leader
         self.network = network or NetworkModel()
         self.table: BlockTable = block_table(spec)
         weights = spec.params * 4
@@ -139,6 +143,22 @@ class PlanningProblem:
         costs = single_device_costs(self.table, self.fleet, blocks, sinks)
         return np.where(self.fleet.enabled[None, :], costs, np.inf)
 
+    def final_sink(self, device: int) -> int:
+        """Where a last segment run whole on `device` is gathered (and the tail runs)."""
+        return self.leader if self.tail_on_leader else device
+
+    def final_single_costs(self, blocks: IntArray) -> FloatArray:
+        """(B, D): blocks ending the network run whole on each device, then the tail.
+
+        The tail runs where the block ran (no transfer back), or on the leader when
+        `tail_on_leader` is set.
+        """
+        if self.tail_on_leader:
+            costs: FloatArray = self.single_costs(blocks) + self.fleet.tail[self.leader]
+            return costs
+        costs = self.single_costs(blocks, sink_is_device=True) + self.fleet.tail[None, :]
+        return costs
+
     def price(self, choice: SegmentChoice) -> PricedSegment:
         """Exact predicted timing of one segment."""
         tiles = choice.tiles
@@ -197,6 +217,8 @@ class PlanningProblem:
     ) -> Plan:
         """A validated rows-mode plan with predictions for `choices`."""
         tail_device = self.leader if tail_device is None else tail_device
+        if self.tail_on_leader and tail_device != self.leader:
+            raise InfeasiblePlanError("this problem runs the tail on the leader")
         if choices and choices[-1].sink != tail_device:
             raise InfeasiblePlanError("the last segment must be gathered on the tail device")
         ids = self.fleet.ids

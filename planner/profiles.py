@@ -79,6 +79,20 @@ class DeviceProfile(_Frozen):
         # Pessimistic: an unmeasured kind of op is assumed as slow as the slowest measured.
         return max(self.time_models.values(), key=lambda m: m.seconds_per_mac)
 
+    def refined(self, predicted_s: float, measured_s: float, weight: float = 0.3) -> DeviceProfile:
+        """The profile nudged towards a measured tile time (online refinement).
+
+        A device that takes longer than its profile predicts — loaded, throttled — is
+        slowed by a fraction `weight` of the gap per observation (an exponential moving
+        average of measured / predicted), so the next plan gives it fewer rows.
+        """
+        if not (predicted_s > 0 and measured_s > 0 and 0 < weight <= 1):
+            raise ProfileError(
+                f"{self.device}: cannot refine from predicted {predicted_s}, "
+                f"measured {measured_s}, weight {weight}"
+            )
+        return self.scaled(1.0 + weight * (measured_s / predicted_s - 1.0))
+
     def scaled(self, factor: float) -> DeviceProfile:
         """The same device running `factor` times slower (online refinement, emulation)."""
         if not factor > 0:

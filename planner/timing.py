@@ -199,11 +199,13 @@ def evaluate_rows(
         valid = q >= 0
         q_col = np.maximum(q, 0)[:, None]
         macs = (
-            table.stop_sum[block_col, q_col, :, stops]
-            - table.start_sum[block_col, q_col, :, starts]
+            table.stop_sum[block_col, q_col, stops]
+            - table.start_sum[block_col, q_col, starts]
             + table.fixed[block_col, q_col]
         )
-        seconds = (macs * rate).sum(axis=2) + (table.count[block_col, q_col] * fixed).sum(axis=2)
+        seconds = np.einsum("bkc,bkc->bk", macs, rate) + np.einsum(
+            "bc,bkc->bk", table.count[blocks, q_col[:, 0]], fixed
+        )
         seconds = np.where(nonempty & valid[:, None], seconds, 0.0)
         finish = ready + seconds
         compute = compute + seconds

@@ -60,6 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"input side in pixels (default {DEFAULT_INPUT_SIZE})",
     )
     parser.add_argument("--epoch", type=int, default=0, help="epoch stamped on the plans")
+    parser.add_argument(
+        "--tail-on-leader", action="store_true", help="always finish (pooling + head) on the leader"
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument(
         "--with-plans", action="store_true", help="with --json: include each full plan"
@@ -141,7 +144,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     leader = args.leader or cluster.leader
     try:
-        problem = PlanningProblem(spec, cluster.devices, cluster.network, leader)
+        problem = PlanningProblem(
+            spec, cluster.devices, cluster.network, leader, tail_on_leader=args.tail_on_leader
+        )
         # `single` is the reference for the speedups, planned even when not listed.
         single = get_strategy("single").plan_problem(problem).predicted_latency_s
         rows, plans = [], {}

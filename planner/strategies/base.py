@@ -37,8 +37,9 @@ class Strategy(ABC):
         network: NetworkModel | None = None,
         plan_id: str | None = None,
         created_at: float | None = None,
+        tail_on_leader: bool = False,
     ) -> Plan:
-        problem = PlanningProblem(spec, devices, network, leader)
+        problem = PlanningProblem(spec, devices, network, leader, tail_on_leader)
         return self.plan_problem(problem, epoch=epoch, plan_id=plan_id, created_at=created_at)
 
     def plan_problem(

@@ -74,11 +74,7 @@ class DeepThings(Strategy):
         n = problem.units
         leader = fleet.leader
         rests = np.array([table.block(d, n - 1) for d in range(1, n)], dtype=np.int64)
-        rest_costs = (
-            problem.single_costs(rests, sink_is_device=True) + fleet.tail[None, :]
-            if len(rests)
-            else np.zeros((0, fleet.size))
-        )
+        rest_costs = problem.final_single_costs(rests) if len(rests) else np.zeros((0, fleet.size))
         usable = int(fleet.enabled.sum())
         best: tuple[float, list[SegmentChoice], int] | None = None
         for depth in range(1, n + 1):
@@ -112,13 +108,13 @@ class DeepThings(Strategy):
                     total = timing.makespan + after
                     if best is None or total < best[0]:
                         choices = [SegmentChoice(0, depth - 1, tuple(tiles), leader)]
+                        tail = problem.final_sink(rest_device)
                         if depth < n:
-                            choices.append(
-                                whole_on(problem, depth, n - 1, rest_device, sink=rest_device)
-                            )
-                        best = (total, choices, rest_device)
+                            choices.append(whole_on(problem, depth, n - 1, rest_device, sink=tail))
+                        best = (total, choices, tail)
         if best is None:  # a map too small for any grid: nothing to fuse
-            whole = problem.single_costs(np.array([table.block(0, n - 1)]), True)[0]
-            device = int(np.argmin(whole + fleet.tail))
-            return [whole_on(problem, 0, n - 1, device, sink=device)], device
+            whole = problem.final_single_costs(np.array([table.block(0, n - 1)]))[0]
+            device = int(np.argmin(whole))
+            sink = problem.final_sink(device)
+            return [whole_on(problem, 0, n - 1, device, sink=sink)], sink
         return best[1], best[2]

@@ -85,15 +85,27 @@ def block_costs(problem: PlanningProblem, clearing_rounds: int = 6) -> BlockCost
         best_counts[better, size:] = 0
         best_span = np.where(better, timing.makespan, best_span)
         best_size = np.where(better, size, best_size)
-    # The market may add devices beyond the best prefix, up to twice its size.
-    width = int(min(devices, max(4, 2 * int(best_size.max()))))
-    counts, spans = auction.clear(
-        problem, blocks, order[:width], sinks, best_counts[:, :width], clearing_rounds
-    )
-    counts = np.concatenate([counts, best_counts[:, width:]], axis=1)
-    outside = best_counts[:, width:].any(axis=1)  # a full-width start that stayed best
-    counts[outside] = best_counts[outside]
-    spans = np.where(outside, best_span, spans)
+        if size > 1 and not better.any():
+            break  # twice the devices helped no block: slower ones will not either
+    # The market may add devices beyond a block's best prefix, up to twice its size;
+    # blocks are cleared in groups of equal width so that small ones stay cheap.
+    counts = best_counts.copy()
+    spans = best_span.copy()
+    widths = np.minimum(devices, np.maximum(8, 2 * best_size))
+    for width in np.unique(widths):
+        group = np.nonzero(widths == width)[0]
+        group_counts, group_spans = auction.clear(
+            problem,
+            blocks[group],
+            order[:width],
+            sinks[group],
+            best_counts[group, :width],
+            clearing_rounds,
+        )
+        better = group_spans < spans[group]
+        counts[group[better], :width] = group_counts[better]
+        counts[group[better], width:] = 0
+        spans[group[better]] = group_spans[better]
     # One-unit blocks also try the equal and capability splits over every device, so
     # that the per-unit baselines are among the DP's candidates.
     capability = usable * fleet.capability[order]
@@ -116,7 +128,7 @@ def block_costs(problem: PlanningProblem, clearing_rounds: int = 6) -> BlockCost
         [spans + tail_here, single_cost + tail_here, np.full(len(blocks), np.inf)]
     )
     chosen_device = np.stack([single_device, single_device, single_device])
-    if final.any():
+    if final.any() and not problem.tail_on_leader:
         finals = blocks[final]
         own = problem.single_costs(finals, sink_is_device=True) + fleet.tail[None, :]
         own_device = np.argmin(own, axis=1)
@@ -140,7 +152,7 @@ class EdgeCI(Strategy):
     def __init__(
         self,
         clearing_rounds: int = 6,
-        auction_rounds: int = 4,
+        auction_rounds: int = 2,
         polish_steps: int = 40,
         auction_limit: int = 256,
     ) -> None:

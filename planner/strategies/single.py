@@ -12,13 +12,14 @@ from edgedi.planner.strategies.base import Decision, Strategy, register
 @register
 class Single(Strategy):
     """The device with the lowest predicted latency — the image's transfer to it
-    included — runs every unit and the tail, so nothing comes back."""
+    included — runs every unit and the tail, so nothing comes back (unless the
+    problem insists on the tail running on the leader)."""
 
     name = "single"
     summary = "fastest device does all"
 
     def decide(self, problem: PlanningProblem) -> Decision:
         whole = np.array([problem.table.block(0, problem.units - 1)])
-        costs = problem.single_costs(whole, sink_is_device=True)[0] + problem.fleet.tail
-        device = int(np.argmin(costs))
-        return [whole_on(problem, 0, problem.units - 1, device, sink=device)], device
+        device = int(np.argmin(problem.final_single_costs(whole)[0]))
+        sink = problem.final_sink(device)
+        return [whole_on(problem, 0, problem.units - 1, device, sink=sink)], sink

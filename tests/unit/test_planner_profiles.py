@@ -95,6 +95,18 @@ def test_profile_fallback_and_scaling() -> None:
         profile.scaled(0.0)
 
 
+def test_online_refinement_moves_towards_measurements() -> None:
+    model = TimeModel(seconds_per_mac=1e-10, seconds_fixed=1e-5)
+    profile = DeviceProfile(
+        device="d", time_models={"conv3x3": model}, memory_bytes=1, bandwidth=1.0
+    )
+    slower = profile.refined(predicted_s=0.1, measured_s=0.2, weight=0.5)
+    assert slower.time_model("conv3x3").seconds_per_mac == pytest.approx(1.5e-10)
+    assert profile.refined(0.1, 0.1).time_model("conv3x3") == model
+    with pytest.raises(ProfileError):
+        profile.refined(0.0, 0.1)
+
+
 def test_profile_is_strict_wire_data() -> None:
     good = {
         "device": "d",

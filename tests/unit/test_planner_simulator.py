@@ -40,8 +40,11 @@ def test_predictions_equal_simulation(seed: int, units: int, devices: int) -> No
     cluster = random_cluster(rng, devices)
     network = random_network(rng)
     leader = rng.choice(cluster).device
+    tail_on_leader = rng.random() < 0.3
     for name in strategy_names():
-        plan = get_strategy(name).plan(spec, cluster, leader=leader, network=network)
+        plan = get_strategy(name).plan(
+            spec, cluster, leader=leader, network=network, tail_on_leader=tail_on_leader
+        )
         timeline = simulate(plan, spec, cluster, network)
         assert timeline.latency_s == pytest.approx(plan.predicted_latency_s, rel=1e-9), name
         if plan.mode == "rows":

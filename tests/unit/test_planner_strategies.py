@@ -78,6 +78,22 @@ def test_edgeci_is_best_on_the_shipped_clusters(cluster_name: str) -> None:
         assert latency["edgeci"] <= best * (1 + 1e-9), (model, latency)
 
 
+def test_tail_on_leader_keeps_every_plan_ending_on_the_leader() -> None:
+    spec = small_vgg(32)
+    leader = profile("leader", speed=0.05)
+    cluster = [leader, profile("fast", speed=5.0, bandwidth=100e6)]
+    free = get_strategy("single").plan(spec, cluster)
+    assert free.tail_device == "fast"
+    for name in ALL:
+        plan = get_strategy(name).plan(spec, cluster, tail_on_leader=True)
+        assert plan.tail_device == "leader", name
+        if plan.mode == "rows":
+            assert plan.segments[-1].sink == "leader"
+    ours = get_strategy("edgeci").plan(spec, cluster, tail_on_leader=True)
+    single = get_strategy("single").plan(spec, cluster, tail_on_leader=True)
+    assert ours.predicted_latency_s <= single.predicted_latency_s * (1 + 1e-9)
+
+
 def test_slow_or_small_devices_get_no_rows() -> None:
     spec = get_spec("resnet18", 96)
     fast = [profile(f"fast{i}", speed=2.0, bandwidth=100e6) for i in range(3)]
