@@ -79,11 +79,6 @@ def whole_on(
     )
 
 
-def enabled_weights(problem: PlanningProblem, order: IntArray, weights: FloatArray) -> FloatArray:
-    """Zero the weights of devices that may not compute (memory)."""
-    return np.where(problem.fleet.enabled[order], weights, 0.0)
-
-
 def independent_times(
     problem: PlanningProblem, block: int, order: IntArray, counts: IntArray
 ) -> FloatArray:

@@ -425,6 +425,80 @@ def tile_work(
     return seconds, bytes_in, bytes_out
 
 
+class _Links:
+    """The links as first-come-first-served resources, for `evaluate_tiles`.
+
+    The same semantics as the simulator's: a transmission holds the sender's uplink
+    and the receiver's downlink (and the medium, if shared) for its whole duration;
+    with store-and-forward, the first hop holds the uplink and the second, once at the
+    broker, the downlink. Requests must be made in time order per resource.
+    """
+
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet = fleet
+        self.free: dict[tuple[int, str], float] = {}
+        self.moved = 0.0
+
+    def _hold(self, resources: list[tuple[int, str]], time: float, seconds: float) -> float:
+        start = max([time, *(self.free.get(r, 0.0) for r in resources)])
+        for resource in resources:
+            self.free[resource] = start + seconds
+        return start + seconds
+
+    def _split(self, sender: int, receiver: int, size: float) -> tuple[float, float, float]:
+        net, fleet = self.fleet.network, self.fleet
+        broker = net.broker_bandwidth or float("inf")
+        return (
+            size / min(float(fleet.bandwidth[sender]), broker),
+            size / min(float(fleet.bandwidth[receiver]), broker),
+            net.broker_per_message_s,
+        )
+
+    def _one_hold(self, sender: int, receiver: int, size: float) -> tuple[float, float]:
+        fleet, net = self.fleet, self.fleet.network
+        _pre, hold, post = message_parts(
+            size,
+            fleet.bandwidth[sender],
+            fleet.latency[sender],
+            fleet.bandwidth[receiver],
+            fleet.latency[receiver],
+            net,
+            "sender",
+        )
+        return float(hold), float(post)
+
+    def send(self, time: float, sender: int, receiver: int, size: float) -> float:
+        """Arrival time of one message (`size` includes the envelope)."""
+        return dict(self.send_many([(time, 0, sender, receiver, size)]))[0]
+
+    def send_many(
+        self, requests: list[tuple[float, int, int, int, float]]
+    ) -> list[tuple[int, float]]:
+        """Arrivals of messages (ready, key, sender, receiver, size), in request order."""
+        net, fleet = self.fleet.network, self.fleet
+        results: list[tuple[int, float]] = []
+        self.moved += sum(r[4] for r in requests)
+        if not net.store_and_forward or net.shared_medium:
+            for ready, key, sender, receiver, size in requests:
+                hold, post = self._one_hold(sender, receiver, size)
+                resources = [(sender, "up"), (receiver, "down")]
+                if net.shared_medium:
+                    resources.append((-1, "medium"))
+                results.append((key, self._hold(resources, ready, hold) + post))
+            return results
+        at_broker = []
+        for ready, key, sender, receiver, size in requests:
+            first, second, per_message = self._split(sender, receiver, size)
+            end = self._hold([(sender, "up")], ready, first)
+            at_broker.append(
+                (end + float(fleet.latency[sender]) + per_message, key, receiver, second)
+            )
+        for at, key, receiver, second in sorted(at_broker):
+            end = self._hold([(receiver, "down")], at, second)
+            results.append((key, end + float(fleet.latency[receiver])))
+        return results
+
+
 def evaluate_tiles(
     table: BlockTable,
     fleet: Fleet,
@@ -449,54 +523,25 @@ def evaluate_tiles(
     overhead = float(net.message_overhead_bytes)
     seconds, bytes_in, bytes_out = work or tile_work(table, fleet, first, last, tiles)
     count = len(tiles)
-    moved = 0.0
-    up_free = 0.0
+    active = [k for k in range(count) if bytes_out[k] > 0.0]
+    links = _Links(fleet)
     arrival = [0.0] * count
-    for k, tile in enumerate(tiles):
-        if bytes_out[k] == 0.0 or tile.device == leader:
-            continue
-        pre, hold, post = message_parts(
-            bytes_in[k] + overhead,
-            fleet.bandwidth[leader],
-            fleet.latency[leader],
-            fleet.bandwidth[tile.device],
-            fleet.latency[tile.device],
-            net,
-            "sender",
-        )
-        start = max(float(pre), up_free)
-        up_free = start + float(hold)
-        arrival[k] = up_free + float(post)
-        moved += bytes_in[k] + overhead
+    for k in active:  # all sent at once, in tile order
+        if tiles[k].device != leader:
+            arrival[k] = links.send(0.0, leader, tiles[k].device, bytes_in[k] + overhead)
     cpu_free: dict[int, float] = {}
     finish = [0.0] * count
-    active = [k for k in range(count) if bytes_out[k] > 0.0]
     for k in sorted(active, key=lambda k: (arrival[k], k)):
         device = tiles[k].device
         start = max(arrival[k], cpu_free.get(device, 0.0))
         finish[k] = start + seconds[k]
         cpu_free[device] = finish[k]
-    link_free = up_free if net.shared_medium else 0.0
     done = list(finish)
-    entries = []
-    for k in active:
-        if tiles[k].device == sink:
-            continue
-        pre, hold, post = message_parts(
-            bytes_out[k] + overhead,
-            fleet.bandwidth[tiles[k].device],
-            fleet.latency[tiles[k].device],
-            fleet.bandwidth[sink],
-            fleet.latency[sink],
-            net,
-            "receiver",
-        )
-        entries.append((finish[k] + float(pre), k, float(hold), float(post)))
-        moved += bytes_out[k] + overhead
-    for entry, k, hold_s, post_s in sorted(entries):
-        start = max(entry, link_free)
-        link_free = start + hold_s
-        done[k] = link_free + post_s
+    leaving = sorted((finish[k], k) for k in active if tiles[k].device != sink)
+    for k, at in links.send_many(
+        [(ready, k, tiles[k].device, sink, bytes_out[k] + overhead) for ready, k in leaving]
+    ):
+        done[k] = at
     makespan = max((done[k] for k in active), default=0.0)
     last_finish = max((finish[k] for k in active), default=0.0)
     return TilesTiming(
@@ -509,5 +554,5 @@ def evaluate_tiles(
         gather=makespan - last_finish,
         bytes_in=tuple(bytes_in),
         bytes_out=tuple(bytes_out),
-        bytes_moved=moved,
+        bytes_moved=links.moved,
     )

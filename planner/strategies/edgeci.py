@@ -1,14 +1,16 @@
 """`edgeci`: EdgeCI — AWAS partitions inside DPFL's fusion segmentation. The default.
 
 For every block `i..j` of consecutive spatial units the candidates are priced at once
-(vectorised over all blocks): rows in proportion to speed, equal rows, rows by
-convolution capability, the AWAS clearing rounds started from the best of those
-(`edgedi.planner.auction.clear`), and the block run whole on each single device (its
-input sent there and its output sent back, or — for the last block — kept there with
-the tail). A block's cost is its best candidate's makespan: scatter, halo compute,
-reduction rounds, gather. DPFL (`edgedi.planner.dp`) then picks the boundaries that
-minimise the sum. Finally each chosen block's partition goes through the AWAS
-assignment auction and a steepest-descent polish, kept only when they improve it.
+(vectorised over all blocks): rows in proportion to speed over the k fastest devices
+(k = 1, 2, 4, ... while doubling still helps some block), the AWAS clearing rounds
+started from the best of those (`edgedi.planner.auction.clear`, blocks grouped by how
+many devices they use), and the block run whole on each single device (its input sent
+there and its output sent back, or — for the last block — kept there with the tail).
+One-unit blocks also try equal, speed-proportional and capability-proportional rows
+over every device. A block's cost is its best candidate's makespan: scatter, halo
+compute, reduction rounds, gather. DPFL (`edgedi.planner.dp`) then picks the
+boundaries that minimise the sum. Finally each chosen block's partition goes through
+the AWAS assignment auction and a steepest-descent polish, kept only if they help.
 
 Because the single-device runs are candidates of every block (the whole model on the
 best device is one segmentation the DP considers), and the per-unit proportional,
@@ -106,11 +108,11 @@ def block_costs(problem: PlanningProblem, clearing_rounds: int = 6) -> BlockCost
         counts[group[better], :width] = group_counts[better]
         counts[group[better], width:] = 0
         spans[group[better]] = group_spans[better]
-    # One-unit blocks also try the equal and capability splits over every device, so
-    # that the per-unit baselines are among the DP's candidates.
+    # One-unit blocks also try the equal, capability and speed splits over every
+    # device, so that the per-unit baselines are among the DP's candidates.
     capability = usable * fleet.capability[order]
     units = np.array([table.block(u, u) for u in range(problem.units)], dtype=np.int64)
-    for weights in (usable, capability):
+    for weights in (usable[None, :], capability[None, :], speed[units]):
         trial_counts = proportional_counts(
             np.broadcast_to(weights, (len(units), devices)).copy(), heights[units]
         )
