@@ -10,7 +10,9 @@ segments: whole images are dispatched to devices by `images` shares.
 Wire rules: frozen, `extra="forbid"`, strict scalars (no "3" for 3), containers accept
 JSON/msgpack arrays, an explicit `kind` tag and a schema `version`. A plan is checked
 on construction: its segments follow each other from unit 0, its parts name its
-devices, and every output element of every segment is computed exactly once.
+devices, every segment but the last is gathered on the leader (which scatters the
+next one) and the last on the tail device, and every output element of every segment
+is computed exactly once.
 This module is torch-free and imports nothing else of ours.
 """
 
@@ -190,6 +192,13 @@ class Plan(_Wire):
                         f"segment starts at unit {segment.first_unit}, expected {expected}"
                     )
                 expected = segment.last_unit + 1
+            # The leader scatters every segment, so it gathers every one but the last,
+            # which ends where the tail runs.
+            for segment in self.segments[:-1]:
+                if segment.sink != self.leader:
+                    raise PlanError(f"segment {segment.first_unit}..: gathered off the leader")
+            if self.segments[-1].sink != self.tail_device:
+                raise PlanError("the last segment must be gathered on the tail device")
         else:
             if self.segments or not self.images:
                 raise PlanError("an images plan has image shares and no segments")

@@ -1,7 +1,7 @@
 """`edgedi plan`: plan a model on a cluster with one or more strategies and compare them.
 
     edgedi plan --cluster pi-mixed --model vgg16
-    edgedi plan --cluster my-cluster.yaml --model resnet34 --strategy edgeci --strategy edgedi
+    edgedi plan --cluster my-cluster.yaml --model resnet34 --strategy edgeci edgedi
     edgedi plan --cluster synthetic:64 --model vgg16 --json
     edgedi plan --cluster pi4x4 --model resnet18 --gantt timeline.png
 
@@ -47,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help=f"model to plan ({', '.join(MODEL_NAMES)})")
     parser.add_argument(
         "--strategy",
-        action="append",
+        action="extend",
+        nargs="+",
         dest="strategies",
         metavar="S",
         help=f"strategy (repeatable; default: all of {', '.join(strategy_names())})",

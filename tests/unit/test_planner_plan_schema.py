@@ -148,6 +148,16 @@ def test_segments_must_follow_each_other() -> None:
         Plan.model_validate(_plan(segments=[first, second]))
 
 
+def test_sinks_are_the_leader_then_the_tail_device() -> None:
+    first = _plan()["segments"][0]
+    second = {**first, "first_unit": 2, "last_unit": 2, "sink": "b"}
+    assert Plan.model_validate(_plan(segments=[first, second], tail_device="b"))
+    with pytest.raises(ValidationError, match="tail device"):
+        Plan.model_validate(_plan(segments=[first, second]))
+    with pytest.raises(ValidationError, match="off the leader"):
+        Plan.model_validate(_plan(segments=[{**first, "sink": "b"}, second], tail_device="b"))
+
+
 def test_images_plans() -> None:
     images = [{"device": "a", "share": 0.25}, {"device": "b", "share": 0.75}]
     plan = Plan.model_validate(_plan(mode="images", segments=[], images=images))
