@@ -18,7 +18,7 @@ the current definition (the model code changed since it was trained), one whose
 weights do not match their hash, and a size change the weights cannot follow (VGG-16's
 classifier is tied to the input size; the GAP-headed models are not).
 
-Shipped checkpoints live in ``models/checkpoints/<name>.pt`` with a ``<name>.json``
+Shipped checkpoints live in ``models/weights/<name>.pt`` with a ``<name>.json``
 sidecar that records how they were made. `load_model` is what the runtime calls.
 
 Exceptions::
@@ -62,7 +62,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 FORMAT = "edgedi-checkpoint/1"
-CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
+# Not "checkpoints/": a folder named like this module confuses mypy's namespace lookup.
+CHECKPOINT_DIR = Path(__file__).resolve().parent / "weights"
 # Weights used when no checkpoint exists: reproducible, so every device agrees on them.
 RANDOM_WEIGHTS_SEED = 0
 

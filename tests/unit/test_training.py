@@ -179,10 +179,11 @@ def test_shipped_checkpoint_loads_and_matches_its_record() -> None:
     record = read_sidecar(path)
     assert record is not None and record["data"]["kind"] == "synthetic"
     assert "edgedi train vgg16-edgedi" in record["command"]
-    # A few images from a seed it was never trained on: clearly better than chance.
+    # Images from a seed it was never trained on: clearly better than chance (1/6); the
+    # shipped model scores ~62 % on 300 such images (docs/compression.md).
     unseen = record["data"]["seed"] + 1000
-    images, labels = SyntheticDefects(per_class=3, seed=unseen, size=200).arrays()
-    assert evaluate(model, images, labels).accuracy >= 0.6
+    images, labels = SyntheticDefects(per_class=5, seed=unseen, size=200).arrays()
+    assert evaluate(model, images, labels).accuracy >= 0.4
 
 
 def test_pruning_at_ratio_one_keeps_the_function_and_budget_is_met() -> None:
