@@ -290,9 +290,24 @@ def _tidy_broker_class() -> type[Any]:
     """
     from amqtt.broker import Broker
 
+    class SnapshotDict(dict[Any, Any]):
+        """amqtt iterates its subscription table with awaits inside the loop (retained
+        messages for a new client, every broadcast); another client subscribing
+        meanwhile raised "dictionary changed size during iteration", which dropped the
+        new client (its SUBACK never came: a 10 s stall) or a broadcast. Iterating a
+        snapshot keeps both safe."""
+
+        def __iter__(self) -> Any:
+            return iter(list(super().__iter__()))
+
+        def items(self) -> Any:
+            return list(super().items())
+
     class TidyBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
+            # setattr: mypy cannot see the type of the untyped base's attribute.
+            setattr(self, "_subscriptions", SnapshotDict(getattr(self, "_subscriptions")))  # noqa: B009, B010
             self.connection_tasks: set[asyncio.Task[Any]] = set()
             self.connection_writers: set[asyncio.StreamWriter] = set()
             self.stopping = False
