@@ -22,6 +22,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("eval", "accuracy, per-class precision/recall and confusion matrix of a checkpoint"),
     "broker": ("broker", "run a private MQTT broker (Mosquitto, or embedded amqtt)"),
     "plan": ("plan", "plan a model on a cluster and compare the partitioning strategies"),
+    "agent": ("agent", "run this device's agent: worker, and planner/coordinator when elected"),
+    "infer": ("infer", "classify images on a running cluster and print the results"),
 }
 
 

@@ -49,6 +49,13 @@ class BrokerSettings(_Section):
     keepalive_s: int = Field(5, ge=2, le=600, description="MQTT keepalive in seconds")
     topic_root: str = Field("edgedi/v1", description="topic prefix shared by the fleet")
     cluster: str = Field("default", pattern=r"^[A-Za-z0-9_-]+$", description="cluster name")
+    # Announced in the birth for the planner's transfer model; not measured (yet).
+    link_mbit_s: float = Field(
+        100.0, gt=0, le=1_000_000, description="this device's link to the broker, Mbit/s"
+    )
+    link_latency_ms: float = Field(
+        1.0, ge=0, le=10_000, description="one-way latency of that link, milliseconds"
+    )
 
 
 class ComputeSettings(_Section):
@@ -70,6 +77,12 @@ class ComputeSettings(_Section):
         le=100.0,
         description="emulate a slower device: sleep so each tile takes this many times longer",
     )
+    max_active_tiles: int = Field(
+        8, ge=1, le=1024, description="tiles in progress at once (they interleave at gates)"
+    )
+    max_queued_tiles: int = Field(
+        32, ge=1, le=100_000, description="tiles waiting to start; more are refused"
+    )
 
 
 class PlannerSettings(_Section):
@@ -78,6 +91,9 @@ class PlannerSettings(_Section):
         0, description="election order among candidates (lower wins, then device id)"
     )
     strategy: str = Field("edgeci", description="partitioning strategy for new plans")
+    model: str | None = Field(
+        None, description="model of the plan published on plans/current (default: the first held)"
+    )
 
 
 class JobSettings(_Section):
@@ -88,6 +104,18 @@ class JobSettings(_Section):
     )
     wire_dtype: Literal["float32", "float16"] = Field(
         "float32", description="dtype of tiles on the wire (float16 halves bytes, ~2e-3 error)"
+    )
+    max_queued: int = Field(
+        64, ge=0, le=100_000, description="jobs waiting for a slot; more are refused with an error"
+    )
+    result_cache: int = Field(
+        1024, ge=1, le=1_000_000, description="finished results kept for resubmitted job ids"
+    )
+    tile_attempts: int = Field(
+        3, ge=1, le=10, description="tries per tile (re-dispatched on failure or device loss)"
+    )
+    drain_s: float = Field(
+        10.0, ge=0, le=600, description="on SIGTERM, wait this long for in-flight work"
     )
 
 
@@ -105,6 +133,10 @@ class AgentSettings(BaseSettings):
     compute: ComputeSettings = Field(default_factory=ComputeSettings)  # type: ignore[arg-type]
     planner: PlannerSettings = Field(default_factory=PlannerSettings)  # type: ignore[arg-type]
     jobs: JobSettings = Field(default_factory=JobSettings)  # type: ignore[arg-type]
+    state_dir: Path | None = Field(
+        None,
+        description="folder for the cached device profile ($STATE_DIRECTORY under systemd)",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info")
 
     @model_validator(mode="after")
@@ -166,6 +198,9 @@ def load_settings(
     password = _credential_password(environ)
     if password is not None:
         values.setdefault("broker", {}).setdefault("password", password)
+    state_directory = environ.get("STATE_DIRECTORY")  # systemd's StateDirectory=
+    if state_directory and "EDGEDI_STATE_DIR" not in environ:
+        values.setdefault("state_dir", state_directory.split(":")[0])
     try:
         settings: AgentSettings = settings_cls(**values)
     except ValidationError as error:

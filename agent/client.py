@@ -1,0 +1,199 @@
+"""An async client for the cluster: submit images, await their results.
+
+    async with connect("127.0.0.1", 1883) as client:
+        result = await client.infer(image, "tiny-edgedi", timeout=30)
+
+`infer` subscribes to `results/<job_id>` before it publishes the job (so the
+result cannot slip past), and re-submits the *same* job id every `retry_s` seconds
+until a result arrives or `timeout` runs out: submission is idempotent, so a retry
+is safe — it reaches a newly elected leader after a failover, and a finished job
+just has its result published again. An error result is returned like any other
+(`status == "error"`); only a timeout raises.
+
+Used by `edgedi infer`, the demo and the tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from edgedi.broker.connection import MqttSession, Received, SessionSettings
+from edgedi.broker.errors import ConnectionLost
+from edgedi.broker.ids import JobId
+from edgedi.broker.messages import JobResult, JobSubmit, LeaderRecord, PlanAnnouncement
+from edgedi.broker.tensors import Tensor
+from edgedi.broker.topics import JOB_RESULT, JOB_SUBMIT, PLAN_CURRENT, PLANNER_LEADER, TopicRoot
+
+__all__ = ["InferenceClient", "JobTimeout", "connect"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_RETRY_S = 5.0
+
+
+class JobTimeout(TimeoutError):
+    """No result arrived for a job within the client's timeout."""
+
+    def __init__(self, job_id: str, timeout: float) -> None:
+        super().__init__(f"no result for job {job_id} within {timeout:.1f} s")
+        self.job_id = job_id
+
+
+class InferenceClient:
+    """Submits jobs over a connected `MqttSession`; see the module docstring."""
+
+    def __init__(self, session: MqttSession, client_id: str) -> None:
+        self.session = session
+        self.client_id = client_id
+        self._plan: PlanAnnouncement | None = None
+        self._leader: LeaderRecord | None = None
+        self._plan_seen = asyncio.Event()
+        self._leader_seen = asyncio.Event()
+
+    async def _watch(self) -> None:
+        await self.session.subscribe(PLAN_CURRENT, self._on_plan)
+        await self.session.subscribe(PLANNER_LEADER, self._on_leader)
+
+    async def _on_plan(self, received: Received) -> None:
+        message = received.message
+        assert isinstance(message, PlanAnnouncement)
+        if self._plan is None or message.epoch >= self._plan.epoch:
+            self._plan = message
+            self._plan_seen.set()
+
+    async def _on_leader(self, received: Received) -> None:
+        message = received.message
+        assert isinstance(message, LeaderRecord)
+        if self._leader is None or message.epoch >= self._leader.epoch:
+            self._leader = message
+            self._leader_seen.set()
+
+    async def current_plan(self, timeout: float = 2.0) -> PlanAnnouncement | None:  # noqa: ASYNC109
+        """The retained plan in force, or None if none arrives within `timeout`."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._plan_seen.wait()
+        except TimeoutError:
+            return None
+        return self._plan
+
+    async def leader(self, timeout: float = 2.0) -> LeaderRecord | None:  # noqa: ASYNC109
+        """The retained leader record, or None if none arrives within `timeout`."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._leader_seen.wait()
+        except TimeoutError:
+            return None
+        return self._leader
+
+    def new_job_id(self) -> str:
+        return f"{self.client_id}-{uuid.uuid4().hex[:16]}"
+
+    async def infer(
+        self,
+        image: npt.NDArray[Any],
+        model: str,
+        *,
+        job_id: str | None = None,
+        timeout: float = 30.0,  # noqa: ASYNC109 - also sent as the job's deadline
+        retry_s: float = DEFAULT_RETRY_S,
+        strategy: str | None = None,
+    ) -> JobResult:
+        """Submit `image` (grayscale, (H, W) or (1, H, W)) and await its result.
+
+        Raises `JobTimeout` when no result arrives within `timeout` seconds.
+        """
+        job_id = job_id or self.new_job_id()
+        array = np.ascontiguousarray(image)
+        if array.ndim == 2:
+            array = array[None]
+        loop = asyncio.get_running_loop()
+        result: asyncio.Future[JobResult] = loop.create_future()
+
+        async def on_result(received: Received) -> None:
+            message = received.message
+            if isinstance(message, JobResult) and message.job_id == job_id and not result.done():
+                result.set_result(message)
+
+        subscription = await self.session.subscribe(JOB_RESULT, on_result, job_id=job_id)
+        try:
+            submit = JobSubmit(
+                sender=self.client_id,
+                job_id=JobId(job_id),
+                model=model,
+                image=Tensor(array),
+                client=self.client_id,
+                submitted_at=time.time(),
+                deadline_seconds=timeout,
+                strategy=strategy,
+            )
+            give_up = loop.time() + timeout
+            attempt = 0
+            while True:
+                message = (
+                    submit
+                    if attempt == 0
+                    else submit.model_copy(
+                        update={"message_id": uuid.uuid4().hex, "sent_at": time.time()}
+                    )
+                )
+                try:
+                    await self.session.publish(
+                        JOB_SUBMIT, message, timeout=max(0.1, give_up - loop.time())
+                    )
+                except ConnectionLost as error:
+                    logger.warning("could not submit job %s: %s", job_id, error)
+                wait = min(retry_s, give_up - loop.time())
+                if wait <= 0:
+                    raise JobTimeout(job_id, timeout)
+                try:
+                    async with asyncio.timeout(wait):
+                        return await asyncio.shield(result)
+                except TimeoutError:
+                    if loop.time() >= give_up:
+                        raise JobTimeout(job_id, timeout) from None
+                attempt += 1
+                logger.info("no result for job %s yet; submitting again (%d)", job_id, attempt)
+        finally:
+            await self.session.unsubscribe(subscription)
+
+
+@asynccontextmanager
+async def connect(
+    host: str,
+    port: int,
+    *,
+    root: TopicRoot | None = None,
+    client_id: str | None = None,
+    username: str | None = None,
+    password: str | None = None,
+    connect_timeout: float = 10.0,
+) -> AsyncIterator[InferenceClient]:
+    """A connected client; the connection closes when the block ends."""
+    client_id = client_id or f"client-{uuid.uuid4().hex[:12]}"
+    settings = SessionSettings(
+        host=host,
+        port=port,
+        client_id=client_id,
+        username=username,
+        password=password,  # type: ignore[arg-type]  # pydantic turns str into SecretStr
+    )
+    session = MqttSession(settings, root or TopicRoot())
+    client = InferenceClient(session, client_id)
+    await client._watch()
+    async with asyncio.TaskGroup() as group:
+        group.create_task(session.run(), name=f"mqtt-{client_id}")
+        try:
+            await session.wait_connected(connect_timeout)
+            yield client
+        finally:
+            session.request_stop()

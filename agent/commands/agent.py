@@ -1,0 +1,173 @@
+"""`edgedi agent`: run this device's agent (worker; planner and coordinator when elected).
+
+Settings come from `--config FILE` (YAML), `EDGEDI_*` environment variables and the
+flags below (strongest). `--check-config` validates them, prints one
+`field.path: message` line per problem and exits 0 (valid) or 1, without connecting:
+the Ansible role runs it on every rendered configuration before installing it.
+SIGTERM or Ctrl-C stops the agent gracefully (drain, state `stopped`, disconnect).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from edgedi.agent.config import AgentSettings, ConfigError, load_settings
+
+
+def broker_address(text: str) -> tuple[str, int | None]:
+    """`HOST`, `HOST:PORT` or `[IPv6]:PORT`."""
+    host, port = text, None
+    if text.startswith("["):
+        closing = text.find("]")
+        if closing < 0:
+            raise argparse.ArgumentTypeError(f"bad broker address {text!r}")
+        host, rest = text[1:closing], text[closing + 1 :]
+        if rest:
+            if not rest.startswith(":"):
+                raise argparse.ArgumentTypeError(f"bad broker address {text!r}")
+            port = rest[1:]
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    if not host:
+        raise argparse.ArgumentTypeError(f"bad broker address {text!r}: no host")
+    if port is None:
+        return host, None
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"bad broker port in {text!r}")
+    return host, int(port)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="YAML settings file")
+    parser.add_argument(
+        "--check-config", action="store_true", help="validate the settings and exit (0 or 1)"
+    )
+    parser.add_argument("--broker", type=broker_address, metavar="HOST:PORT", help="MQTT broker")
+    parser.add_argument("--id", dest="device_id", metavar="ID", help="unique device name")
+    parser.add_argument("--cluster", help="cluster name (one topic level)")
+    parser.add_argument("--topic-root", help="topic prefix shared by the fleet")
+    parser.add_argument("--threads", type=int, metavar="N", help="torch threads")
+    parser.add_argument(
+        "--slowdown", type=float, metavar="X", help="emulate a device X times slower"
+    )
+    parser.add_argument(
+        "--candidate",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="may this device be elected leader",
+    )
+    parser.add_argument("--priority", type=int, metavar="P", help="election rank (lower wins)")
+    parser.add_argument("--models", nargs="+", metavar="NAME", help="models this device holds")
+    parser.add_argument("--input-size", type=int, metavar="PX", help="image side length")
+    parser.add_argument(
+        "--profile-seconds", type=float, metavar="S", help="start-up benchmark budget"
+    )
+    parser.add_argument("--strategy", help="partitioning strategy (when leading)")
+    parser.add_argument("--plan-model", help="model of the published plan (when leading)")
+    parser.add_argument("--state-dir", type=Path, help="folder for the cached profile")
+    parser.add_argument(
+        "--log-level", choices=("debug", "info", "warning", "error"), help="log level"
+    )
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    host, port = args.broker if args.broker is not None else (None, None)
+    return {
+        "device_id": args.device_id,
+        "state_dir": args.state_dir,
+        "log_level": args.log_level,
+        "broker": {
+            "host": host,
+            "port": port,
+            "cluster": args.cluster,
+            "topic_root": args.topic_root,
+        },
+        "compute": {
+            "threads": args.threads,
+            "slowdown": args.slowdown,
+            "models": args.models,
+            "input_size": args.input_size,
+            "profile_seconds": args.profile_seconds,
+        },
+        "planner": {
+            "candidate": args.candidate,
+            "priority": args.priority,
+            "strategy": args.strategy,
+            "model": args.plan_model,
+        },
+    }
+
+
+def _check(settings: AgentSettings) -> list[str]:
+    """Problems pydantic cannot see: names that must exist in the zoo and the planner."""
+    from edgedi.models.specs import MODEL_NAMES, get_spec
+    from edgedi.planner.strategies import strategy_names
+
+    problems = []
+    for position, name in enumerate(settings.compute.models):
+        if name not in MODEL_NAMES:
+            problems.append(
+                f"compute.models.{position}: unknown model {name!r} "
+                f"(known: {', '.join(MODEL_NAMES)})"
+            )
+        else:
+            try:
+                get_spec(name, settings.compute.input_size)
+            except ValueError as error:
+                problems.append(f"compute.input_size: {error}")
+    if settings.planner.strategy not in strategy_names():
+        problems.append(
+            f"planner.strategy: unknown strategy {settings.planner.strategy!r} "
+            f"(known: {', '.join(strategy_names())})"
+        )
+    model = settings.planner.model
+    if model is not None and model not in settings.compute.models:
+        problems.append(f"planner.model: {model!r} is not among compute.models")
+    return problems
+
+
+async def _serve(settings: AgentSettings) -> None:
+    from edgedi.agent.runtime import Agent
+
+    agent = Agent(settings)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, agent.request_stop)
+    try:
+        await agent.run()
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(args.config, _overrides(args))
+    except ConfigError as error:
+        for line in error.lines:
+            print(line, file=sys.stderr)
+        return 1
+    problems = _check(settings)
+    if problems:
+        for line in problems:
+            print(line, file=sys.stderr)
+        return 1
+    if args.check_config:
+        source = args.config or "flags and environment"
+        print(
+            f"{source}: OK (device {settings.device_id}, broker "
+            f"{settings.broker.host}:{settings.broker.port}, models "
+            f"{', '.join(settings.compute.models)})"
+        )
+        return 0
+    # The configured level, unless -v on the command line asked for more.
+    level = min(logging.getLevelName(settings.log_level.upper()), logging.getLogger().level)
+    logging.getLogger("edgedi").setLevel(level)
+    asyncio.run(_serve(settings))
+    return 0

@@ -1,0 +1,787 @@
+"""The leader's job coordinator: one owned coroutine per job, from submission to result.
+
+A job arrives on `jobs/submit`. Submission is idempotent by job id: a job in
+progress is not started twice, and a finished one gets its cached result
+re-published (a bounded LRU). Up to `jobs.max_in_flight` jobs run at once; up to
+`jobs.max_queued` more wait for a slot; beyond that a job is refused with an error
+result. Every job ends with exactly one `JobResult` on `results/<job_id>`: ok, or
+an explicit error (unknown model, bad image, no workers, a tile that failed on
+every device it was tried on, deadline exceeded, leadership lost).
+
+Per job, per plan segment, the coordinator
+
+1. scatters one self-contained `TileTask` per tile (the tile's input rows ×
+   columns of the current map, halo included) to the device the plan names;
+2. gathers each attention gate's `ReductionPartial`s and, once every tile's is
+   in, publishes the exact combined mean as a `GateValue`;
+3. gathers the `TileResult`s and stitches the segment's output, the next input.
+
+The tail (global pooling and head) runs on the leader; when it starts with a
+global average pool it is fed the pooled mean of the last segment's tiles, as
+`edgedi.models.tiling.run_partitioned` does. `images` plans go through the same
+machinery as a single segment with a single tile, devices taken in weighted
+round robin by their share.
+
+Each tile has a record (device, attempt, sent at, deadline): a tile that fails, or
+whose device leaves the cluster, is re-sent unchanged (attempt + 1) to another
+alive device that holds the model, up to `jobs.tile_attempts` tries. A gate that
+was already combined is simply re-sent to the replacement.
+
+All torch work (normalising the image, the tail) runs on the device's compute
+thread through `CoordinatorLinks.compute`; the loop only slices and stitches numpy
+arrays. Every wait is bounded by the job's deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from edgedi.agent.config import JobSettings
+from edgedi.agent.layout import (
+    LayoutError,
+    SegmentLayout,
+    TileAssignment,
+    plan_segment_layout,
+    segment_layout,
+)
+from edgedi.agent.model_store import HeldModel, ModelNotHeld, ModelStore
+from edgedi.agent.planning import Planning, PlanningError
+from edgedi.broker.errors import BrokerError
+from edgedi.broker.ids import DeviceId, JobId
+from edgedi.broker.messages import (
+    CancelJob,
+    GateValue,
+    JobResult,
+    JobSubmit,
+    ReductionPartial,
+    TileFailed,
+    TileResult,
+    TileTask,
+    new_message_id,
+)
+from edgedi.broker.plan import Plan
+from edgedi.broker.tensors import Tensor
+from edgedi.models.data import CLASSES
+from edgedi.models.tiling import run_tail
+from edgedi.models.training import normalize
+
+__all__ = ["Coordinator", "CoordinatorLinks", "CoordinatorStatistics", "TileRecord"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_IMAGE_DTYPES = ("uint8", "float32", "float64")
+_TILE_DTYPES = ("float32", "float16")
+_INBOX_SIZE = 4096
+# Publishing an error result while shutting down must not hang the shutdown.
+_FINAL_PUBLISH_TIMEOUT_S = 2.0
+
+
+class CoordinatorLinks(Protocol):
+    """How the coordinator reaches devices, clients and the compute thread."""
+
+    async def send_task(self, task: TileTask) -> None: ...
+
+    async def send_gate(self, message: GateValue, devices: Collection[str]) -> None: ...
+
+    async def send_cancel(self, device: str, message: CancelJob) -> None: ...
+
+    async def send_result(self, result: JobResult) -> None: ...
+
+    async def compute(self, function: Callable[[], T]) -> T: ...
+
+
+class JobFailed(Exception):
+    """The job cannot complete; the message becomes the error result's text."""
+
+
+@dataclass
+class TileRecord:
+    """Where one tile of a job is, so it can be re-sent when its device fails or leaves."""
+
+    segment: int
+    index: int
+    device: str
+    attempt: int
+    sent_at: float
+    deadline: float
+    task: TileTask
+    tried: set[str] = field(default_factory=set)
+    done: bool = False
+
+
+@dataclass(frozen=True)
+class _DeviceLost:
+    """Internal inbox item: the device of an unfinished tile left the cluster."""
+
+    job_id: str
+    device: str
+
+
+_Inbound = ReductionPartial | TileResult | TileFailed | _DeviceLost
+
+
+@dataclass
+class _Job:
+    submit: JobSubmit
+    received_at: float
+    deadline: float
+    inbox: asyncio.Queue[_Inbound]
+    timings: dict[str, float] = field(default_factory=dict)
+    tiles: dict[tuple[int, int], TileRecord] = field(default_factory=dict)
+    devices: set[str] = field(default_factory=set)
+    plan: Plan | None = None
+    task: asyncio.Task[None] | None = None
+
+    @property
+    def job_id(self) -> JobId:
+        return self.submit.job_id
+
+    def add_time(self, stage: str, seconds: float) -> None:
+        self.timings[stage] = self.timings.get(stage, 0.0) + seconds * 1000.0
+
+
+@dataclass
+class CoordinatorStatistics:
+    submitted: int = 0
+    duplicates: int = 0
+    completed: int = 0
+    errors: int = 0
+    refused: int = 0
+    redispatched: int = 0
+    dropped_messages: int = 0
+
+
+class Coordinator:
+    """Runs the jobs while this device leads `epoch`; see the module docstring."""
+
+    def __init__(
+        self,
+        device_id: str,
+        epoch: int,
+        store: ModelStore,
+        planning: Planning,
+        links: CoordinatorLinks,
+        settings: JobSettings,
+        *,
+        alive_devices: Callable[[], Collection[str]],
+        results: OrderedDict[str, JobResult] | None = None,
+    ) -> None:
+        self.device_id = DeviceId(device_id)
+        self.epoch = epoch
+        self.store = store
+        self.planning = planning
+        self.links = links
+        self.settings = settings
+        self.alive_devices = alive_devices
+        self.statistics = CoordinatorStatistics()
+        # Shared across leadership terms of this agent, so a retry after a re-election
+        # by the same device still finds the result.
+        self._results: OrderedDict[str, JobResult] = (
+            results if results is not None else (OrderedDict())
+        )
+        self._jobs: dict[str, _Job] = {}
+        self._slots = asyncio.Semaphore(settings.max_in_flight)
+        self._group: asyncio.TaskGroup | None = None
+        self._stop = asyncio.Event()
+        self._stopping = False
+        self._drain_s = 0.0
+        self._round_robin: dict[str, dict[str, float]] = {}
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._jobs)
+
+    def owns(self, job_id: str) -> bool:
+        return job_id in self._jobs
+
+    async def run(self) -> None:
+        """Coordinate until `stop()`; then let jobs finish for a while and end the rest."""
+        async with asyncio.TaskGroup() as group:
+            self._group = group
+            await self._stop.wait()
+            self._stopping = True
+            if self._jobs and self._drain_s > 0:
+                pending = [job.task for job in self._jobs.values() if job.task is not None]
+                await asyncio.wait(pending, timeout=self._drain_s)
+            for job in list(self._jobs.values()):
+                if job.task is not None:
+                    job.task.cancel()
+        self._group = None
+
+    def stop(self, drain_s: float = 0.0) -> None:
+        """Take no new jobs; give the running ones `drain_s` seconds, then end them."""
+        self._drain_s = drain_s
+        self._stop.set()
+
+    # --- incoming -------------------------------------------------------------------
+
+    def submit(self, message: JobSubmit) -> None:
+        """A job from `jobs/submit` (never blocks)."""
+        group = self._group
+        if group is None or self._stopping:
+            logger.info("not taking job %s: the coordinator is stopping", message.job_id)
+            return
+        job_id = message.job_id
+        cached = self._results.get(job_id)
+        if cached is not None:
+            self._results.move_to_end(job_id)
+            self.statistics.duplicates += 1
+            logger.info("job %s was resubmitted: publishing its result again", job_id)
+            group.create_task(self._publish(cached), name=f"republish-{job_id}")
+            return
+        if job_id in self._jobs:
+            self.statistics.duplicates += 1
+            logger.debug("job %s is already in progress", job_id)
+            return
+        self.statistics.submitted += 1
+        now = time.time()
+        deadline_s = message.deadline_seconds or self.settings.deadline_s
+        job = _Job(
+            submit=message,
+            received_at=now,
+            deadline=now + deadline_s,
+            inbox=asyncio.Queue(maxsize=_INBOX_SIZE),
+        )
+        self._jobs[job_id] = job
+        capacity = self.settings.max_in_flight + self.settings.max_queued
+        if len(self._jobs) > capacity:
+            self.statistics.refused += 1
+            job.task = group.create_task(
+                self._finish(
+                    job,
+                    self._error(
+                        job, f"the coordinator is busy: {capacity} jobs in progress or waiting"
+                    ),
+                ),
+                name=f"job-{job_id}",
+            )
+            return
+        job.task = group.create_task(self._job_main(job), name=f"job-{job_id}")
+
+    def route(self, message: ReductionPartial | TileResult | TileFailed) -> None:
+        """A worker's partial, result or failure, for the job that owns it."""
+        job = self._jobs.get(message.job_id)
+        if job is None or message.epoch != self.epoch:
+            self.statistics.dropped_messages += 1
+            logger.debug("dropped %s for job %s (not in progress)", message.kind, message.job_id)
+            return
+        self._deliver(job, message)
+
+    def devices_left(self, devices: Collection[str]) -> None:
+        """Membership change: unfinished tiles on these devices are re-dispatched."""
+        gone = set(devices)
+        for job in self._jobs.values():
+            for device in sorted(gone & {r.device for r in job.tiles.values() if not r.done}):
+                self._deliver(job, _DeviceLost(job.job_id, device))
+
+    def _deliver(self, job: _Job, item: _Inbound) -> None:
+        try:
+            job.inbox.put_nowait(item)
+        except asyncio.QueueFull:
+            self.statistics.dropped_messages += 1
+            logger.warning("inbox of job %s is full; dropped a %s", job.job_id, type(item))
+
+    # --- one job --------------------------------------------------------------------
+
+    async def _job_main(self, job: _Job) -> None:
+        try:
+            async with asyncio.timeout(max(0.0, job.deadline - time.time())):
+                async with self._slots:
+                    job.add_time("queue", time.time() - job.received_at)
+                    result = await self._execute(job)
+        except TimeoutError:
+            waiting = sorted({r.device for r in job.tiles.values() if not r.done})
+            detail = f" (waiting for {', '.join(waiting)})" if waiting else ""
+            result = self._error(
+                job, f"deadline exceeded after {job.deadline - job.received_at:.1f} s{detail}"
+            )
+        except JobFailed as error:
+            result = self._error(job, str(error))
+        except asyncio.CancelledError:
+            result = self._error(
+                job, "the coordinator stopped (leadership lost or shutting down); resubmit"
+            )
+            try:
+                async with asyncio.timeout(_FINAL_PUBLISH_TIMEOUT_S):
+                    await self._finish(job, result)
+            except TimeoutError:
+                logger.warning("could not publish the error result of job %s", job.job_id)
+            raise
+        except Exception as error:  # a bug in one job must not end the others
+            logger.exception("job %s failed", job.job_id)
+            result = self._error(job, f"internal error: {type(error).__name__}: {error}")
+        await self._finish(job, result)
+
+    async def _finish(self, job: _Job, result: JobResult) -> None:
+        self._jobs.pop(job.job_id, None)
+        self._results[job.job_id] = result
+        while len(self._results) > self.settings.result_cache:
+            self._results.popitem(last=False)
+        if result.status == "ok":
+            self.statistics.completed += 1
+        else:
+            self.statistics.errors += 1
+            logger.warning("job %s failed: %s", job.job_id, result.error)
+        unfinished = sorted({r.device for r in job.tiles.values() if not r.done})
+        for device in unfinished:
+            cancel = CancelJob(
+                sender=self.device_id,
+                job_id=job.job_id,
+                epoch=self.epoch,
+                reason=result.error or "job finished",
+            )
+            try:
+                await self.links.send_cancel(device, cancel)
+            except BrokerError as error:
+                logger.debug("could not cancel job %s on %s: %s", job.job_id, device, error)
+        await self._publish(result)
+
+    async def _publish(self, result: JobResult) -> None:
+        try:
+            await self.links.send_result(result)
+        except BrokerError as error:
+            logger.warning("could not publish the result of job %s: %s", result.job_id, error)
+
+    def _error(self, job: _Job, message: str) -> JobResult:
+        plan = job.plan
+        return JobResult(
+            sender=self.device_id,
+            job_id=job.submit.job_id,
+            status="error",
+            epoch=self.epoch,
+            model=job.submit.model,
+            latency_ms={"total": max(0.0, (time.time() - job.received_at) * 1000.0)},
+            plan_id=plan.plan_id if plan is not None else None,
+            strategy=plan.strategy if plan is not None else job.submit.strategy,
+            devices=tuple(DeviceId(device) for device in sorted(job.devices)),
+            error=message[:2000],
+        )
+
+    async def _execute(self, job: _Job) -> JobResult:
+        submit = job.submit
+        try:
+            held = self.store.get(submit.model)
+        except ModelNotHeld as error:
+            raise JobFailed(f"unknown model: {error}") from None
+        image = _check_image(submit.image, held.input_size)
+
+        started = time.time()
+        try:
+            plan = await self.planning.plan_for(submit.model, submit.strategy)
+        except PlanningError as error:
+            raise JobFailed(str(error)) from None
+        if plan.model_digest != held.digest:
+            raise JobFailed(f"plan {plan.plan_id} is for another architecture of {submit.model}")
+        job.plan = plan
+        job.add_time("plan", time.time() - started)
+
+        started = time.time()
+        x: npt.NDArray[np.float32] = await self.links.compute(lambda: normalize(image).numpy())
+        job.add_time("prepare", time.time() - started)
+
+        segments = self._segments(plan, held)
+        tail = held.spec.tail_units
+        pooled_tail = bool(tail) and tail[0].kind == "gap"
+        logits: npt.NDArray[Any] | None = None
+        for position, (layout, assignments) in enumerate(segments):
+            segment_started = time.time()
+            outputs = await self._run_segment(job, held, position, layout, assignments, x)
+            started = time.time()
+            if position == len(segments) - 1 and pooled_tail:
+                pooled = _pooled_mean(outputs, held.spec.tail_units[0].in_shape)
+                job.add_time("gather", time.time() - started)
+                started = time.time()
+                logits = await self.links.compute(
+                    functools.partial(_tail_from_pooled, held, layout.last + 1, pooled)
+                )
+                job.add_time("tail", time.time() - started)
+            else:
+                x = _stitch(layout, outputs)
+                job.add_time("gather", time.time() - started)
+            job.add_time(f"segment_{position}", time.time() - segment_started)
+        if logits is None:
+            started = time.time()
+            logits = await self.links.compute(
+                functools.partial(_tail_from_map, held, segments[-1][0].last + 1, x)
+            )
+            job.add_time("tail", time.time() - started)
+        assert logits is not None
+        return self._success(job, held, plan, logits)
+
+    def _success(
+        self, job: _Job, held: HeldModel, plan: Plan, logits: npt.NDArray[Any]
+    ) -> JobResult:
+        values = np.asarray(logits, dtype=np.float64).reshape(-1)
+        if not np.isfinite(values).all():
+            raise JobFailed("the model produced non-finite logits")
+        shifted = np.exp(values - values.max())
+        probabilities = shifted / shifted.sum()
+        label = int(np.argmax(probabilities))
+        names = CLASSES if held.spec.num_classes == len(CLASSES) else None
+        job.devices.add(self.device_id)  # the tail ran here
+        job.timings["total"] = (time.time() - job.received_at) * 1000.0
+        return JobResult(
+            sender=self.device_id,
+            job_id=job.submit.job_id,
+            status="ok",
+            epoch=self.epoch,
+            model=held.name,
+            label=label,
+            class_name=names[label] if names is not None else None,
+            probabilities=tuple(float(p) for p in probabilities),
+            latency_ms={stage: max(0.0, value) for stage, value in job.timings.items()},
+            plan_id=plan.plan_id,
+            strategy=plan.strategy,
+            devices=tuple(DeviceId(device) for device in sorted(job.devices)),
+        )
+
+    def _segments(
+        self, plan: Plan, held: HeldModel
+    ) -> list[tuple[SegmentLayout, tuple[TileAssignment, ...]]]:
+        spec = held.spec
+        try:
+            if plan.mode == "images":
+                last = len(spec.spatial_units) - 1
+                height = spec.units[last].out_shape[1]
+                layout = segment_layout(spec, 0, last, [(0, height)])
+                return [(layout, (TileAssignment(0, self._next_image_device(plan)),))]
+            return [plan_segment_layout(spec, segment) for segment in plan.segments]
+        except LayoutError as error:
+            raise JobFailed(f"plan {plan.plan_id} cannot be executed: {error}") from None
+
+    def _next_image_device(self, plan: Plan) -> str:
+        """Smooth weighted round robin over the plan's image shares (deterministic)."""
+        shares = {share.device: share.share for share in plan.images if share.share > 0}
+        if len(self._round_robin) > 16:
+            self._round_robin.clear()
+        current = self._round_robin.setdefault(plan.plan_id, dict.fromkeys(sorted(shares), 0.0))
+        for device, share in shares.items():
+            current[device] += share
+        chosen = max(sorted(current), key=lambda device: current[device])
+        current[chosen] -= sum(shares.values())
+        return chosen
+
+    async def _run_segment(
+        self,
+        job: _Job,
+        held: HeldModel,
+        position: int,
+        layout: SegmentLayout,
+        assignments: tuple[TileAssignment, ...],
+        x: npt.NDArray[np.float32],
+    ) -> dict[int, npt.NDArray[np.float32]]:
+        plan = job.plan
+        assert plan is not None
+        started = time.time()
+        tasks = [
+            self._tile_task(job, held, plan, position, layout, assignment, x)
+            for assignment in assignments
+        ]
+        for task in tasks:
+            job.tiles[(position, task.tile)] = TileRecord(
+                segment=position,
+                index=task.tile,
+                device=task.device,
+                attempt=0,
+                sent_at=time.time(),
+                deadline=task.deadline,
+                task=task,
+                tried={task.device},
+            )
+            job.devices.add(task.device)
+        await self._send_tasks(tasks)
+        scattered = time.time()
+        job.add_time("scatter", scattered - started)
+
+        count = layout.count
+        gate_count = len(layout.gates)
+        partials: list[dict[int, ReductionPartial]] = [{} for _ in range(gate_count)]
+        first_partial: list[float | None] = [None] * gate_count
+        gates: dict[int, GateValue] = {}
+        outputs: dict[int, npt.NDArray[np.float32]] = {}
+        worker_compute = 0.0
+        while len(outputs) < count:
+            item = await job.inbox.get()  # bounded by the job's deadline (see _job_main)
+            if isinstance(item, _DeviceLost):
+                for record in list(job.tiles.values()):
+                    if (
+                        record.segment == position
+                        and not record.done
+                        and (record.device == item.device)
+                    ):
+                        await self._redispatch(job, record, f"device {item.device} left")
+                continue
+            if item.segment != position or not 0 <= item.tile < count:
+                continue  # a late message of an earlier segment
+            record = job.tiles[(position, item.tile)]
+            if isinstance(item, ReductionPartial):
+                await self._on_partial(job, layout, position, item, partials, gates, first_partial)
+            elif isinstance(item, TileResult):
+                if record.done:
+                    continue
+                problem = _check_output(layout, item)
+                if problem is not None:
+                    if item.attempt == record.attempt:
+                        why = f"bad result from {item.device}: {problem}"
+                        await self._redispatch(job, record, why)
+                    continue
+                outputs[item.tile] = item.tensor.array.astype(np.float32, copy=False)
+                record.done = True
+                worker_compute = max(worker_compute, item.compute_seconds)
+            elif not record.done and item.attempt == record.attempt:
+                await self._redispatch(job, record, f"{item.device}: {item.reason}")
+        finished = time.time()
+        job.add_time("compute", finished - scattered)
+        job.add_time("worker_compute", worker_compute)
+        for gate, moment in enumerate(first_partial):
+            if moment is not None and gate in gates:
+                job.add_time("reductions", max(0.0, gates[gate].sent_at - moment))
+        return outputs
+
+    def _tile_task(
+        self,
+        job: _Job,
+        held: HeldModel,
+        plan: Plan,
+        position: int,
+        layout: SegmentLayout,
+        assignment: TileAssignment,
+        x: npt.NDArray[np.float32],
+    ) -> TileTask:
+        rows, columns = layout.tile(assignment.index)
+        in_rows, in_columns = rows.in_rows, columns.in_rows
+        block = x[:, :, in_rows.start : in_rows.stop, in_columns.start : in_columns.stop]
+        tensor = np.ascontiguousarray(block, dtype=self.settings.wire_dtype)
+        return TileTask(
+            sender=self.device_id,
+            job_id=job.submit.job_id,
+            epoch=self.epoch,
+            plan_id=plan.plan_id,
+            device=DeviceId(assignment.device),
+            model=held.name,
+            model_digest=held.digest,
+            input_size=held.input_size,
+            segment=position,
+            first_unit=layout.first,
+            last_unit=layout.last,
+            row_parts=tuple((part.start, part.stop) for part in layout.row_parts),
+            column_parts=(
+                None
+                if layout.column_parts is None
+                else tuple((part.start, part.stop) for part in layout.column_parts)
+            ),
+            tile=assignment.index,
+            input_rows=(in_rows.start, in_rows.stop),
+            input_columns=(in_columns.start, in_columns.stop),
+            output_rows=(rows.out_rows.start, rows.out_rows.stop),
+            output_columns=(columns.out_rows.start, columns.out_rows.stop),
+            tensor=Tensor(tensor),
+            deadline=job.deadline,
+        )
+
+    async def _send_tasks(self, tasks: list[TileTask]) -> None:
+        # Concurrently: the PUBACK round trips overlap, and big tiles do not wait in line.
+        outcomes = await asyncio.gather(
+            *(self.links.send_task(task) for task in tasks), return_exceptions=True
+        )
+        for task, outcome in zip(tasks, outcomes, strict=True):
+            if isinstance(outcome, BrokerError):
+                raise JobFailed(f"could not send tile {task.tile} to {task.device}: {outcome}")
+            if isinstance(outcome, BaseException):
+                raise outcome
+
+    async def _on_partial(
+        self,
+        job: _Job,
+        layout: SegmentLayout,
+        position: int,
+        partial: ReductionPartial,
+        partials: list[dict[int, ReductionPartial]],
+        gates: dict[int, GateValue],
+        first_partial: list[float | None],
+    ) -> None:
+        if not 0 <= partial.gate < len(layout.gates):
+            logger.warning("job %s: partial for unknown gate %d", job.job_id, partial.gate)
+            return
+        gate = layout.gates[partial.gate]
+        if partial.sums.shape != (1, gate.out_channels) or not partial.sums.is_finite():
+            logger.warning(
+                "job %s: malformed partial from %s (shape %s)",
+                job.job_id,
+                partial.device,
+                partial.sums.shape,
+            )
+            return
+        if partial.gate in gates:
+            # A re-dispatched tile reached a gate that was combined already: resend it.
+            await self.links.send_gate(gates[partial.gate], (partial.device,))
+            return
+        if first_partial[partial.gate] is None:
+            first_partial[partial.gate] = time.time()
+        collected = partials[partial.gate]
+        collected[partial.tile] = partial
+        if len(collected) < layout.count:
+            return
+        total = np.zeros((1, gate.out_channels), dtype=np.float64)
+        positions = 0
+        for item in collected.values():
+            total += item.sums.array
+            positions += item.positions
+        expected = gate.out_height * gate.out_width
+        if positions != expected:
+            raise JobFailed(
+                f"gate {partial.gate} of segment {position}: partials cover {positions} "
+                f"positions, the map has {expected}"
+            )
+        value = GateValue(
+            sender=self.device_id,
+            job_id=job.submit.job_id,
+            epoch=self.epoch,
+            segment=position,
+            gate=partial.gate,
+            vector=Tensor(total / positions),
+        )
+        gates[partial.gate] = value
+        devices = {r.device for r in job.tiles.values() if r.segment == position and not r.done}
+        await self.links.send_gate(value, devices)
+
+    async def _redispatch(self, job: _Job, record: TileRecord, reason: str) -> None:
+        """Send a failed tile to another device, or fail the job."""
+        if record.attempt + 1 >= self.settings.tile_attempts:
+            raise JobFailed(
+                f"tile {record.index} of segment {record.segment} failed "
+                f"{record.attempt + 1} time(s); last: {reason}"
+            )
+        holders = {birth.device for birth in self.planning.devices_for(job.submit.model)}
+        alive = set(self.alive_devices()) & holders
+        candidates = sorted(alive - record.tried) or sorted(alive - {record.device})
+        if not candidates:
+            raise JobFailed(
+                f"tile {record.index} of segment {record.segment} failed ({reason}) and no "
+                "other device holding the model is alive"
+            )
+        load = {device: 0 for device in candidates}
+        for other in job.tiles.values():
+            if not other.done and other.device in load:
+                load[other.device] += 1
+        device = min(candidates, key=lambda d: (load[d], d))
+        record.attempt += 1
+        record.device = device
+        record.sent_at = time.time()
+        record.tried.add(device)
+        record.task = record.task.model_copy(
+            update={
+                "device": device,
+                "attempt": record.attempt,
+                "message_id": new_message_id(),
+                "sent_at": record.sent_at,
+            }
+        )
+        job.devices.add(device)
+        self.statistics.redispatched += 1
+        logger.warning(
+            "job %s: re-sending tile %d of segment %d to %s (attempt %d): %s",
+            job.job_id,
+            record.index,
+            record.segment,
+            device,
+            record.attempt,
+            reason,
+        )
+        await self._send_tasks([record.task])
+
+
+# --- array helpers (numpy only: they run on the event loop) -----------------------------
+
+
+def _check_image(image: Tensor, size: int) -> npt.NDArray[Any]:
+    """The image as (1, size, size); `JobFailed` for a wrong shape, dtype or values."""
+    if image.dtype not in _IMAGE_DTYPES:
+        raise JobFailed(f"bad image: dtype {image.dtype} is not one of {', '.join(_IMAGE_DTYPES)}")
+    shape = image.shape
+    squeezed = tuple(size for size in shape if size != 1) if len(shape) > 2 else shape
+    if len(shape) > 4 or squeezed != (size, size):
+        raise JobFailed(
+            f"bad image: shape {list(shape)}; the model takes one grayscale {size}x{size} image "
+            f"(shape [{size}, {size}] or [1, {size}, {size}])"
+        )
+    if not image.is_finite():
+        raise JobFailed("bad image: it holds NaN or infinite values")
+    # A writable copy: torch warns about (and must not write into) read-only buffers.
+    return np.array(image.array.reshape(1, size, size))
+
+
+def _check_output(layout: SegmentLayout, result: TileResult) -> str | None:
+    rows, columns = layout.tile(result.tile)
+    expected = (1, layout.out_channels, len(rows.out_rows), len(columns.out_rows))
+    if result.tensor.shape != expected:
+        return f"output shape {list(result.tensor.shape)}, expected {list(expected)}"
+    if result.tensor.dtype not in _TILE_DTYPES:
+        return f"output dtype {result.tensor.dtype}"
+    if tuple(result.output_rows) != (rows.out_rows.start, rows.out_rows.stop):
+        return f"output rows {result.output_rows}, expected {rows.out_rows}"
+    if not result.tensor.is_finite():
+        return "output holds NaN or infinite values"
+    return None
+
+
+def _tail_from_pooled(
+    held: HeldModel, first: int, pooled: npt.NDArray[np.float64]
+) -> npt.NDArray[np.float64]:
+    """Compute thread: the tail from the global average pool's exact mean."""
+    logits: npt.NDArray[np.float64] = run_tail(held.model, first, pooled=pooled).double().numpy()
+    return logits
+
+
+def _tail_from_map(
+    held: HeldModel, first: int, x: npt.NDArray[np.float32]
+) -> npt.NDArray[np.float64]:
+    """Compute thread: the tail from the whole stitched map."""
+    logits: npt.NDArray[np.float64] = (
+        run_tail(held.model, first, torch.from_numpy(x)).double().numpy()
+    )
+    return logits
+
+
+def _stitch(
+    layout: SegmentLayout, outputs: dict[int, npt.NDArray[np.float32]]
+) -> npt.NDArray[np.float32]:
+    """The segment's output map from its tiles (row-major grid)."""
+    columns = len(layout.column_tiles)
+    bands = []
+    for row in range(len(layout.row_tiles)):
+        pieces = [outputs[row * columns + column] for column in range(columns)]
+        bands.append(pieces[0] if columns == 1 else np.concatenate(pieces, axis=3))
+    stitched = bands[0] if len(bands) == 1 else np.concatenate(bands, axis=2)
+    return np.ascontiguousarray(stitched)
+
+
+def _pooled_mean(
+    outputs: dict[int, npt.NDArray[np.float32]], shape: tuple[int, int, int]
+) -> npt.NDArray[np.float64]:
+    """The global average pool of the whole map from its disjoint tiles, exactly."""
+    channels, height, width = shape
+    total = np.zeros((1, channels), dtype=np.float64)
+    positions = 0
+    for tile in outputs.values():
+        total += tile.sum(axis=(2, 3), dtype=np.float64)
+        positions += tile.shape[2] * tile.shape[3]
+    if positions != height * width:
+        raise JobFailed(f"the last segment's tiles cover {positions} of {height * width} positions")
+    mean: npt.NDArray[np.float64] = total / positions
+    return mean

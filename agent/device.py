@@ -1,0 +1,155 @@
+"""What this device is: its capabilities and its measured speed (the birth's content).
+
+`measure_profile` times the micro-benchmarks of `edgedi.models.profiling` within the
+configured budget and fits the planner's per-cost-class time models
+(`seconds ≈ a·MACs + b`). The fit is cached in the state directory (systemd's
+`StateDirectory=`), keyed by everything that changes the numbers (thread count,
+torch version, machine), so a restarted agent is announced in milliseconds instead
+of re-running the benchmark. `compute.slowdown` scales the announced profile: an
+emulated slower device must look slower to the planner too.
+
+Blocking functions here run on the device's compute thread, never on the loop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import edgedi.models.profiling as profiling
+from edgedi.agent.model_store import TORCH_RNG_LOCK
+from edgedi.broker.messages import DeviceCapabilities
+from edgedi.planner.profiles import fit_profile
+
+__all__ = [
+    "ProfileTable",
+    "available_memory_bytes",
+    "capabilities",
+    "measure_profile",
+    "software_version",
+]
+
+logger = logging.getLogger(__name__)
+
+ProfileTable = dict[str, tuple[float, float]]
+"""Per cost class `(seconds_per_mac, seconds_fixed)`: the birth's `profile` field."""
+
+# A cached profile older than this is measured again (software and thermal state drift).
+PROFILE_CACHE_MAX_AGE_S = 7 * 24 * 3600.0
+
+
+def software_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("edgedi")
+    except Exception:  # not installed as a distribution (a source checkout)
+        return "0+unknown"
+
+
+def available_memory_bytes() -> int:
+    """Memory available for inference: MemAvailable on Linux, else physical memory."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 1 << 30
+
+
+def capabilities(models: tuple[str, ...], threads: int | None) -> DeviceCapabilities:
+    cores = threads or os.cpu_count() or 1
+    return DeviceCapabilities(
+        cores=cores,
+        memory_bytes=available_memory_bytes(),
+        machine=f"{platform.system()}-{platform.machine()}"[:200],
+        software_version=software_version()[:100],
+        torch_version=str(torch.__version__)[:100],
+        models=models,
+    )
+
+
+def _cache_key(threads: int) -> str:
+    return f"{platform.machine()}-torch{torch.__version__}-threads{threads}"
+
+
+def _read_cache(path: Path, key: str) -> ProfileTable | None:
+    try:
+        document: Any = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(document, dict) or document.get("key") != key:
+        return None
+    measured_at = document.get("measured_at")
+    if not isinstance(measured_at, int | float) or time.time() - measured_at > (
+        PROFILE_CACHE_MAX_AGE_S
+    ):
+        return None
+    table = document.get("profile")
+    if not isinstance(table, dict):
+        return None
+    result: ProfileTable = {}
+    for name, pair in table.items():
+        if (
+            not isinstance(name, str)
+            or not isinstance(pair, list)
+            or len(pair) != 2
+            or not all(isinstance(v, int | float) and v >= 0 for v in pair)
+        ):
+            return None
+        result[name] = (float(pair[0]), float(pair[1]))
+    return result or None
+
+
+def _write_cache(path: Path, key: str, table: ProfileTable) -> None:
+    document = {
+        "key": key,
+        "measured_at": time.time(),
+        "profile": {name: list(pair) for name, pair in table.items()},
+    }
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(document, indent=1))
+        temporary.replace(path)
+    except OSError as error:
+        logger.warning("could not cache the profile in %s: %s", path, error)
+
+
+def measure_profile(
+    budget_s: float,
+    threads: int,
+    *,
+    state_dir: Path | None = None,
+    slowdown: float = 1.0,
+) -> ProfileTable:
+    """The fitted time models of this device (blocking; run it on the compute thread)."""
+    key = _cache_key(threads)
+    cache = state_dir / "profile.json" if state_dir is not None else None
+    table = _read_cache(cache, key) if cache is not None else None
+    if table is not None:
+        logger.info("using the cached device profile from %s", cache)
+    else:
+        started = time.perf_counter()
+        with TORCH_RNG_LOCK:  # the benchmark's inputs come from the global generator
+            samples = profiling.run_profile(budget_s, threads=threads)
+        fitted = fit_profile(samples)
+        table = {
+            name: (model.seconds_per_mac, model.seconds_fixed) for name, model in fitted.items()
+        }
+        logger.info("profiled %d cases in %.1f s", len(samples), time.perf_counter() - started)
+        if cache is not None:
+            _write_cache(cache, key, table)
+    return {name: (a * slowdown, b * slowdown) for name, (a, b) in table.items()}

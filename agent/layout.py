@@ -1,0 +1,180 @@
+"""The tiles of a fused segment, as both the coordinator and the workers see them.
+
+A tile task is self-contained: it names the model, the segment's units
+(`first..last`), the segment's whole output partition (row parts, and column parts
+for a grid) and the tile's index. From that alone any device recomputes the same
+geometry with `edgedi.models.units.segment_tiles` — which rows and columns of the
+input the tile needs, and which share of every attention gate's map it owns — so
+a task can be re-dispatched to another device unchanged.
+
+Tiles are numbered row-major: tile `k` is row part `k // columns` × column part
+`k % columns` (one column part, the full width, for row strips). Empty parts are
+left out of the partition: a tile with no output rows computes and owns nothing,
+so dropping it changes nothing for the others.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+from edgedi.broker.plan import Segment as PlanSegment
+from edgedi.models.units import ModelSpec, Op, Rows, TileGeometry, Unit, segment_tiles
+
+__all__ = [
+    "LayoutError",
+    "SegmentLayout",
+    "TileAssignment",
+    "plan_segment_layout",
+    "segment_layout",
+]
+
+
+class LayoutError(ValueError):
+    """A segment description that does not make a valid set of tiles."""
+
+
+@dataclass(frozen=True)
+class SegmentLayout:
+    """All tiles of one segment of one model at one input size."""
+
+    first: int
+    last: int
+    row_parts: tuple[Rows, ...]
+    column_parts: tuple[Rows, ...] | None
+    """None: row strips over the full width."""
+    row_tiles: tuple[TileGeometry, ...]
+    column_tiles: tuple[TileGeometry, ...]
+    gates: tuple[Op, ...]
+    """The segment's attention gates in the order the tiles meet them."""
+    in_channels: int
+    out_channels: int
+
+    @property
+    def count(self) -> int:
+        return len(self.row_tiles) * len(self.column_tiles)
+
+    def tile(self, index: int) -> tuple[TileGeometry, TileGeometry]:
+        """(row geometry, column geometry) of tile `index`."""
+        if not 0 <= index < self.count:
+            raise LayoutError(f"tile {index} is outside the segment's {self.count} tiles")
+        columns = len(self.column_tiles)
+        return self.row_tiles[index // columns], self.column_tiles[index % columns]
+
+    def input_shape(self, index: int) -> tuple[int, int, int, int]:
+        """(batch 1, channels, rows, columns) of tile `index`'s input tensor."""
+        rows, columns = self.tile(index)
+        return (1, self.in_channels, len(rows.in_rows), len(columns.in_rows))
+
+
+def _as_rows(intervals: Sequence[tuple[int, int]]) -> tuple[Rows, ...]:
+    return tuple(Rows(int(start), int(stop)) for start, stop in intervals)
+
+
+@lru_cache(maxsize=256)
+def _cached_layout(
+    spec: ModelSpec,
+    first: int,
+    last: int,
+    row_parts: tuple[Rows, ...],
+    column_parts: tuple[Rows, ...] | None,
+) -> SegmentLayout:
+    spatial = len(spec.spatial_units)
+    if not 0 <= first <= last < spatial:
+        raise LayoutError(
+            f"units {first}..{last} are not a segment of {spec.name} "
+            f"(spatial units 0..{spatial - 1})"
+        )
+    units: tuple[Unit, ...] = spec.units[first : last + 1]
+    if not row_parts or any(part.empty for part in row_parts):
+        raise LayoutError("a segment needs non-empty row parts")
+    if column_parts is not None and (not column_parts or any(part.empty for part in column_parts)):
+        raise LayoutError("column parts must be non-empty")
+    try:
+        row_tiles = tuple(segment_tiles(units, row_parts))
+        if column_parts is None:
+            width = units[-1].out_shape[2]
+            column_tiles = tuple(segment_tiles(units, [Rows(0, width)], axis="width"))
+        else:
+            column_tiles = tuple(segment_tiles(units, column_parts, axis="width"))
+    except ValueError as error:
+        raise LayoutError(f"units {first}..{last}: {error}") from error
+    gates = tuple(op for unit in units for op in unit.main if op.kind == "gate")
+    if gates and len(column_tiles) > 1:
+        # The gate shares of a grid are row share × column share; they cover the map
+        # exactly once only for a full product grid, which this layout is, but the
+        # planners never emit it and it is not tested: refuse rather than guess.
+        raise LayoutError("a segment with attention gates must be split into row strips")
+    return SegmentLayout(
+        first=first,
+        last=last,
+        row_parts=row_parts,
+        column_parts=column_parts,
+        row_tiles=row_tiles,
+        column_tiles=column_tiles,
+        gates=gates,
+        in_channels=units[0].in_shape[0],
+        out_channels=units[-1].out_shape[0],
+    )
+
+
+def segment_layout(
+    spec: ModelSpec,
+    first: int,
+    last: int,
+    row_parts: Sequence[tuple[int, int]],
+    column_parts: Sequence[tuple[int, int]] | None = None,
+) -> SegmentLayout:
+    """The layout a tile task describes (cached: every tile of a job asks for it)."""
+    columns = None if column_parts is None else _as_rows(column_parts)
+    return _cached_layout(spec, first, last, _as_rows(row_parts), columns)
+
+
+@dataclass(frozen=True)
+class TileAssignment:
+    """Which device computes tile `index` of a segment."""
+
+    index: int
+    device: str
+
+
+def plan_segment_layout(
+    spec: ModelSpec, segment: PlanSegment
+) -> tuple[SegmentLayout, tuple[TileAssignment, ...]]:
+    """A plan segment's layout and who computes which tile.
+
+    The plan's parts must form a product grid: every pair of a distinct row interval
+    and a distinct column interval is exactly one part (row strips are the grid with
+    one column). Parts without output are dropped.
+    """
+    width = segment.out_width
+    parts = [part for part in segment.parts if not part.empty]
+    if not parts:
+        raise LayoutError(f"segment {segment.first_unit}..{segment.last_unit} has no tiles")
+    full = all(part.cols is None or tuple(part.cols) == (0, width) for part in parts)
+    rows = sorted({tuple(part.rows) for part in parts})
+    columns = [(0, width)] if full else sorted({tuple(part.cols or (0, width)) for part in parts})
+    owner: dict[tuple[tuple[int, int], tuple[int, int]], str] = {}
+    for part in parts:
+        key = (tuple(part.rows), (0, width) if full else tuple(part.cols or (0, width)))
+        if key in owner:
+            raise LayoutError(f"two parts compute rows {key[0]} × columns {key[1]}")
+        owner[key] = part.device  # type: ignore[index]
+    if len(owner) != len(rows) * len(columns):
+        raise LayoutError(
+            f"segment {segment.first_unit}..{segment.last_unit}: the parts are not a product grid"
+        )
+    layout = segment_layout(
+        spec,
+        segment.first_unit,
+        segment.last_unit,
+        rows,  # type: ignore[arg-type]
+        None if full else columns,  # type: ignore[arg-type]
+    )
+    assignments = []
+    for index in range(layout.count):
+        row_index, column_index = divmod(index, len(columns))
+        device = owner[(rows[row_index], columns[column_index])]  # type: ignore[index]
+        assignments.append(TileAssignment(index, device))
+    return layout, tuple(assignments)

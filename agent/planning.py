@@ -1,0 +1,144 @@
+"""From the membership table to a Plan: the leader's planning, cached per membership.
+
+The leader turns the births of the alive devices that hold a model into the
+planner's `DeviceProfile`s (fitted time models, memory, cores, link) and asks the
+configured strategy (or a job's override) for a plan. Plans are cached per
+(model, strategy) for one membership: any change of the alive set, or of a
+device's session (a restart re-profiles it), makes a new generation and the
+cache starts over. Planning is pure Python/numpy and can take ~0.1 s for deep
+models, so it runs on a helper thread, never on the event loop.
+
+The plan of the default model is what the leader publishes on `plans/current`;
+jobs of other models or strategies get theirs on demand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from edgedi.broker.messages import DeviceBirth
+from edgedi.broker.plan import Plan
+from edgedi.models.specs import get_spec
+from edgedi.planner.errors import InfeasiblePlanError, PlannerError
+from edgedi.planner.profiles import COST_CLASSES, DeviceProfile, TimeModel
+from edgedi.planner.strategies import get_strategy
+
+__all__ = ["Planning", "PlanningError", "profile_from_birth"]
+
+logger = logging.getLogger(__name__)
+
+# A device that announced no profile is assumed as slow as a Raspberry Pi 3 core
+# (~0.5 GMAC/s), so the planner gives it little work until it is measured.
+_FALLBACK_SECONDS_PER_MAC = 2e-9
+_FALLBACK_BANDWIDTH = 12.5e6  # 100 Mbit/s
+
+
+class PlanningError(Exception):
+    """No plan for this model and strategy on the alive devices (the message says why)."""
+
+
+def profile_from_birth(birth: DeviceBirth) -> DeviceProfile:
+    """The planner's view of a device, from what its birth announced."""
+    models = {
+        name: TimeModel(seconds_per_mac=a, seconds_fixed=b)
+        for name, (a, b) in birth.profile.items()
+        if name in COST_CLASSES and a >= 0 and b >= 0
+    }
+    default = None if models else TimeModel(seconds_per_mac=_FALLBACK_SECONDS_PER_MAC)
+    link = birth.link
+    return DeviceProfile(
+        device=birth.device,
+        time_models=models,
+        default=default,
+        memory_bytes=max(1, birth.capabilities.memory_bytes),
+        bandwidth=link.bandwidth_bytes_per_second if link is not None else _FALLBACK_BANDWIDTH,
+        latency_s=link.latency_seconds if link is not None else 0.0,
+        cores=birth.capabilities.cores,
+    )
+
+
+@dataclass(frozen=True)
+class _Member:
+    device: str
+    session: int
+
+
+class Planning:
+    """The leader's plans: one per (model, strategy), for the current membership."""
+
+    def __init__(self, leader: str, input_size: int, default_strategy: str) -> None:
+        self.leader = leader
+        self.input_size = input_size
+        self.default_strategy = default_strategy
+        self.epoch = 0
+        self._births: dict[str, DeviceBirth] = {}
+        self._members: frozenset[_Member] = frozenset()
+        self._cache: dict[tuple[str, str], Plan] = {}
+        self._lock = asyncio.Lock()
+        self.generation = 0
+
+    def update(self, births: Mapping[str, DeviceBirth], alive: Iterable[str], epoch: int) -> bool:
+        """Take the current membership; True when it differs from the last one."""
+        alive_births = {device: births[device] for device in alive if device in births}
+        members = frozenset(_Member(b.device, b.session) for b in alive_births.values())
+        if members == self._members and epoch == self.epoch:
+            return False
+        self._births = alive_births
+        self._members = members
+        self.epoch = epoch
+        self._cache.clear()
+        self.generation += 1
+        return True
+
+    def devices_for(self, model: str) -> list[DeviceBirth]:
+        """Alive devices that hold `model`, in device-id order (stable plans)."""
+        return [
+            birth
+            for device, birth in sorted(self._births.items())
+            if model in birth.capabilities.models
+        ]
+
+    def cached(self, model: str, strategy: str | None = None) -> Plan | None:
+        return self._cache.get((model, strategy or self.default_strategy))
+
+    async def plan_for(self, model: str, strategy: str | None = None) -> Plan:
+        """The plan for `model` (cached for this membership); `PlanningError` if none."""
+        strategy = strategy or self.default_strategy
+        key = (model, strategy)
+        async with self._lock:  # one planning run at a time; the rest reuse its plan
+            plan = self._cache.get(key)
+            if plan is not None:
+                return plan
+            generation = self.generation
+            devices = self.devices_for(model)
+            if not devices:
+                raise PlanningError(f"no alive device holds model {model!r} (no workers)")
+            if self.leader not in {birth.device for birth in devices}:
+                raise PlanningError(
+                    f"the leader {self.leader} does not hold model {model!r}; it runs the tail"
+                )
+            profiles = [profile_from_birth(birth) for birth in devices]
+            plan = await asyncio.to_thread(self._make_plan, model, strategy, profiles, self.epoch)
+            if generation == self.generation:
+                self._cache[key] = plan
+            return plan
+
+    def _make_plan(
+        self, model: str, strategy: str, profiles: list[DeviceProfile], epoch: int
+    ) -> Plan:
+        try:
+            spec = get_spec(model, self.input_size)
+            planner = get_strategy(strategy)
+            plan = planner.plan(
+                spec, profiles, epoch=epoch, leader=self.leader, plan_id=uuid.uuid4().hex
+            )
+        except InfeasiblePlanError as error:
+            raise PlanningError(f"no plan for {model} with {strategy}: {error}") from error
+        except (PlannerError, ValueError, KeyError) as error:
+            raise PlanningError(f"planning {model} with {strategy} failed: {error}") from error
+        logger.info("new plan %s", plan.summary())
+        return plan

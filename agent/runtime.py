@@ -1,0 +1,656 @@
+"""One device's agent: `Agent(settings).run()` owns everything in one TaskGroup.
+
+Start-up, before touching the network: set the torch thread count, load the held
+models and measure (or read the cached) device profile, all on the device's
+single compute thread. Then the MQTT session connects with a Last Will (state
+`offline` with this process's session counter) and, on every (re)connect,
+announces the birth and state `online` (both retained). Once announced, READY=1
+goes to systemd (a no-op outside it).
+
+Tasks in the group (named, none orphaned):
+
+- `mqtt`: the connection loop (`edgedi.broker.connection.MqttSession`);
+- `heartbeat`: a load report every second (membership's liveness signal);
+- `control`: membership changes and the election, ticking every 0.25 s; it starts
+  the coordinator when this device leads and stops it when it no longer does;
+- `plans`: the leader's debounced re-planning and `plans/current` publication;
+- `worker`: the tile executor; `coordinator` (while leading): the jobs;
+- `watchdog`: systemd watchdog pings while connected (returns at once outside systemd).
+
+Message handlers only update state or hand work to a queue; they never await the
+network, so the receive loop keeps up. Messages between the local coordinator and
+the local worker skip the broker (same objects, no encoding), which saves a round
+trip and a copy of the leader's own tiles.
+
+`request_stop()` (SIGTERM/SIGINT in the CLI): STOPPING=1, stop taking work, let
+in-flight jobs and tiles finish for up to `jobs.drain_s`, publish state `stopped`
+(retained; a clean DISCONNECT does not fire the Will), disconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import ssl
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Collection, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import torch
+
+from edgedi.agent.config import AgentSettings
+from edgedi.agent.coordinator import Coordinator
+from edgedi.agent.device import ProfileTable, capabilities, measure_profile
+from edgedi.agent.election import Decision, Election, LeaderClaim
+from edgedi.agent.membership import HEARTBEAT_PERIOD_S, Membership
+from edgedi.agent.model_store import ModelStore
+from edgedi.agent.planning import Planning, PlanningError
+from edgedi.agent.systemd import notify, watchdog_loop
+from edgedi.agent.worker import Worker
+from edgedi.broker.connection import MqttSession, Received, SessionSettings, Subscription
+from edgedi.broker.errors import BrokerError
+from edgedi.broker.ids import DeviceId
+from edgedi.broker.messages import (
+    CancelJob,
+    DeviceBirth,
+    DeviceState,
+    GateValue,
+    Heartbeat,
+    JobResult,
+    JobSubmit,
+    LeaderRecord,
+    LinkEstimate,
+    PlanAnnouncement,
+    RebirthRequest,
+    ReductionPartial,
+    TileFailed,
+    TileResult,
+    TileTask,
+)
+from edgedi.broker.plan import Plan
+from edgedi.broker.topics import (
+    CONTROL_REBIRTH,
+    DEVICE_BIRTH,
+    DEVICE_HEARTBEAT,
+    DEVICE_STATE,
+    DEVICE_TASKS,
+    JOB_GATES,
+    JOB_PARTIALS,
+    JOB_RESULT,
+    JOB_SUBMIT,
+    JOB_TILES,
+    PLAN_CURRENT,
+    PLANNER_LEADER,
+    Publication,
+    TopicRoot,
+)
+
+__all__ = ["Agent"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# After connecting, wait this long for retained births, states and the leader record
+# before taking part in the election (a device must not claim what it has not seen).
+SETTLE_S = 1.0
+CONTROL_TICK_S = 0.25
+# Membership changes come in bursts (a cluster starting); plan once they settle.
+REPLAN_DEBOUNCE_S = 0.5
+_ANNOUNCE_TIMEOUT_S = 5.0
+_STOPPED_TIMEOUT_S = 3.0
+
+
+class Agent:
+    """An edgedi device: worker always, planner and coordinator while elected leader."""
+
+    def __init__(
+        self,
+        settings: AgentSettings,
+        *,
+        profile: ProfileTable | None = None,
+        environ: Mapping[str, str] | None = None,
+        settle_s: float = SETTLE_S,
+    ) -> None:
+        self.settings = settings
+        self.device_id = DeviceId(settings.device_id)
+        # Sparkplug-style session counter: unix milliseconds at start, so it grows
+        # across restarts without any stored state.
+        self.session_counter = int(time.time() * 1000)
+        self.root = TopicRoot(settings.broker.topic_root, settings.broker.cluster)
+        self.store = ModelStore(
+            settings.compute.models, settings.compute.input_size, settings.compute.checkpoint_dir
+        )
+        self.executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"compute-{self.device_id}"
+        )
+        self.membership = Membership()
+        self.election = Election(
+            self.device_id,
+            settings.planner.priority,
+            settings.planner.candidate,
+            session=self.session_counter,
+        )
+        self.planning = Planning(
+            self.device_id, settings.compute.input_size, settings.planner.strategy
+        )
+        self.births: dict[str, DeviceBirth] = {}
+        self.current_plan: PlanAnnouncement | None = None
+        self.coordinator: Coordinator | None = None
+        self.profile: ProfileTable | None = profile
+        self.worker = Worker(
+            self.device_id,
+            self.store,
+            self.executor,
+            self,
+            accepts_epoch=self.election.accepts_epoch,
+            slowdown=settings.compute.slowdown,
+            max_active=settings.compute.max_active_tiles,
+            max_queued=settings.compute.max_queued_tiles,
+            wire_dtype=settings.jobs.wire_dtype,
+        )
+        self.ready = asyncio.Event()
+        """Set once connected and announced (READY=1)."""
+        self._environ = environ
+        self._settle_s = settle_s
+        self._session: MqttSession | None = None
+        self._stop = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._plan_dirty = asyncio.Event()
+        self._rebirth = False
+        self._connected_at: float | None = None
+        self._leader_view: tuple[str | None, int] = (None, -1)
+        self._coordinator_task: asyncio.Task[None] | None = None
+        self._leader_subscriptions: list[Subscription] = []
+        self._results: OrderedDict[str, JobResult] = OrderedDict()
+        self._group: asyncio.TaskGroup | None = None
+        self._heartbeat_sequence = 0
+        self._stopping = False
+
+    # --- public state ---------------------------------------------------------------
+
+    @property
+    def session(self) -> MqttSession:
+        if self._session is None:
+            raise RuntimeError("the agent is not running")
+        return self._session
+
+    @property
+    def is_leader(self) -> bool:
+        return self.coordinator is not None and self.election.is_leader()
+
+    @property
+    def leader(self) -> tuple[str | None, int]:
+        """(leader device, epoch) as this agent sees it."""
+        return self.election.leader, self.election.epoch
+
+    def request_stop(self) -> None:
+        """Begin the graceful shutdown (safe from a signal handler, also twice)."""
+        self._stop.set()
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Run until `request_stop()`; raises on a bug (systemd restarts us)."""
+        try:
+            await self._prepare()
+            self._session = self._make_session()
+            await self._subscribe()
+            async with asyncio.TaskGroup() as group:
+                self._group = group
+                session_task = group.create_task(self.session.run(), name=f"mqtt-{self.device_id}")
+                control = group.create_task(self._control_loop(), name=f"control-{self.device_id}")
+                others = [
+                    group.create_task(self._heartbeat_loop(), name=f"heartbeat-{self.device_id}"),
+                    group.create_task(self._plan_loop(), name=f"plans-{self.device_id}"),
+                    group.create_task(self.worker.run(), name=f"worker-{self.device_id}"),
+                    group.create_task(
+                        watchdog_loop(self.session.connected.is_set, self._environ),
+                        name=f"watchdog-{self.device_id}",
+                    ),
+                ]
+                await self._stop.wait()
+                # No election step may start leading once the shutdown has begun.
+                control.cancel()
+                await asyncio.wait([control])
+                await self._shutdown()
+                for task in others:
+                    task.cancel()
+                self.session.request_stop()
+                await session_task
+        finally:
+            self._group = None
+            self.executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _prepare(self) -> None:
+        compute = self.settings.compute
+        if compute.threads is not None:
+            torch.set_num_threads(compute.threads)
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        await loop.run_in_executor(self.executor, self.store.load_all)
+        if self.profile is None:
+            threads = compute.threads or torch.get_num_threads()
+            self.profile = await loop.run_in_executor(
+                self.executor,
+                lambda: measure_profile(
+                    compute.profile_seconds,
+                    threads,
+                    state_dir=self.settings.state_dir,
+                    slowdown=compute.slowdown,
+                ),
+            )
+        logger.info(
+            "%s ready to connect after %.1f s: models %s, session %d",
+            self.device_id,
+            time.perf_counter() - started,
+            ", ".join(self.store.held),
+            self.session_counter,
+        )
+
+    def _make_session(self) -> MqttSession:
+        broker = self.settings.broker
+        settings = SessionSettings(
+            host=broker.host,
+            port=broker.port,
+            client_id=self.device_id,
+            username=broker.username,
+            password=broker.password,  # type: ignore[arg-type]  # SecretStr accepts str
+            keepalive_seconds=broker.keepalive_s,
+            max_payload_bytes=self.settings.jobs.max_payload_bytes,
+        )
+        tls = None
+        if broker.tls_ca_file is not None:
+            tls = ssl.create_default_context(cafile=str(broker.tls_ca_file))
+        return MqttSession(
+            settings, self.root, will=self._will, on_connect=self._announce, tls_context=tls
+        )
+
+    def _will(self) -> Publication:
+        return self.session.prepare(DEVICE_STATE, self._state("offline"), device=self.device_id)
+
+    def _state(self, status: str) -> DeviceState:
+        return DeviceState(
+            sender=self.device_id,
+            device=self.device_id,
+            session=self.session_counter,
+            status=status,  # type: ignore[arg-type]
+        )
+
+    def _birth(self) -> DeviceBirth:
+        broker = self.settings.broker
+        return DeviceBirth(
+            sender=self.device_id,
+            device=self.device_id,
+            session=self.session_counter,
+            candidate=self.settings.planner.candidate,
+            priority=self.settings.planner.priority,
+            capabilities=capabilities(self.store.held, self.settings.compute.threads),
+            profile=dict(self.profile or {}),
+            link=LinkEstimate(
+                bandwidth_bytes_per_second=broker.link_mbit_s * 1e6 / 8,
+                latency_seconds=broker.link_latency_ms / 1000.0,
+            ),
+        )
+
+    async def _announce(self) -> None:
+        """On every (re)connect: birth, then state online (both retained)."""
+        session = self.session
+        await session.publish(
+            DEVICE_BIRTH, self._birth(), device=self.device_id, timeout=_ANNOUNCE_TIMEOUT_S
+        )
+        status = "stopped" if self._stopping else "online"
+        await session.publish(
+            DEVICE_STATE, self._state(status), device=self.device_id, timeout=_ANNOUNCE_TIMEOUT_S
+        )
+        if self._connected_at is None:
+            self._connected_at = time.monotonic()
+        if not self.ready.is_set():
+            self.ready.set()
+            notify("READY=1", self._environ)
+        notify(f"STATUS=connected to {self.settings.broker.host}", self._environ)
+        logger.info("%s announced (session %d)", self.device_id, self.session_counter)
+
+    async def _shutdown(self) -> None:
+        self._stopping = True
+        notify("STOPPING=1", self._environ)
+        logger.info("%s stopping: draining in-flight work", self.device_id)
+        drain = self.settings.jobs.drain_s
+        self.worker.stop_accepting()
+        await self._stop_leading(drain)
+        if not await self.worker.drain(drain):
+            logger.warning("tiles still running after %.1f s; leaving them", drain)
+        try:
+            await self.session.publish(
+                DEVICE_STATE,
+                self._state("stopped"),
+                device=self.device_id,
+                timeout=_STOPPED_TIMEOUT_S,
+            )
+        except BrokerError as error:
+            logger.warning("could not publish state stopped: %s", error)
+
+    # --- subscriptions and handlers (never await the network here) --------------------
+
+    async def _subscribe(self) -> None:
+        session = self.session
+        await session.subscribe(DEVICE_BIRTH, self._on_birth)
+        await session.subscribe(DEVICE_STATE, self._on_state)
+        await session.subscribe(DEVICE_HEARTBEAT, self._on_heartbeat)
+        await session.subscribe(PLANNER_LEADER, self._on_leader)
+        await session.subscribe(PLAN_CURRENT, self._on_plan)
+        await session.subscribe(DEVICE_TASKS, self._on_task, device=self.device_id)
+        await session.subscribe(JOB_GATES, self._on_gate)
+        await session.subscribe(CONTROL_REBIRTH, self._on_rebirth)
+
+    async def _on_birth(self, received: Received) -> None:
+        birth = received.message
+        assert isinstance(birth, DeviceBirth)
+        known = self.births.get(birth.device)
+        if known is not None and birth.session < known.session:
+            return
+        self.births[birth.device] = birth
+        self.membership.birth(
+            birth.device,
+            birth.session,
+            candidate=birth.candidate,
+            priority=birth.priority,
+            capabilities=birth.capabilities.model_dump(),
+            now=time.monotonic(),
+        )
+        self._wake.set()
+
+    async def _on_state(self, received: Received) -> None:
+        state = received.message
+        assert isinstance(state, DeviceState)
+        self.membership.state(state.device, state.session, state.status, now=time.monotonic())
+        self._wake.set()
+
+    async def _on_heartbeat(self, received: Received) -> None:
+        beat = received.message
+        assert isinstance(beat, Heartbeat)
+        self.membership.heartbeat(beat.device, beat.session, now=time.monotonic())
+
+    async def _on_leader(self, received: Received) -> None:
+        record = received.message
+        assert isinstance(record, LeaderRecord)
+        before = self.election.highest_epoch
+        self.election.observe(
+            LeaderClaim(record.epoch, record.priority, record.device, record.session)
+        )
+        if self.election.highest_epoch > before:
+            self.worker.on_epoch(self.election.highest_epoch)
+        self._wake.set()
+
+    async def _on_plan(self, received: Received) -> None:
+        announcement = received.message
+        assert isinstance(announcement, PlanAnnouncement)
+        if not self.election.accepts_epoch(announcement.epoch):
+            logger.debug("ignored a plan of stale epoch %d", announcement.epoch)
+            return
+        self.current_plan = announcement
+        logger.info("plan in force: %s (epoch %d)", announcement.plan.summary(), announcement.epoch)
+
+    async def _on_task(self, received: Received) -> None:
+        message = received.message
+        if isinstance(message, TileTask):
+            self.worker.accept(message)
+        elif isinstance(message, CancelJob):
+            self.worker.cancel_job(message)
+
+    async def _on_gate(self, received: Received) -> None:
+        message = received.message
+        assert isinstance(message, GateValue)
+        self.worker.on_gate(message)
+
+    async def _on_submit(self, received: Received) -> None:
+        message = received.message
+        assert isinstance(message, JobSubmit)
+        if self.coordinator is not None:
+            self.coordinator.submit(message)
+
+    async def _on_job_message(self, received: Received) -> None:
+        message = received.message
+        assert isinstance(message, ReductionPartial | TileResult | TileFailed)
+        if self.coordinator is not None:
+            self.coordinator.route(message)
+
+    async def _on_rebirth(self, received: Received) -> None:
+        assert isinstance(received.message, RebirthRequest)
+        self._rebirth = True
+        self._wake.set()
+
+    # --- links between worker, coordinator and the broker ------------------------------
+
+    async def send_task(self, task: TileTask) -> None:
+        if task.device == self.device_id:
+            self.worker.accept(task)
+        else:
+            await self.session.publish(DEVICE_TASKS, task, device=task.device)
+
+    async def send_gate(self, message: GateValue, devices: Collection[str]) -> None:
+        if any(device != self.device_id for device in devices):
+            await self.session.publish(JOB_GATES, message, job_id=message.job_id)
+        if self.device_id in devices:
+            self.worker.on_gate(message)
+
+    async def send_cancel(self, device: str, message: CancelJob) -> None:
+        if device == self.device_id:
+            self.worker.cancel_job(message)
+        else:
+            await self.session.publish(DEVICE_TASKS, message, device=device)
+
+    async def send_result(self, result: JobResult) -> None:
+        await self.session.publish(JOB_RESULT, result, job_id=result.job_id)
+
+    async def compute(self, function: Callable[[], T]) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, function)
+
+    async def send_partial(self, message: ReductionPartial) -> None:
+        coordinator = self.coordinator
+        if coordinator is not None and coordinator.owns(message.job_id):
+            coordinator.route(message)
+        else:
+            await self.session.publish(JOB_PARTIALS, message, job_id=message.job_id)
+
+    async def send_tile_outcome(self, message: TileResult | TileFailed) -> None:
+        coordinator = self.coordinator
+        if coordinator is not None and coordinator.owns(message.job_id):
+            coordinator.route(message)
+        else:
+            await self.session.publish(JOB_TILES, message, job_id=message.job_id)
+
+    # --- loops ----------------------------------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        busy_before = self.worker.statistics.busy_seconds
+        at_before = time.monotonic()
+        while True:
+            await asyncio.sleep(HEARTBEAT_PERIOD_S)
+            if not self.session.connected.is_set():
+                continue
+            now = time.monotonic()
+            busy = self.worker.statistics.busy_seconds
+            load = min(1.0, max(0.0, (busy - busy_before) / max(1e-6, now - at_before)))
+            busy_before, at_before = busy, now
+            self._heartbeat_sequence += 1
+            beat = Heartbeat(
+                sender=self.device_id,
+                device=self.device_id,
+                session=self.session_counter,
+                sequence=self._heartbeat_sequence,
+                load=load,
+                busy_tiles=self.worker.busy_tiles,
+            )
+            try:
+                await self.session.publish(
+                    DEVICE_HEARTBEAT, beat, device=self.device_id, timeout=HEARTBEAT_PERIOD_S
+                )
+            except BrokerError as error:
+                logger.debug("heartbeat not sent: %s", error)
+
+    async def _control_loop(self) -> None:
+        while True:
+            try:
+                async with asyncio.timeout(CONTROL_TICK_S):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            if self._stopping or not self.session.connected.is_set():
+                continue
+            if self._rebirth:
+                self._rebirth = False
+                try:
+                    await self._announce()
+                except BrokerError as error:
+                    logger.warning("rebirth announcement failed: %s", error)
+            connected_at = self._connected_at
+            if connected_at is None or time.monotonic() - connected_at < self._settle_s:
+                continue
+            await self._control_step()
+
+    async def _control_step(self) -> None:
+        now = time.monotonic()
+        change = self.membership.changes(now)
+        if change:
+            logger.info(
+                "membership: joined %s, left %s",
+                ", ".join(change.joined) or "-",
+                ", ".join(change.left) or "-",
+            )
+            if change.left and self.coordinator is not None:
+                self.coordinator.devices_left(change.left)
+        alive = self.membership.alive(now)
+        decision = self.election.decide(alive)
+        if decision is Decision.CLAIM:
+            claim = self.election.make_claim()
+            logger.info("%s claims leadership with epoch %d", self.device_id, claim.epoch)
+            await self._publish_leader(claim)
+        elif decision is Decision.REASSERT and self.election.my_claim is not None:
+            await self._publish_leader(self.election.my_claim)
+        self._log_leader_view()
+        if self.election.is_leader():
+            # Membership first: a job may arrive as soon as jobs/submit is subscribed.
+            if self.planning.update(self.births, [r.device for r in alive], self.election.epoch):
+                self._plan_dirty.set()
+            if self.coordinator is None or self.coordinator.epoch != self.election.epoch:
+                await self._stop_leading(0.0)
+                await self._start_leading()
+        elif self.coordinator is not None:
+            logger.info("%s is no longer the leader", self.device_id)
+            await self._stop_leading(0.0)
+
+    def _log_leader_view(self) -> None:
+        view = (self.election.leader, self.election.epoch)
+        if view != self._leader_view:
+            self._leader_view = view
+            mine = " (this device)" if view[0] == self.device_id else ""
+            logger.info("leader view: %s epoch %d%s", view[0], view[1], mine)
+
+    async def _publish_leader(self, claim: LeaderClaim) -> None:
+        record = LeaderRecord(
+            sender=self.device_id,
+            device=DeviceId(claim.device),
+            epoch=claim.epoch,
+            session=claim.session,
+            priority=claim.priority,
+        )
+        try:
+            await self.session.publish(PLANNER_LEADER, record)
+        except BrokerError as error:
+            logger.warning("could not publish the leader record: %s", error)
+
+    async def _start_leading(self) -> None:
+        group = self._group
+        if group is None or self._stopping:
+            return
+        epoch = self.election.epoch
+        coordinator = Coordinator(
+            self.device_id,
+            epoch,
+            self.store,
+            self.planning,
+            self,
+            self.settings.jobs,
+            alive_devices=lambda: [r.device for r in self.membership.alive(time.monotonic())],
+            results=self._results,
+        )
+        self.coordinator = coordinator
+        self._coordinator_task = group.create_task(
+            coordinator.run(), name=f"coordinator-{self.device_id}"
+        )
+        session = self.session
+        self._leader_subscriptions = [
+            await session.subscribe(JOB_PARTIALS, self._on_job_message),
+            await session.subscribe(JOB_TILES, self._on_job_message),
+            await session.subscribe(JOB_SUBMIT, self._on_submit),
+        ]
+        self._plan_dirty.set()
+        logger.info("%s leads the cluster (epoch %d)", self.device_id, epoch)
+
+    async def _stop_leading(self, drain_s: float) -> None:
+        coordinator, task = self.coordinator, self._coordinator_task
+        if coordinator is None or task is None:
+            return
+        subscriptions, self._leader_subscriptions = self._leader_subscriptions, []
+        for subscription in subscriptions:
+            if subscription.spec is JOB_SUBMIT:
+                await self.session.unsubscribe(subscription)
+        coordinator.stop(drain_s)
+        try:
+            async with asyncio.timeout(drain_s + _STOPPED_TIMEOUT_S * 2):
+                await asyncio.shield(task)
+        except TimeoutError:
+            task.cancel()
+        for subscription in subscriptions:
+            if subscription.spec is not JOB_SUBMIT:
+                await self.session.unsubscribe(subscription)
+        self.coordinator = None
+        self._coordinator_task = None
+
+    async def _plan_loop(self) -> None:
+        while True:
+            await self._plan_dirty.wait()
+            await asyncio.sleep(REPLAN_DEBOUNCE_S)
+            self._plan_dirty.clear()
+            if self.coordinator is None or self._stopping:
+                continue
+            model = self.settings.planner.model or (self.store.held[0] if self.store.held else None)
+            if model is None:
+                continue
+            try:
+                plan = await self.planning.plan_for(model)
+            except PlanningError as error:
+                logger.warning("no plan to publish: %s", error)
+                continue
+            await self._publish_plan(plan)
+
+    async def _publish_plan(self, plan: Plan) -> None:
+        announcement = PlanAnnouncement(sender=self.device_id, epoch=plan.epoch, plan=plan)
+        try:
+            await self.session.publish(PLAN_CURRENT, announcement)
+        except BrokerError as error:
+            logger.warning("could not publish the plan: %s", error)
+
+    # --- diagnostics ----------------------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        """A snapshot for logs and tests."""
+        now = time.monotonic()
+        return {
+            "device": self.device_id,
+            "session": self.session_counter,
+            "leader": self.election.leader,
+            "epoch": self.election.epoch,
+            "is_leader": self.is_leader,
+            "alive": [record.device for record in self.membership.alive(now)],
+            "worker": vars(self.worker.statistics),
+            "coordinator": vars(self.coordinator.statistics) if self.coordinator else None,
+            "mqtt": vars(self.session.statistics) if self._session is not None else None,
+            "pid": os.getpid(),
+        }

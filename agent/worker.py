@@ -1,0 +1,488 @@
+"""The worker: runs the tile tasks the leader sends to this device.
+
+Every task is validated before any work starts (epoch, model and architecture
+digest, geometry, tensor shape and dtype; finiteness on the compute thread) and a
+task that fails is answered with a `TileFailed` that says why: the leader is
+waiting for it. Valid tasks wait in a bounded queue; a flood beyond it is refused
+with `TileFailed` at once instead of being buffered without limit.
+
+Each accepted tile is one coroutine that drives `edgedi.models.tiling.run_tile`
+step by step on the device's single compute thread (a `ThreadPoolExecutor` with
+one worker: the device computes one thing at a time, and the event loop never runs
+torch). At an attention gate the tile publishes its partial sums and awaits the
+combined gate value; meanwhile other tiles may use the compute thread, so two jobs
+whose tiles wait for each other's gates cannot deadlock a device. Every wait is
+bounded by the task's deadline; `CancelJob`, a deadline or a newer leader epoch
+drops a job's tile state.
+
+`compute.slowdown` emulates a slower device: after each compute step the compute
+thread sleeps `(slowdown - 1) × step time`, so the device stays busy as a slower
+one would, and the reported compute seconds include it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from edgedi.agent.layout import LayoutError, segment_layout
+from edgedi.agent.model_store import HeldModel, ModelNotHeld, ModelStore
+from edgedi.broker.errors import BrokerError
+from edgedi.broker.ids import DeviceId
+from edgedi.broker.messages import (
+    CancelJob,
+    GateValue,
+    ReductionPartial,
+    TileFailed,
+    TileResult,
+    TileTask,
+)
+from edgedi.broker.tensors import Tensor
+from edgedi.models.tiling import GatePartial, TileRunner, run_tile
+from edgedi.models.units import TileGeometry
+
+__all__ = ["Worker", "WorkerLinks", "WorkerStatistics"]
+
+logger = logging.getLogger(__name__)
+
+_TILE_DTYPES = ("float32", "float16")
+# Remember this many cancelled job ids, so late tasks of a cancelled job are dropped.
+_CANCELLED_MEMORY = 1024
+
+
+class WorkerLinks(Protocol):
+    """Where a worker's messages go (the broker, or straight to a local coordinator)."""
+
+    async def send_partial(self, message: ReductionPartial) -> None: ...
+
+    async def send_tile_outcome(self, message: TileResult | TileFailed) -> None: ...
+
+
+class _TileRefused(Exception):
+    """A task that cannot be run; the message is the `TileFailed` reason."""
+
+
+@dataclass
+class WorkerStatistics:
+    accepted: int = 0
+    refused: int = 0
+    stale_epoch: int = 0
+    completed: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    busy_seconds: float = 0.0
+
+
+@dataclass
+class _Tile:
+    task: TileTask
+    held: HeldModel
+    rows: TileGeometry
+    columns: TileGeometry
+    runner: asyncio.Task[None] | None = None
+    compute_seconds: float = 0.0
+    gates: dict[tuple[int, int], asyncio.Future[npt.NDArray[Any]]] = field(default_factory=dict)
+
+
+def _key(task: TileTask) -> tuple[str, int, int]:
+    return (task.job_id, task.segment, task.tile)
+
+
+class Worker:
+    """Executes tile tasks; see the module docstring."""
+
+    def __init__(
+        self,
+        device_id: str,
+        store: ModelStore,
+        executor: Executor,
+        links: WorkerLinks,
+        *,
+        accepts_epoch: Callable[[int], bool],
+        slowdown: float = 1.0,
+        max_active: int = 8,
+        max_queued: int = 32,
+        wire_dtype: str = "float32",
+    ) -> None:
+        self.device_id = DeviceId(device_id)
+        self.store = store
+        self.executor = executor
+        self.links = links
+        self.accepts_epoch = accepts_epoch
+        self.slowdown = slowdown
+        self.max_active = max_active
+        self.wire_dtype = np.dtype(wire_dtype)
+        self.statistics = WorkerStatistics()
+        self._queue: asyncio.Queue[_Tile] = asyncio.Queue(maxsize=max_queued)
+        self._refusals: asyncio.Queue[TileFailed] = asyncio.Queue(maxsize=max(64, max_queued))
+        self._tiles: dict[tuple[str, int, int], _Tile] = {}
+        self._gate_values: dict[tuple[str, int, int], npt.NDArray[Any]] = {}
+        self._cancelled: OrderedDict[str, None] = OrderedDict()
+        self._slots = asyncio.Semaphore(max_active)
+        self._accepting = True
+        self._group: asyncio.TaskGroup | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # --- state ----------------------------------------------------------------------
+
+    @property
+    def busy_tiles(self) -> int:
+        """Tiles queued or running on this device (the heartbeat reports it)."""
+        return len(self._tiles)
+
+    def stop_accepting(self) -> None:
+        """Refuse new tasks from now on (a graceful stop drains the ones in hand)."""
+        self._accepting = False
+
+    async def drain(self, timeout: float) -> bool:  # noqa: ASYNC109 - a bound, not a deadline
+        """Wait until no tile is queued or running; False when `timeout` ran out first."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    # --- incoming -------------------------------------------------------------------
+
+    def accept(self, task: TileTask) -> None:
+        """Take a task from the leader (never blocks; refusals are answered)."""
+        if task.device != self.device_id:
+            self._refuse(task, f"task addressed to {task.device}, not {self.device_id}")
+            return
+        if not self.accepts_epoch(task.epoch):
+            self.statistics.stale_epoch += 1
+            logger.debug("ignored task of %s from stale epoch %d", task.job_id, task.epoch)
+            return
+        if task.job_id in self._cancelled:
+            logger.debug("ignored task of cancelled job %s", task.job_id)
+            return
+        key = _key(task)
+        existing = self._tiles.get(key)
+        if existing is not None and existing.task.attempt >= task.attempt:
+            logger.debug("ignored duplicate task %s", key)  # a QoS 1 redelivery
+            return
+        if existing is not None and existing.runner is not None:
+            existing.runner.cancel()  # a newer attempt of the same tile replaces it
+        if not self._accepting:
+            self._refuse(task, "the device is shutting down")
+            return
+        if task.deadline <= time.time():
+            self._refuse(task, "the task's deadline has already passed")
+            return
+        try:
+            tile = self._prepare(task)
+        except _TileRefused as refusal:
+            self._refuse(task, str(refusal))
+            return
+        try:
+            self._queue.put_nowait(tile)
+        except asyncio.QueueFull:
+            self._refuse(
+                task, f"the device is overloaded ({self._queue.maxsize} tiles already queued)"
+            )
+            return
+        self._tiles[key] = tile
+        self._idle.clear()
+        self.statistics.accepted += 1
+
+    def _prepare(self, task: TileTask) -> _Tile:
+        try:
+            held = self.store.get(task.model, task.input_size)
+        except ModelNotHeld as error:
+            raise _TileRefused(str(error)) from None
+        if task.model_digest != held.digest:
+            raise _TileRefused(
+                f"model {task.model} architecture differs: task digest {task.model_digest}, "
+                f"this device has {held.digest}"
+            )
+        try:
+            layout = segment_layout(
+                held.spec, task.first_unit, task.last_unit, task.row_parts, task.column_parts
+            )
+            rows, columns = layout.tile(task.tile)
+        except LayoutError as error:
+            raise _TileRefused(f"bad tile description: {error}") from None
+        expected_shape = layout.input_shape(task.tile)
+        if task.tensor.shape != expected_shape:
+            raise _TileRefused(
+                f"input tensor has shape {list(task.tensor.shape)}, the tile needs "
+                f"{list(expected_shape)}"
+            )
+        if task.tensor.dtype not in _TILE_DTYPES:
+            raise _TileRefused(
+                f"input tensor dtype {task.tensor.dtype} is not one of {', '.join(_TILE_DTYPES)}"
+            )
+        geometry_rows = (rows.in_rows.start, rows.in_rows.stop)
+        geometry_columns = (columns.in_rows.start, columns.in_rows.stop)
+        if tuple(task.input_rows) != geometry_rows or (
+            task.input_columns is not None and tuple(task.input_columns) != geometry_columns
+        ):
+            raise _TileRefused(
+                f"input rows/columns {task.input_rows}/{task.input_columns} disagree with the "
+                f"geometry {geometry_rows}/{geometry_columns}"
+            )
+        if tuple(task.output_rows) != (rows.out_rows.start, rows.out_rows.stop):
+            raise _TileRefused(
+                f"output rows {task.output_rows} disagree with the geometry {rows.out_rows}"
+            )
+        return _Tile(task, held, rows, columns)
+
+    def on_gate(self, message: GateValue) -> None:
+        """A combined gate value; only tiles of that job on this device care."""
+        if not self.accepts_epoch(message.epoch):
+            return
+        key = (message.job_id, message.segment, message.gate)
+        if not any(tile_key[0] == message.job_id for tile_key in self._tiles):
+            return  # a gate of a job with no tile here (every worker hears every gate)
+        vector = message.vector
+        if not vector.is_finite() or vector.dtype not in ("float32", "float64", "float16"):
+            logger.warning("ignored a malformed gate value for %s", key)
+            return
+        value = vector.array
+        delivered = False
+        for tile in self._tiles.values():
+            if tile.task.job_id != message.job_id or tile.task.segment != message.segment:
+                continue
+            future = tile.gates.get((message.segment, message.gate))
+            if future is not None and not future.done():
+                future.set_result(value)
+                delivered = True
+        if not delivered:
+            # Arrived before the tile asked (e.g. the coordinator re-sent it): keep it.
+            self._gate_values[key] = value
+
+    def cancel_job(self, message: CancelJob) -> None:
+        if not self.accepts_epoch(message.epoch):
+            return
+        self._forget_job(message.job_id, f"cancelled: {message.reason or 'no reason given'}")
+
+    def on_epoch(self, epoch: int) -> None:
+        """A newer leader took over: tiles of older epochs can never complete."""
+        stale = {tile.task.job_id for tile in self._tiles.values() if tile.task.epoch < epoch}
+        for job_id in stale:
+            self._forget_job(job_id, f"leader epoch {epoch} superseded the task's")
+
+    def _forget_job(self, job_id: str, why: str) -> None:
+        self._cancelled[job_id] = None
+        while len(self._cancelled) > _CANCELLED_MEMORY:
+            self._cancelled.popitem(last=False)
+        for key, tile in list(self._tiles.items()):
+            if key[0] != job_id:
+                continue
+            self.statistics.cancelled += 1
+            logger.debug("dropping tile %s: %s", key, why)
+            if tile.runner is not None:
+                tile.runner.cancel()
+            else:  # still queued: the dispatcher skips it
+                self._drop(key, tile)
+        for gate_key in [k for k in self._gate_values if k[0] == job_id]:
+            del self._gate_values[gate_key]
+
+    def _drop(self, key: tuple[str, int, int], tile: _Tile) -> None:
+        if self._tiles.get(key) is tile:
+            del self._tiles[key]
+        job_id = key[0]
+        if not any(other[0] == job_id for other in self._tiles):
+            # Copies of gate values that arrived twice (direct and via the broker).
+            for gate_key in [k for k in self._gate_values if k[0] == job_id]:
+                del self._gate_values[gate_key]
+        if not self._tiles:
+            self._idle.set()
+
+    def _refuse(self, task: TileTask, reason: str) -> None:
+        self.statistics.refused += 1
+        logger.warning("refused tile %s of job %s: %s", task.tile, task.job_id, reason)
+        failure = TileFailed(
+            sender=self.device_id,
+            job_id=task.job_id,
+            epoch=task.epoch,
+            segment=task.segment,
+            tile=task.tile,
+            device=self.device_id,
+            reason=reason[:2000],
+            attempt=task.attempt,
+        )
+        try:
+            self._refusals.put_nowait(failure)
+        except asyncio.QueueFull:
+            logger.warning("refusal queue full; not answering %s", task.job_id)
+
+    # --- running --------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Run tiles until cancelled."""
+        async with asyncio.TaskGroup() as group:
+            self._group = group
+            group.create_task(self._send_refusals(), name=f"worker-refusals-{self.device_id}")
+            while True:
+                await self._slots.acquire()
+                tile = await self._queue.get()
+                key = _key(tile.task)
+                if self._tiles.get(key) is not tile:  # cancelled or replaced while queued
+                    self._slots.release()
+                    continue
+                tile.runner = group.create_task(
+                    self._run_tile(tile), name=f"tile-{tile.task.job_id}-{key[1]}-{key[2]}"
+                )
+
+    async def _send_refusals(self) -> None:
+        while True:
+            failure = await self._refusals.get()
+            try:
+                await self.links.send_tile_outcome(failure)
+            except BrokerError as error:
+                logger.warning("could not send a refusal for %s: %s", failure.job_id, error)
+
+    async def _run_tile(self, tile: _Tile) -> None:
+        task = tile.task
+        key = _key(task)
+        outcome: TileResult | TileFailed | None = None
+        try:
+            remaining = task.deadline - time.time()
+            async with asyncio.timeout(max(0.0, remaining)):
+                outcome = await self._compute(tile)
+        except TimeoutError:
+            outcome = self._failure(tile, "deadline exceeded while computing the tile")
+        except asyncio.CancelledError:
+            raise  # cancelled job or shutdown: nobody waits for an answer
+        except Exception as error:  # a tile must never take the worker down
+            logger.exception("tile %s failed", key)
+            outcome = self._failure(tile, f"{type(error).__name__}: {error}")
+        finally:
+            self._drop(key, tile)
+            self._slots.release()
+        if isinstance(outcome, TileResult):
+            self.statistics.completed += 1
+        else:
+            self.statistics.failed += 1
+        try:
+            await self.links.send_tile_outcome(outcome)
+        except BrokerError as error:
+            logger.warning("could not send the outcome of tile %s: %s", key, error)
+
+    def _failure(self, tile: _Tile, reason: str) -> TileFailed:
+        task = tile.task
+        return TileFailed(
+            sender=self.device_id,
+            job_id=task.job_id,
+            epoch=task.epoch,
+            segment=task.segment,
+            tile=task.tile,
+            device=self.device_id,
+            reason=reason[:2000],
+            attempt=task.attempt,
+        )
+
+    async def _step(self, function: Callable[[], Any]) -> tuple[Any, float]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, self._timed, function)
+
+    def _timed(self, function: Callable[[], Any]) -> tuple[Any, float]:
+        """Runs on the compute thread: the step, then the emulated slowdown."""
+        started = time.perf_counter()
+        result = function()
+        elapsed = time.perf_counter() - started
+        if self.slowdown > 1.0:
+            time.sleep((self.slowdown - 1.0) * elapsed)
+        return result, time.perf_counter() - started
+
+    async def _compute(self, tile: _Tile) -> TileResult | TileFailed:
+        task = tile.task
+        runner_holder: list[TileRunner] = []
+
+        def start() -> GatePartial | npt.NDArray[Any]:
+            array = task.tensor.array
+            if not np.isfinite(array).all():
+                raise _TileRefused("input tensor holds NaN or infinite values")
+            x = torch.from_numpy(array.astype(np.float32, copy=True))
+            runner = run_tile(tile.held.model, tile.rows, x, columns=tile.columns)
+            runner_holder.append(runner)
+            return _advance(runner, None, self.wire_dtype)
+
+        try:
+            step, seconds = await self._step(start)
+        except _TileRefused as refusal:
+            return self._failure(tile, str(refusal))
+        tile.compute_seconds += seconds
+        self.statistics.busy_seconds += seconds
+        while isinstance(step, GatePartial):
+            await self._publish_partial(tile, step)
+            value = await self._gate_value(tile, step.index)
+            step, seconds = await self._step(
+                functools.partial(_advance, runner_holder[0], value, self.wire_dtype)
+            )
+            tile.compute_seconds += seconds
+            self.statistics.busy_seconds += seconds
+        output = step
+        columns = tile.columns.out_rows
+        return TileResult(
+            sender=self.device_id,
+            job_id=task.job_id,
+            epoch=task.epoch,
+            segment=task.segment,
+            tile=task.tile,
+            device=self.device_id,
+            output_rows=(tile.rows.out_rows.start, tile.rows.out_rows.stop),
+            output_columns=(columns.start, columns.stop),
+            tensor=Tensor(output),
+            compute_seconds=tile.compute_seconds,
+            attempt=task.attempt,
+        )
+
+    async def _publish_partial(self, tile: _Tile, partial: GatePartial) -> None:
+        task = tile.task
+        message = ReductionPartial(
+            sender=self.device_id,
+            job_id=task.job_id,
+            epoch=task.epoch,
+            segment=task.segment,
+            tile=task.tile,
+            gate=partial.index,
+            device=self.device_id,
+            sums=Tensor(np.ascontiguousarray(partial.sums, dtype=np.float64)),
+            positions=partial.count,
+        )
+        await self.links.send_partial(message)
+
+    async def _gate_value(self, tile: _Tile, gate: int) -> npt.NDArray[Any]:
+        task = tile.task
+        key = (task.job_id, task.segment, gate)
+        early = self._gate_values.pop(key, None)
+        if early is not None:
+            return early
+        future: asyncio.Future[npt.NDArray[Any]] = asyncio.get_running_loop().create_future()
+        tile.gates[(task.segment, gate)] = future
+        try:
+            return await future  # bounded by the tile's deadline (see _run_tile)
+        finally:
+            tile.gates.pop((task.segment, gate), None)
+
+
+def _advance(
+    runner: TileRunner, value: npt.NDArray[Any] | None, wire_dtype: np.dtype[Any]
+) -> GatePartial | npt.NDArray[Any]:
+    """One step of a tile on the compute thread: to the next gate, or to the output.
+
+    The output leaves as a contiguous numpy array in the wire dtype, converted here
+    so that the event loop never touches torch.
+    """
+    try:
+        if value is None:
+            return next(runner)
+        return runner.send(np.array(value, dtype=np.float64))
+    except StopIteration as done:
+        output: torch.Tensor = done.value
+        return np.ascontiguousarray(output.numpy(), dtype=wire_dtype)

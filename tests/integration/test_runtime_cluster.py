@@ -1,0 +1,98 @@
+"""The runtime end to end, in-process: election, plans, exact results, idempotent jobs.
+
+Three agents (one torch thread each) run on the test's event loop against the real
+broker fixture (Mosquitto and the embedded amqtt); jobs go in through the async
+client, as `edgedi infer` sends them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+from runtime_support import (
+    INPUT_SIZE,
+    reference_probabilities,
+    running_cluster,
+    sample_image,
+)
+
+from edgedi.agent.client import connect
+from edgedi.broker.server import BrokerHandle
+from edgedi.broker.topics import TopicRoot
+from edgedi.planner.strategies import strategy_names
+
+
+
+async def test_one_leader_is_elected_and_publishes_a_plan(
+    broker: BrokerHandle, topic_root: TopicRoot
+) -> None:
+    async with running_cluster(broker, topic_root) as cluster:
+        await cluster.wait_for_plan()
+        leader = cluster.leader()
+        views = {agent.leader for agent in cluster.agents}
+        assert views == {(leader.device_id, leader.election.epoch)}
+        assert leader.election.epoch >= 1
+        async with connect(broker.host, broker.port, root=topic_root) as client:
+            record = await client.leader(timeout=5)
+            announcement = await client.current_plan(timeout=5)
+        assert record is not None and record.device == leader.device_id
+        assert announcement is not None
+        assert announcement.plan.leader == leader.device_id
+        assert announcement.plan.input_shape == (1, INPUT_SIZE, INPUT_SIZE)
+        assert set(announcement.plan.devices) == {agent.device_id for agent in cluster.agents}
+
+
+async def test_every_strategy_gives_the_single_process_result(
+    broker: BrokerHandle, topic_root: TopicRoot
+) -> None:
+    async with running_cluster(broker, topic_root, speeds=(1.0, 2.0, 0.7)) as cluster:
+        await cluster.wait_for_plan()
+        async with connect(broker.host, broker.port, root=topic_root) as client:
+            for position, strategy in enumerate(strategy_names()):
+                for model in ("tiny-edgedi", "tiny"):
+                    image = sample_image(position)
+                    result = await client.infer(image, model, strategy=strategy, timeout=30)
+                    assert result.status == "ok", (strategy, model, result.error)
+                    expected = reference_probabilities(model, image)
+                    np.testing.assert_allclose(result.probabilities, expected, atol=1e-5)
+                    assert result.label == int(np.argmax(expected))
+                    assert result.strategy == strategy
+                    assert result.model == model
+                    assert result.latency_ms["total"] > 0
+
+
+async def test_jobs_in_flight_at_once_all_complete(
+    broker: BrokerHandle, topic_root: TopicRoot
+) -> None:
+    async with running_cluster(broker, topic_root) as cluster:
+        await cluster.wait_for_plan()
+        async with connect(broker.host, broker.port, root=topic_root) as client:
+            images = [sample_image(seed) for seed in range(6)]
+            results = await asyncio.gather(
+                *(client.infer(image, "tiny-edgedi", strategy="equal") for image in images)
+            )
+        for image, result in zip(images, results, strict=True):
+            assert result.status == "ok", result.error
+            expected = reference_probabilities("tiny-edgedi", image)
+            np.testing.assert_allclose(result.probabilities, expected, atol=1e-5)
+        assert len({result.job_id for result in results}) == len(images)
+
+
+async def test_a_resubmitted_job_is_answered_from_the_cache(
+    broker: BrokerHandle, topic_root: TopicRoot
+) -> None:
+    async with running_cluster(broker, topic_root, speeds=(1.0, 1.0)) as cluster:
+        await cluster.wait_for_plan()
+        async with connect(broker.host, broker.port, root=topic_root) as client:
+            image = sample_image(3)
+            first = await client.infer(image, "tiny", job_id="same-job")
+            again = await client.infer(image, "tiny", job_id="same-job")
+        assert first.status == again.status == "ok"
+        assert again.probabilities == first.probabilities
+        assert again.message_id == first.message_id  # the cached message, not a re-run
+        statistics = cluster.leader().coordinator
+        assert statistics is not None
+        assert statistics.statistics.completed == 1
+        assert statistics.statistics.duplicates == 1
