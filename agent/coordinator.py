@@ -492,6 +492,21 @@ class Coordinator:
             self._tile_task(job, held, plan, position, layout, assignment, x)
             for assignment in assignments
         ]
+        # The plan may name a device that left since it was made: send its tiles elsewhere.
+        alive = set(self.alive_devices())
+        for number, task in enumerate(tasks):
+            if task.device not in alive:
+                device = self._pick_device(job, exclude={task.device})
+                if device is None:
+                    raise JobFailed(f"device {task.device} left and no other can take its tile")
+                logger.info(
+                    "job %s: tile %d goes to %s (%s left)",
+                    job.job_id,
+                    task.tile,
+                    device,
+                    task.device,
+                )
+                tasks[number] = task.model_copy(update={"device": DeviceId(device)})
         for task in tasks:
             job.tiles[(position, task.tile)] = TileRecord(
                 segment=position,
@@ -660,6 +675,18 @@ class Coordinator:
         devices = {r.device for r in job.tiles.values() if r.segment == position and not r.done}
         await self.links.send_gate(value, devices)
 
+    def _pick_device(self, job: _Job, exclude: Collection[str]) -> str | None:
+        """The alive device holding the job's model with the fewest unfinished tiles of it."""
+        holders = {birth.device for birth in self.planning.devices_for(job.submit.model)}
+        candidates = sorted((set(self.alive_devices()) & holders) - set(exclude))
+        if not candidates:
+            return None
+        load = dict.fromkeys(candidates, 0)
+        for other in job.tiles.values():
+            if not other.done and other.device in load:
+                load[other.device] += 1
+        return min(candidates, key=lambda device: (load[device], device))
+
     async def _redispatch(self, job: _Job, record: TileRecord, reason: str) -> None:
         """Send a failed tile to another device, or fail the job."""
         if record.attempt + 1 >= self.settings.tile_attempts:
@@ -667,19 +694,14 @@ class Coordinator:
                 f"tile {record.index} of segment {record.segment} failed "
                 f"{record.attempt + 1} time(s); last: {reason}"
             )
-        holders = {birth.device for birth in self.planning.devices_for(job.submit.model)}
-        alive = set(self.alive_devices()) & holders
-        candidates = sorted(alive - record.tried) or sorted(alive - {record.device})
-        if not candidates:
+        device = self._pick_device(job, exclude=record.tried) or self._pick_device(
+            job, exclude={record.device}
+        )
+        if device is None:
             raise JobFailed(
                 f"tile {record.index} of segment {record.segment} failed ({reason}) and no "
                 "other device holding the model is alive"
             )
-        load = {device: 0 for device in candidates}
-        for other in job.tiles.values():
-            if not other.done and other.device in load:
-                load[other.device] += 1
-        device = min(candidates, key=lambda d: (load[d], d))
         record.attempt += 1
         record.device = device
         record.sent_at = time.time()

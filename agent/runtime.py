@@ -223,6 +223,7 @@ class Agent:
                 await session_task
         finally:
             self._group = None
+            self.coordinator = None  # an agent that is not running leads nothing
             self.executor.shutdown(wait=False, cancel_futures=True)
 
     async def _prepare(self) -> None:

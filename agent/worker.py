@@ -267,15 +267,16 @@ class Worker:
     def cancel_job(self, message: CancelJob) -> None:
         if not self.accepts_epoch(message.epoch):
             return
-        self._forget_job(message.job_id, f"cancelled: {message.reason or 'no reason given'}")
+        self.drop_job(message.job_id, f"cancelled: {message.reason or 'no reason given'}")
 
     def on_epoch(self, epoch: int) -> None:
         """A newer leader took over: tiles of older epochs can never complete."""
         stale = {tile.task.job_id for tile in self._tiles.values() if tile.task.epoch < epoch}
         for job_id in stale:
-            self._forget_job(job_id, f"leader epoch {epoch} superseded the task's")
+            self.drop_job(job_id, f"leader epoch {epoch} superseded the task's")
 
-    def _forget_job(self, job_id: str, why: str) -> None:
+    def drop_job(self, job_id: str, why: str) -> None:
+        """Stop and forget every tile of a job; later tasks of it are ignored."""
         self._cancelled[job_id] = None
         while len(self._cancelled) > _CANCELLED_MEMORY:
             self._cancelled.popitem(last=False)

@@ -79,7 +79,7 @@ class Cluster:
         return agent
 
     def leaders(self) -> list[Agent]:
-        return [agent for agent in self.agents if agent.is_leader]
+        return [agent for agent in self.running() if agent.is_leader]
 
     def leader(self) -> Agent:
         leaders = self.leaders()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
-import pytest
 from runtime_support import (
     INPUT_SIZE,
     reference_probabilities,
@@ -22,7 +21,6 @@ from edgedi.agent.client import connect
 from edgedi.broker.server import BrokerHandle
 from edgedi.broker.topics import TopicRoot
 from edgedi.planner.strategies import strategy_names
-
 
 
 async def test_one_leader_is_elected_and_publishes_a_plan(
