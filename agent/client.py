@@ -133,7 +133,8 @@ class InferenceClient:
                 image=Tensor(array),
                 client=self.client_id,
                 submitted_at=time.time(),
-                deadline_seconds=timeout,
+                # A little less than our own patience, so a deadline error still reaches us.
+                deadline_seconds=max(0.05, timeout - min(1.0, 0.1 * timeout)),
                 strategy=strategy,
             )
             give_up = loop.time() + timeout
