@@ -57,6 +57,8 @@ __all__ = ["Worker", "WorkerLinks", "WorkerStatistics"]
 logger = logging.getLogger(__name__)
 
 _TILE_DTYPES = ("float32", "float16")
+# A flood of bad tasks must not flood the journal: one line per reason this often.
+_REFUSAL_LOG_INTERVAL_S = 10.0
 # Remember this many cancelled job ids, so late tasks of a cancelled job are dropped.
 _CANCELLED_MEMORY = 1024
 
@@ -134,6 +136,7 @@ class Worker:
         self._group: asyncio.TaskGroup | None = None
         self._idle = asyncio.Event()
         self._idle.set()
+        self._refusal_logged: dict[str, tuple[float, int]] = {}
 
     # --- state ----------------------------------------------------------------------
 
@@ -305,7 +308,17 @@ class Worker:
 
     def _refuse(self, task: TileTask, reason: str) -> None:
         self.statistics.refused += 1
-        logger.warning("refused tile %s of job %s: %s", task.tile, task.job_id, reason)
+        key = reason.split(":", 1)[0][:30]
+        if len(self._refusal_logged) > 256:  # adversarial reasons must not grow it forever
+            self._refusal_logged.clear()
+        last, suppressed = self._refusal_logged.get(key, (0.0, 0))
+        now = time.monotonic()
+        if now - last >= _REFUSAL_LOG_INTERVAL_S:
+            more = f" ({suppressed} similar refusals not logged)" if suppressed else ""
+            logger.warning("refused tile %s of job %s: %s%s", task.tile, task.job_id, reason, more)
+            self._refusal_logged[key] = (now, 0)
+        else:
+            self._refusal_logged[key] = (last, suppressed + 1)
         failure = TileFailed(
             sender=self.device_id,
             job_id=task.job_id,
