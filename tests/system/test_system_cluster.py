@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 import paho.mqtt.client as paho
 import torch
-from conftest import AGENTS, INPUT_SIZE, SystemCluster
+from system_support import AGENTS, INPUT_SIZE, SystemCluster
 
 from edgedi.agent.client import connect
 from edgedi.broker.messages import JobResult
