@@ -24,6 +24,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("plan", "plan a model on a cluster and compare the partitioning strategies"),
     "agent": ("agent", "run this device's agent: worker, and planner/coordinator when elected"),
     "infer": ("infer", "classify images on a running cluster and print the results"),
+    "demo": ("demo", "the main job: local agents of different speeds, a defect stream, speedup"),
+    "watch": ("watch", "print results and membership changes of a cluster as they happen"),
+    "status": ("status", "print a cluster's devices, leader and plan in force, then exit"),
 }
 
 

@@ -1,0 +1,514 @@
+"""`edgedi demo`: the main job, on this machine alone.
+
+A private MQTT broker and N `edgedi agent` processes of different speeds
+(`edgedi.agent.local_cluster`: CPU quotas when possible, else `--slowdown`), then a
+stream of synthetic steel-defect images through the runtime, each result printed as
+it arrives, and a summary with the measured speedup over one device.
+
+The speedup is measured, not predicted: every image runs twice through the same
+runtime, one job at a time, once with the plan in force (all devices) and once with
+the `single` strategy (the fastest device alone, a per-job strategy override), in
+alternating order so drift in the machine's load hits both alike. The summary also
+says what the speedup would ideally be for the emulated speeds, how the speeds were
+emulated, and whether the model's weights are trained (then the stream's accuracy is
+reported) or random (predictions are meaningless, and the summary says so).
+
+Exit status: 0 when every job got an ok result; 1 when any failed or timed out, or
+the cluster did not start; 2 for bad arguments; 130 on Ctrl-C (the cluster is always
+stopped and its cgroups removed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import signal
+import statistics
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
+    from edgedi.agent.client import InferenceClient
+    from edgedi.agent.local_cluster import LocalCluster
+    from edgedi.broker.messages import JobResult
+    from edgedi.broker.plan import Plan
+
+# Images of a seed the shipped checkpoint never saw (it trained on seed 0 and was
+# checked on seed 1), so the reported accuracy is on unseen images.
+DEFAULT_SEED = 1000
+# Breakdown stages shown in the summary, in pipeline order, with readable names.
+_STAGES = (
+    ("scatter", "scatter"),
+    ("compute", "compute"),
+    ("worker_compute", "of which slowest tiles"),
+    ("reductions", "gate rounds"),
+    ("gather", "gather"),
+    ("tail", "tail"),
+    ("total", "total on the leader"),
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--devices", type=int, default=4, metavar="N", help="local agents (default 4)"
+    )
+    parser.add_argument(
+        "--images", type=int, default=24, metavar="K", help="images to stream (default 24)"
+    )
+    parser.add_argument("--model", default="vgg16-edgedi", help="zoo model (default vgg16-edgedi)")
+    parser.add_argument(
+        "--strategy", help="partitioning strategy of the plan (default: the agents' edgeci)"
+    )
+    parser.add_argument(
+        "--size", type=int, default=200, metavar="PX", help="image side length (default 200)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=DEFAULT_SEED, help=f"image stream seed (default {DEFAULT_SEED})"
+    )
+    parser.add_argument(
+        "--emulation",
+        choices=("auto", "quota", "slowdown", "none"),
+        default="auto",
+        help="how device speeds are made: cgroup CPU quotas when possible (auto), "
+        "--slowdown sleeps, or none",
+    )
+    parser.add_argument(
+        "--no-baseline",
+        dest="baseline",
+        action="store_false",
+        help="skip the one-device runs (no measured speedup)",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=60.0, metavar="S", help="per job (default 60)"
+    )
+    parser.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=180.0,
+        metavar="S",
+        help="for the cluster to start (default 180)",
+    )
+    parser.add_argument(
+        "--keep-logs", action="store_true", help="keep the agents' logs (the folder is printed)"
+    )
+
+
+@dataclass
+class _Run:
+    """One job's outcome as the client saw it."""
+
+    result: JobResult | None
+    seconds: float
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.result is not None and self.result.status == "ok"
+
+
+@dataclass
+class _Image:
+    name: str
+    label: int
+    image: npt.NDArray[np.uint8]
+    distributed: _Run | None = None
+    single: _Run | None = None
+
+
+@dataclass
+class _Weights:
+    trained: bool
+    description: str
+    accuracy: float | None = None
+    data_seeds: set[int] = field(default_factory=set)
+
+
+def _say(*lines: str) -> None:
+    for line in lines:
+        print(line)
+    sys.stdout.flush()
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    # SIGTERM ends the demo like Ctrl-C: through the `finally` that stops the cluster.
+    raise KeyboardInterrupt
+
+
+def run(args: argparse.Namespace) -> int:
+    from edgedi.models.specs import MODEL_NAMES, get_spec
+
+    if args.model not in MODEL_NAMES:
+        print(f"unknown model {args.model!r}; known: {', '.join(MODEL_NAMES)}", file=sys.stderr)
+        return 2
+    if args.devices < 1 or args.images < 1:
+        print("--devices and --images must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        get_spec(args.model, args.size)
+    except ValueError as error:
+        print(f"--size {args.size}: {error}", file=sys.stderr)
+        return 2
+    if args.strategy is not None:
+        from edgedi.planner.strategies import strategy_names
+
+        if args.strategy not in strategy_names():
+            known = ", ".join(strategy_names())
+            print(f"unknown strategy {args.strategy!r}; known: {known}", file=sys.stderr)
+            return 2
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _demo(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _load_weights(model: str, size: int) -> tuple[Any, _Weights]:
+    from edgedi.models.checkpoints import load_model, read_sidecar, shipped_checkpoint
+
+    network, description = load_model(model, size, "auto")
+    path = shipped_checkpoint(model)
+    if path is None:
+        return network, _Weights(False, description)
+    record = read_sidecar(path) or {}
+    accuracy = record.get("accuracy")
+    seeds = set()
+    for section in (record.get("data"), (record.get("unseen") or {}).get("data")):
+        if isinstance(section, dict) and isinstance(section.get("seed"), int):
+            seeds.add(section["seed"])
+    return network, _Weights(
+        True, description, accuracy if isinstance(accuracy, float) else None, seeds
+    )
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from edgedi.agent.local_cluster import ClusterError, LocalCluster
+    from edgedi.models.checkpoints import CheckpointError
+
+    started = time.monotonic()
+    _say(
+        f"edgedi demo: {args.model} at {args.size}x{args.size} px on {args.devices} local device(s)"
+    )
+    try:
+        network, weights = _load_weights(args.model, args.size)
+    except CheckpointError as error:
+        print(f"cannot load {args.model}: {error}", file=sys.stderr)
+        return 2
+    if weights.trained:
+        _say(f"weights: TRAINED checkpoint: {weights.description}")
+        if args.seed in weights.data_seeds:
+            _say(f"  note: image seed {args.seed} was used to train or test this checkpoint")
+    else:
+        _say(
+            f"weights: RANDOM (no trained checkpoint for {args.model}): predictions are "
+            "meaningless and no accuracy is reported; latency and speedup are still real"
+        )
+    cluster = LocalCluster(
+        args.devices,
+        model=args.model,
+        input_size=args.size,
+        strategy=args.strategy,
+        emulation=args.emulation,
+    )
+    failed = True
+    try:
+        _say("measuring one core of this machine, then starting the broker and the agents ...")
+        try:
+            cluster.start()
+            assert cluster.emulation is not None and cluster.broker is not None
+            _say(f"devices: {cluster.emulation.describe()}")
+            if cluster.calibration is not None:
+                _say(f"profile: {cluster.calibration.describe(args.model)}")
+            _say(
+                f"broker: {cluster.broker.kind} on {cluster.broker_address} (loopback); "
+                f"watch it live with: edgedi watch --broker {cluster.broker_address}"
+            )
+            view = asyncio.run(cluster.wait_ready(args.ready_timeout))
+        except ClusterError as error:
+            print(f"the local cluster did not start: {error}", file=sys.stderr)
+            return 1
+        assert view.leader is not None and view.plan is not None
+        _say(
+            f"cluster ready after {time.monotonic() - started:.1f} s: leader "
+            f"{view.leader.device} (epoch {view.leader.epoch})"
+        )
+        code = asyncio.run(_stream(args, cluster, view.plan.plan, network, weights))
+        failed = code != 0
+        return code
+    finally:
+        keep = args.keep_logs or failed
+        cluster.stop(keep_logs=keep)
+        if keep and cluster.agents:
+            _say(f"agent logs kept in {cluster.log_dir}")
+
+
+async def _timed(
+    client: InferenceClient, item: _Image, model: str, strategy: str | None, limit_s: float
+) -> _Run:
+    from edgedi.agent.client import JobTimeout
+
+    started = time.perf_counter()
+    try:
+        result = await client.infer(item.image, model, strategy=strategy, timeout=limit_s)
+    except JobTimeout as error:
+        return _Run(None, time.perf_counter() - started, str(error))
+    run = _Run(result, time.perf_counter() - started)
+    if result.status != "ok":
+        run.error = result.error
+    return run
+
+
+async def _stream(
+    args: argparse.Namespace, cluster: LocalCluster, plan: Plan, network: Any, weights: _Weights
+) -> int:
+    from edgedi.agent.client import connect
+    from edgedi.agent.cluster_view import describe_plan
+    from edgedi.agent.progress import ProgressBar
+    from edgedi.models.data import CLASSES, iter_images
+
+    _say("plan in force:", *("  " + line for line in describe_plan(plan)))
+    baseline = cluster.fastest
+    items = [
+        _Image(sample.name, sample.label, sample.image)
+        for sample in iter_images(args.seed, args.size, count=args.images)
+    ]
+    how = (
+        ", each run twice, one job at a time: with the plan in force, and with strategy "
+        f"single (the fastest device alone, {baseline} here) through the same runtime, "
+        "in alternating order"
+        if args.baseline
+        else ", one job at a time, with the plan in force"
+    )
+    _say(f"stream: {len(items)} synthetic defect images (seed {args.seed}){how}")
+    async with connect(cluster.host, cluster.port, root=cluster.root) as client:
+        # One job each first: the first run of a plan pays one-off costs (allocations,
+        # the first plan of a strategy), which are not what the stream measures.
+        warm = _Image("warm-up", 0, items[0].image)
+        warm_runs = [await _timed(client, warm, args.model, None, args.timeout)]
+        if args.baseline:
+            warm_runs.append(await _timed(client, warm, args.model, "single", args.timeout))
+        for warm_run in warm_runs:
+            if not warm_run.ok:
+                _say(f"warm-up job failed: {warm_run.error}")
+        _say("warm-up done (1 job per strategy, not counted)")
+        width = max(len(item.name) for item in items)
+        class_width = max(len(name) for name in CLASSES)
+        with ProgressBar(len(items), label="images") as bar:
+            for position, item in enumerate(items):
+                order: list[str | None] = [None, "single"] if args.baseline else [None]
+                if position % 2:
+                    order.reverse()
+                for strategy in order:
+                    outcome = await _timed(client, item, args.model, strategy, args.timeout)
+                    if strategy is None:
+                        item.distributed = outcome
+                    else:
+                        item.single = outcome
+                bar.write(_result_line(position, len(items), item, width, class_width, weights))
+                bar.advance()
+    reference = await asyncio.to_thread(_reference_probabilities, network, items)
+    for line in _summary(args, cluster, items, weights, reference):
+        _say(line)
+    runs = [run for item in items for run in (item.distributed, item.single) if run is not None]
+    failures = sum(1 for run in runs if not run.ok) + sum(1 for run in warm_runs if not run.ok)
+    return 1 if failures else 0
+
+
+def _class_name(label: int | None) -> str:
+    from edgedi.models.data import CLASSES
+
+    if label is None:
+        return "?"
+    return CLASSES[label] if 0 <= label < len(CLASSES) else f"class {label}"
+
+
+def _devices(devices: tuple[str, ...]) -> str:
+    return ",".join(devices)
+
+
+def _result_line(
+    position: int, total: int, item: _Image, width: int, class_width: int, weights: _Weights
+) -> str:
+    counter = f"[{position + 1:>{len(str(total))}}/{total}]"
+    head = f"{counter} {item.name:<{width}}  true {_class_name(item.label):<{class_width}}"
+    run = item.distributed
+    if run is None or not run.ok or run.result is None:
+        error = run.error if run is not None else "not run"
+        text = f"{head}  ERROR: {error}"
+    else:
+        result = run.result
+        label = result.label
+        confidence = (
+            result.probabilities[label] if label is not None and result.probabilities else math.nan
+        )
+        verdict = ""
+        if weights.trained:
+            verdict = "  ok  " if label == item.label else "  MISS"
+        text = (
+            f"{head}  predicted {_class_name(label):<{class_width}} p={confidence:.2f}{verdict}"
+            f"  {run.seconds * 1000:7.1f} ms on {_devices(result.devices)}"
+        )
+    single = item.single
+    if single is not None:
+        if single.ok and single.result is not None:
+            text += (
+                f"  | single {single.seconds * 1000:7.1f} ms on {_devices(single.result.devices)}"
+            )
+        else:
+            text += f"  | single ERROR: {single.error}"
+    return text
+
+
+def _reference_probabilities(network: Any, items: list[_Image]) -> list[npt.NDArray[np.float64]]:
+    """The same model in this one process (a plain forward pass), for the exactness line."""
+    import numpy as np
+    import torch
+
+    from edgedi.models.training import normalize
+
+    outputs = []
+    with torch.inference_mode():
+        for item in items:
+            logits = network(normalize(np.asarray(item.image)[None])).double()
+            outputs.append(torch.softmax(logits, dim=1).numpy().reshape(-1))
+    return outputs
+
+
+def _percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return math.nan
+    rank = fraction * (len(ordered) - 1)
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def _latency_row(name: str, runs: list[_Run], width: int) -> str:
+    values = [run.seconds * 1000 for run in runs if run.ok]
+    if not values:
+        return f"    {name:<{width}}  (no successful job)"
+    return (
+        f"    {name:<{width}}  {statistics.median(values):8.1f} {_percentile(values, 0.9):8.1f} "
+        f"{statistics.fmean(values):8.1f}"
+    )
+
+
+def _summary(
+    args: argparse.Namespace,
+    cluster: LocalCluster,
+    items: list[_Image],
+    weights: _Weights,
+    reference: list[npt.NDArray[np.float64]],
+) -> list[str]:
+    import numpy as np
+
+    emulation = cluster.emulation
+    assert emulation is not None
+    distributed = [item.distributed for item in items if item.distributed is not None]
+    single = [item.single for item in items if item.single is not None]
+    runs = distributed + single
+    failed = sum(1 for run in runs if not run.ok)
+    name_width = 44
+    lines = [
+        "",
+        f"summary: {len(runs) - failed}/{len(runs)} jobs ok"
+        + (f", {failed} FAILED or timed out" if failed else ""),
+        f"  {'latency per image, ms (client round trip)':<{name_width + 2}}"
+        f"{'median':>8} {'p90':>8} {'mean':>8}",
+    ]
+    lines.append(
+        _latency_row(
+            f"distributed ({args.devices} devices, plan in force)", distributed, name_width
+        )
+    )
+    if single:
+        lines.append(_latency_row(f"one device ({_single_devices(single)})", single, name_width))
+    ok_distributed = [run.seconds for run in distributed if run.ok]
+    ok_single = [run.seconds for run in single if run.ok]
+    speeds = "+".join(f"{speed:.2f}" for speed in emulation.effective)
+    if ok_distributed and ok_single:
+        speedup = statistics.median(ok_single) / statistics.median(ok_distributed)
+        lines.append(
+            f"  measured speedup over one device: {speedup:.2f}x (median one-device latency / "
+            "median distributed latency, same images, same run, this machine)"
+        )
+    lines.append(
+        f"  ideal speedup for these speeds: {emulation.ideal_speedup:.2f}x "
+        f"(({speeds}) / {max(emulation.effective):.2f}: perfect balance, free transfers)"
+    )
+    if ok_distributed:
+        throughput = len(ok_distributed) / sum(ok_distributed)
+        text = f"  throughput, one image at a time: {throughput:.2f} images/s distributed"
+        if ok_single:
+            text += f", {len(ok_single) / sum(ok_single):.2f} images/s on one device"
+        lines.append(text)
+    breakdown = _breakdown(distributed)
+    if breakdown:
+        lines.append(f"  where a distributed job's time goes (median ms): {breakdown}")
+    results = [
+        (item, item.distributed.result)
+        for item in items
+        if item.distributed is not None and item.distributed.ok and item.distributed.result
+    ]
+    if weights.trained and results:
+        correct = sum(1 for item, result in results if result.label == item.label)
+        known = f"; checkpoint's test accuracy {weights.accuracy:.1%}" if weights.accuracy else ""
+        lines.append(
+            f"  accuracy on the stream: {correct}/{len(results)} = {correct / len(results):.1%} "
+            f"(trained checkpoint, unseen synthetic images{known})"
+        )
+    elif not weights.trained:
+        lines.append("  accuracy: not reported (random weights: the predictions mean nothing)")
+    if results:
+        by_name = {
+            item.name: probabilities for item, probabilities in zip(items, reference, strict=True)
+        }
+        differences = [
+            float(np.max(np.abs(np.asarray(result.probabilities) - by_name[item.name])))
+            for item, result in results
+        ]
+        worst = max(differences)
+        verdict = "identical" if worst <= 1e-5 else "DIFFERENT (above 1e-5)"
+        lines.append(
+            f"  exactness: distributed probabilities vs one plain forward pass in one process: "
+            f"max |difference| {worst:.1e} over {len(results)} images: {verdict}"
+        )
+    lines.append(
+        "  honesty: the devices are processes on this one machine "
+        f"({emulation.method}); the links are loopback, so a transfer costs far less than "
+        "on a real LAN, while CPU quotas add throttling stalls that real slow devices do not have"
+    )
+    return lines
+
+
+def _single_devices(runs: list[_Run]) -> str:
+    """Which device the `single` jobs ran on (the planner picks it, not the demo)."""
+    used = Counter(run.result.devices for run in runs if run.ok and run.result is not None)
+    if not used:
+        return "strategy single"
+    devices = used.most_common(1)[0][0]
+    if len(devices) == 1:
+        return f"{devices[0]}, strategy single"
+    return f"strategy single on {'+'.join(devices)}: one computes, the leader runs the tail"
+
+
+def _breakdown(runs: list[_Run]) -> str:
+    stages: dict[str, list[float]] = {}
+    for run in runs:
+        if run.ok and run.result is not None:
+            for stage, value in run.result.latency_ms.items():
+                stages.setdefault(stage, []).append(value)
+    parts = [
+        f"{label} {statistics.median(stages[stage]):.1f}"
+        for stage, label in _STAGES
+        if stage in stages
+    ]
+    return ", ".join(parts)

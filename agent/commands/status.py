@@ -1,0 +1,135 @@
+"""`edgedi status`: the cluster now — devices, leader, plan in force — then exit.
+
+    edgedi status --broker 127.0.0.1:1883 [--cluster default] [--json]
+
+Connects, collects the retained records (births, states, the leader record, the
+plan) and a round of heartbeats for `--wait` seconds (default 1.2: heartbeats come
+every second), prints them and exits: 0 when a leader and a plan are known, 1
+otherwise (nothing there, or the broker unreachable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+from edgedi.agent.commands.agent import broker_address
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--broker", type=broker_address, default=("127.0.0.1", 1883), metavar="HOST:PORT"
+    )
+    parser.add_argument("--cluster", default="default", help="cluster name")
+    parser.add_argument("--topic-root", default="edgedi/v1", help="topic prefix")
+    parser.add_argument("--username", help="MQTT user name")
+    parser.add_argument("--password-file", type=Path, help="file holding the MQTT password")
+    parser.add_argument(
+        "--wait", type=float, default=1.2, metavar="S", help="collect for S seconds (default 1.2)"
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON document")
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    return [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
+
+
+def _candidate(candidate: bool | None, priority: int | None) -> str:
+    if candidate is None:
+        return "-"
+    if not candidate:
+        return "no"
+    return f"yes (priority {priority})" if priority else "yes"
+
+
+def render(document: dict[str, Any], plan_lines: list[str]) -> list[str]:
+    """The human-readable status from `ClusterView.to_json()` and the plan's lines."""
+    devices = document["devices"]
+    lines = [f"devices ({len(devices)}):"]
+    if devices:
+        rows = [["device", "state", "session", "cores", "candidate", "load", "models"]]
+        for device in devices:
+            candidate = device["candidate"]
+            rows.append(
+                [
+                    device["device"],
+                    device["status"],
+                    str(device["session"]) if device["session"] is not None else "-",
+                    str(device["cores"]) if device["cores"] is not None else "-",
+                    _candidate(candidate, device["priority"]),
+                    f"{device['load']:.2f}" if device["load"] is not None else "-",
+                    ", ".join(device["models"]) or "-",
+                ]
+            )
+        lines += ["  " + line for line in _table(rows)]
+    leader = document["leader"]
+    lines.append(
+        f"leader: {leader['device']} (epoch {leader['epoch']}, session {leader['session']})"
+        if leader is not None
+        else "leader: none recorded"
+    )
+    if plan_lines:
+        lines += ["plan in force:", *("  " + line for line in plan_lines)]
+    else:
+        lines.append("plan in force: none published")
+    return lines
+
+
+async def _collect(args: argparse.Namespace) -> int:
+    from edgedi.agent.cluster_view import ClusterView, describe_plan, subscribe_view
+    from edgedi.broker.connection import MqttSession, SessionSettings
+    from edgedi.broker.errors import BrokerError
+    from edgedi.broker.topics import TopicRoot
+
+    host, port = args.broker
+    password = args.password_file.read_text().strip() if args.password_file else None
+    settings = SessionSettings(
+        host=host,
+        port=port or 1883,
+        client_id=f"status-{uuid.uuid4().hex[:12]}",
+        username=args.username,
+        password=password,  # pydantic turns a str into a SecretStr
+    )
+    try:
+        root = TopicRoot(args.topic_root, args.cluster)
+    except BrokerError as error:
+        print(f"bad topic root: {error}", file=sys.stderr)
+        return 2
+    session = MqttSession(settings, root)
+    view = ClusterView()
+    await subscribe_view(session, view, heartbeats=True)
+    async with asyncio.TaskGroup() as group:
+        runner = group.create_task(session.run(), name="status-session")
+        try:
+            await session.wait_connected(10.0)
+            await asyncio.sleep(max(0.0, args.wait))
+        except BrokerError as error:
+            print(f"broker {host}:{settings.port}: {error}", file=sys.stderr)
+            return 1
+        finally:
+            session.request_stop()
+            await runner
+    document = view.to_json()
+    document["broker"] = f"{host}:{settings.port}"
+    document["topic_root"] = root.base
+    if args.json:
+        print(json.dumps(document, indent=2))
+    else:
+        plan = view.plan.plan if view.plan is not None else None
+        print(f"cluster {root.base} on {host}:{settings.port}")
+        for line in render(document, describe_plan(plan) if plan is not None else []):
+            print(line)
+    return 0 if view.leader is not None and view.plan is not None else 1
+
+
+def run(args: argparse.Namespace) -> int:
+    return asyncio.run(_collect(args))

@@ -1,0 +1,141 @@
+"""`edgedi watch`: results and membership changes of a cluster as they happen.
+
+    edgedi watch --broker 127.0.0.1:1883 [--cluster default]
+
+One line per event, until Ctrl-C: device births, state changes (online, offline,
+stopped; a late Will of an old session is shown as ignored), leader changes, new
+plans, and every job result (label, confidence, latency, devices; or the error).
+The retained records come first, so the opening lines describe the cluster as it
+is; after that only changes print. Watching never disturbs the cluster: it only
+subscribes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from edgedi.agent.commands.agent import broker_address
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--broker", type=broker_address, default=("127.0.0.1", 1883), metavar="HOST:PORT"
+    )
+    parser.add_argument("--cluster", default="default", help="cluster name")
+    parser.add_argument("--topic-root", default="edgedi/v1", help="topic prefix")
+    parser.add_argument("--username", help="MQTT user name")
+    parser.add_argument("--password-file", type=Path, help="file holding the MQTT password")
+    parser.add_argument(
+        "--heartbeats", action="store_true", help="also print every heartbeat (noisy)"
+    )
+    parser.add_argument(
+        "--duration", type=float, metavar="S", help="stop after S seconds (default: Ctrl-C)"
+    )
+
+
+def _stamp() -> str:
+    now = time.time()
+    return time.strftime("%H:%M:%S", time.localtime(now)) + f".{int(now % 1 * 1000):03d}"
+
+
+def _emit(line: str) -> None:
+    print(f"{_stamp()} {line}")
+    sys.stdout.flush()
+
+
+def result_line(result: object) -> str:
+    """One line for a `JobResult` (shared with the tests)."""
+    from edgedi.broker.messages import JobResult
+
+    assert isinstance(result, JobResult)
+    if result.status != "ok":
+        return f"result  {result.job_id}: ERROR {result.error}"
+    label = result.class_name or f"class {result.label}"
+    confidence = (
+        result.probabilities[result.label]
+        if result.label is not None and result.probabilities
+        else float("nan")
+    )
+    total = result.latency_ms.get("total", float("nan"))
+    return (
+        f"result  {result.job_id}: {label} p={confidence:.2f} in {total:.1f} ms on "
+        f"{','.join(result.devices)} [{result.strategy}, epoch {result.epoch}]"
+    )
+
+
+async def _watch(args: argparse.Namespace) -> int:
+    from edgedi.agent.cluster_view import ClusterView, subscribe_view
+    from edgedi.broker.connection import MqttSession, Received, SessionSettings
+    from edgedi.broker.errors import BrokerError
+    from edgedi.broker.messages import Heartbeat
+    from edgedi.broker.topics import DEVICE_HEARTBEAT, JOB_RESULT, TopicRoot
+
+    host, port = args.broker
+    password = args.password_file.read_text().strip() if args.password_file else None
+    settings = SessionSettings(
+        host=host,
+        port=port or 1883,
+        client_id=f"watch-{uuid.uuid4().hex[:12]}",
+        username=args.username,
+        password=password,  # pydantic turns a str into a SecretStr
+    )
+    try:
+        root = TopicRoot(args.topic_root, args.cluster)
+    except BrokerError as error:
+        print(f"bad topic root: {error}", file=sys.stderr)
+        return 2
+    session = MqttSession(settings, root)
+    view = ClusterView()
+
+    def on_lines(lines: list[str]) -> None:
+        for line in lines:
+            _emit(line)
+
+    async def on_result(received: Received) -> None:
+        _emit(result_line(received.message))
+
+    async def on_heartbeat(received: Received) -> None:
+        beat = received.message
+        assert isinstance(beat, Heartbeat)
+        _emit(
+            f"beat    {beat.device}: load {beat.load:.2f}, {beat.busy_tiles} tile(s), "
+            f"#{beat.sequence}"
+        )
+
+    await subscribe_view(session, view, heartbeats=False, on_lines=on_lines)
+    await session.subscribe(JOB_RESULT, on_result)
+    if args.heartbeats:
+        await session.subscribe(DEVICE_HEARTBEAT, on_heartbeat)
+    async with asyncio.TaskGroup() as group:
+        runner = group.create_task(session.run(), name="watch-session")
+        try:
+            await session.wait_connected(10.0)
+        except BrokerError as error:
+            print(f"broker {host}:{settings.port}: {error}", file=sys.stderr)
+            session.request_stop()
+            await runner
+            return 1
+        _emit(f"watching {root.base}/ on {host}:{settings.port} (Ctrl-C to stop)")
+        try:
+            if args.duration is not None:
+                await asyncio.sleep(args.duration)
+            else:
+                await asyncio.Event().wait()
+        finally:
+            session.request_stop()
+            with contextlib.suppress(asyncio.CancelledError):
+                await runner
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return asyncio.run(_watch(args))
+    except KeyboardInterrupt:
+        return 0
