@@ -507,7 +507,10 @@ class LocalCluster:
         self._quotas: CpuQuotas | None = None
         self._groups: dict[str, Path] = {}
         self._own_log_dir = log_dir is None
-        self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix="edgedi-cluster-"))
+        # Only a name until `start()` creates it: constructing starts nothing.
+        self.log_dir = log_dir or Path(tempfile.gettempdir()) / (
+            f"edgedi-cluster-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        )
         self._stopped = False
 
     # --- addresses --------------------------------------------------------------------
@@ -539,7 +542,7 @@ class LocalCluster:
 
     def start(self) -> None:
         """Start the broker and the agents (returns at once; see `wait_ready`)."""
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.emulation = self._choose_emulation()
         if self._quotas is not None:
             for device, speed in zip(self.device_ids, self.speeds, strict=True):

@@ -138,8 +138,15 @@ def _say(*lines: str) -> None:
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
-    # SIGTERM ends the demo like Ctrl-C: through the `finally` that stops the cluster.
-    raise KeyboardInterrupt
+    """SIGTERM ends the demo like Ctrl-C: through the `finally` that stops the cluster.
+
+    Delivered as SIGINT when that is handled, so that inside `asyncio.run` the loop's
+    own SIGINT handler cancels the running task cleanly (a KeyboardInterrupt raised
+    at a random point of the loop can leave the MQTT client waiting out its timeouts).
+    """
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        raise KeyboardInterrupt
+    signal.raise_signal(signal.SIGINT)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -242,6 +249,10 @@ def _demo(args: argparse.Namespace) -> int:
         code = asyncio.run(_stream(args, cluster, view.plan.plan, network, weights))
         failed = code != 0
         return code
+    except KeyboardInterrupt:
+        failed = False  # asked to stop: nothing to investigate
+        print("\ninterrupted: stopping the local cluster", file=sys.stderr)
+        raise
     finally:
         keep = args.keep_logs or failed
         cluster.stop(keep_logs=keep)
@@ -481,10 +492,18 @@ def _summary(
             f"  exactness: distributed probabilities vs one plain forward pass in one process: "
             f"max |difference| {worst:.1e} over {len(results)} images: {verdict}"
         )
+    caveat = {
+        "cgroup-v1": "CPU quotas add throttling stalls (a few ms per 5 ms period) that a "
+        "really slow device does not have",
+        "cgroup-v2": "CPU quotas add throttling stalls (a few ms per 5 ms period) that a "
+        "really slow device does not have",
+        "slowdown": f"the agents share this machine's {emulation.cores} cores and only their "
+        "compute steps are slowed (message handling runs at full speed)",
+        "none": f"the agents share this machine's {emulation.cores} cores at full speed",
+    }[emulation.method]
     lines.append(
-        "  honesty: the devices are processes on this one machine "
-        f"({emulation.method}); the links are loopback, so a transfer costs far less than "
-        "on a real LAN, while CPU quotas add throttling stalls that real slow devices do not have"
+        f"  honesty: the devices are processes on this one machine ({emulation.method}); "
+        f"the links are loopback, so a transfer costs far less than on a real LAN; {caveat}"
     )
     return lines
 

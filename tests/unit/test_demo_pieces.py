@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import io
+import os
 
 import pytest
 
 from edgedi.agent.cluster_view import ClusterView, describe_plan, plan_headline
-from edgedi.agent.local_cluster import Emulation, default_speeds
+from edgedi.agent.local_cluster import ClusterError, Emulation, LocalCluster, default_speeds
 from edgedi.agent.progress import ProgressBar, render_bar
 from edgedi.broker.messages import (
     DeviceBirth,
@@ -77,6 +78,20 @@ def test_ideal_speedup_is_the_summed_speed_over_the_fastest() -> None:
     assert slowed.ideal_speedup == pytest.approx(2.0)
     assert slowed.slowdowns == pytest.approx((1.0, 1.0, 1.6, 1.6))
     assert "cgroup v1" in quotas.describe() and "--slowdown" in slowed.describe()
+
+
+def test_without_root_the_launcher_falls_back_to_slowdown(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    cluster = LocalCluster(4, model="tiny-edgedi", input_size=64)
+    emulation = cluster._choose_emulation()
+    assert emulation.method == "slowdown"
+    assert "not running as root" in emulation.note
+    assert emulation.slowdowns == pytest.approx((1.0, 1.0, 1.6, 1.6))
+    assert not cluster.log_dir.exists()  # constructing starts nothing
+    with pytest.raises(ClusterError, match="CPU quotas are not available"):
+        LocalCluster(2, model="tiny-edgedi", emulation="quota")._choose_emulation()
 
 
 # --- cluster view ---------------------------------------------------------------------
