@@ -16,6 +16,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from PIL import Image
+
 from edgedi.models.data import (
     CLASSES,
     DEFAULT_SIZE,
@@ -25,7 +27,6 @@ from edgedi.models.data import (
     contact_sheet,
     load_folder,
 )
-from PIL import Image
 
 # Pixels to write before progress is worth showing: 300 images of 200x200 take about 2 s.
 _PROGRESS_FROM_PIXELS = 300 * 200 * 200

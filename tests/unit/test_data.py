@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 import pytest
+from PIL import Image
+
 from edgedi.agent.cli import main
 from edgedi.models.data import (
     CLASSES,
@@ -22,7 +24,6 @@ from edgedi.models.data import (
     read_image,
     split_indices,
 )
-from PIL import Image
 
 SMALL = 48  # enough pixels for every defect to show, cheap enough for many images
 

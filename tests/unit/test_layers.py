@@ -17,8 +17,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = {"agent": "edgedi.agent", "broker": "edgedi.broker", "planner": "edgedi.planner",
-            "models": "edgedi.models"}
+PACKAGES = {
+    "agent": "edgedi.agent",
+    "broker": "edgedi.broker",
+    "planner": "edgedi.planner",
+    "models": "edgedi.models",
+}
 NETWORK = ("aiomqtt", "paho", "amqtt", "asyncio", "socket")
 
 # For each layer: module prefixes it must never import.
@@ -28,8 +32,12 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "models": ("edgedi.agent", "edgedi.planner", "edgedi.broker", *NETWORK),
 }
 # Modules of our own that the planner may use (plain data, no torch).
-PLANNER_ALLOWED_OURS = ("edgedi.planner", "edgedi.models.units", "edgedi.models.specs",
-                        "edgedi.broker.plan")
+PLANNER_ALLOWED_OURS = (
+    "edgedi.planner",
+    "edgedi.models.units",
+    "edgedi.models.specs",
+    "edgedi.broker.plan",
+)
 # The broker's network modules may of course use the network; the schemas may not.
 BROKER_NETWORK_MODULES = {"connection", "server"}
 
@@ -79,8 +87,10 @@ def test_static_imports_point_downwards(layer: str) -> None:
                 forbidden = tuple(p for p in forbidden if p not in NETWORK)
             if any(_matches(name, prefix) for prefix in forbidden):
                 violations.append(f"{path.relative_to(ROOT)} imports {name}")
-            if layer == "planner" and name.startswith("edgedi.") and not any(
-                _matches(name, allowed) for allowed in PLANNER_ALLOWED_OURS
+            if (
+                layer == "planner"
+                and name.startswith("edgedi.")
+                and not any(_matches(name, allowed) for allowed in PLANNER_ALLOWED_OURS)
             ):
                 violations.append(f"{path.relative_to(ROOT)} imports {name}")
     assert not violations, "\n".join(violations)
@@ -98,6 +108,7 @@ def test_pure_layers_do_not_load_torch_or_mqtt_at_run_time() -> None:
         "('torch', 'aiomqtt', 'paho', 'amqtt'))\n"
         "print(','.join(bad))\n"
     )
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         check=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120
+    )
     assert out.stdout.strip() == "", f"pure layers loaded: {out.stdout.strip()}"
