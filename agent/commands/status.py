@@ -14,21 +14,13 @@ import argparse
 import asyncio
 import json
 import sys
-import uuid
-from pathlib import Path
 from typing import Any
 
-from edgedi.agent.commands.agent import broker_address
+from edgedi.agent.commands.observer import add_connection_arguments, observer_session
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--broker", type=broker_address, default=("127.0.0.1", 1883), metavar="HOST:PORT"
-    )
-    parser.add_argument("--cluster", default="default", help="cluster name")
-    parser.add_argument("--topic-root", default="edgedi/v1", help="topic prefix")
-    parser.add_argument("--username", help="MQTT user name")
-    parser.add_argument("--password-file", type=Path, help="file holding the MQTT password")
+    add_connection_arguments(parser)
     parser.add_argument(
         "--wait", type=float, default=1.2, metavar="S", help="collect for S seconds (default 1.2)"
     )
@@ -86,25 +78,12 @@ def render(document: dict[str, Any], plan_lines: list[str]) -> list[str]:
 
 async def _collect(args: argparse.Namespace) -> int:
     from edgedi.agent.cluster_view import ClusterView, describe_plan, subscribe_view
-    from edgedi.broker.connection import MqttSession, SessionSettings
     from edgedi.broker.errors import BrokerError
-    from edgedi.broker.topics import TopicRoot
 
-    host, port = args.broker
-    password = args.password_file.read_text().strip() if args.password_file else None
-    settings = SessionSettings(
-        host=host,
-        port=port or 1883,
-        client_id=f"status-{uuid.uuid4().hex[:12]}",
-        username=args.username,
-        password=password,  # pydantic turns a str into a SecretStr
-    )
-    try:
-        root = TopicRoot(args.topic_root, args.cluster)
-    except BrokerError as error:
-        print(f"bad topic root: {error}", file=sys.stderr)
+    observer = observer_session(args, "status")
+    if observer is None:
         return 2
-    session = MqttSession(settings, root)
+    session, root, address = observer
     view = ClusterView()
     await subscribe_view(session, view, heartbeats=True)
     async with asyncio.TaskGroup() as group:
@@ -113,19 +92,19 @@ async def _collect(args: argparse.Namespace) -> int:
             await session.wait_connected(10.0)
             await asyncio.sleep(max(0.0, args.wait))
         except BrokerError as error:
-            print(f"broker {host}:{settings.port}: {error}", file=sys.stderr)
+            print(f"broker {address}: {error}", file=sys.stderr)
             return 1
         finally:
             session.request_stop()
             await runner
     document = view.to_json()
-    document["broker"] = f"{host}:{settings.port}"
+    document["broker"] = f"{address}"
     document["topic_root"] = root.base
     if args.json:
         print(json.dumps(document, indent=2))
     else:
         plan = view.plan.plan if view.plan is not None else None
-        print(f"cluster {root.base} on {host}:{settings.port}")
+        print(f"cluster {root.base} on {address}")
         for line in render(document, describe_plan(plan) if plan is not None else []):
             print(line)
     return 0 if view.leader is not None and view.plan is not None else 1

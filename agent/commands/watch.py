@@ -17,20 +17,12 @@ import asyncio
 import contextlib
 import sys
 import time
-import uuid
-from pathlib import Path
 
-from edgedi.agent.commands.agent import broker_address
+from edgedi.agent.commands.observer import add_connection_arguments, observer_session
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--broker", type=broker_address, default=("127.0.0.1", 1883), metavar="HOST:PORT"
-    )
-    parser.add_argument("--cluster", default="default", help="cluster name")
-    parser.add_argument("--topic-root", default="edgedi/v1", help="topic prefix")
-    parser.add_argument("--username", help="MQTT user name")
-    parser.add_argument("--password-file", type=Path, help="file holding the MQTT password")
+    add_connection_arguments(parser)
     parser.add_argument(
         "--heartbeats", action="store_true", help="also print every heartbeat (noisy)"
     )
@@ -71,26 +63,15 @@ def result_line(result: object) -> str:
 
 async def _watch(args: argparse.Namespace) -> int:
     from edgedi.agent.cluster_view import ClusterView, subscribe_view
-    from edgedi.broker.connection import MqttSession, Received, SessionSettings
+    from edgedi.broker.connection import Received
     from edgedi.broker.errors import BrokerError
     from edgedi.broker.messages import Heartbeat
-    from edgedi.broker.topics import DEVICE_HEARTBEAT, JOB_RESULT, TopicRoot
+    from edgedi.broker.topics import DEVICE_HEARTBEAT, JOB_RESULT
 
-    host, port = args.broker
-    password = args.password_file.read_text().strip() if args.password_file else None
-    settings = SessionSettings(
-        host=host,
-        port=port or 1883,
-        client_id=f"watch-{uuid.uuid4().hex[:12]}",
-        username=args.username,
-        password=password,  # pydantic turns a str into a SecretStr
-    )
-    try:
-        root = TopicRoot(args.topic_root, args.cluster)
-    except BrokerError as error:
-        print(f"bad topic root: {error}", file=sys.stderr)
+    observer = observer_session(args, "watch")
+    if observer is None:
         return 2
-    session = MqttSession(settings, root)
+    session, root, address = observer
     view = ClusterView()
 
     def on_lines(lines: list[str]) -> None:
@@ -117,11 +98,11 @@ async def _watch(args: argparse.Namespace) -> int:
         try:
             await session.wait_connected(10.0)
         except BrokerError as error:
-            print(f"broker {host}:{settings.port}: {error}", file=sys.stderr)
+            print(f"broker {address}: {error}", file=sys.stderr)
             session.request_stop()
             await runner
             return 1
-        _emit(f"watching {root.base}/ on {host}:{settings.port} (Ctrl-C to stop)")
+        _emit(f"watching {root.base}/ on {address} (Ctrl-C to stop)")
         try:
             if args.duration is not None:
                 await asyncio.sleep(args.duration)
