@@ -7,8 +7,10 @@
 result cannot slip past), and re-submits the *same* job id every `retry_s` seconds
 until a result arrives or `timeout` runs out: submission is idempotent, so a retry
 is safe — it reaches a newly elected leader after a failover, and a finished job
-just has its result published again. An error result is returned like any other
-(`status == "error"`); only a timeout raises.
+just has its result published again. A `retryable` error (no workers just now, a
+tile lost, the leader changing) is retried the same way and returned only when
+time runs out; any other error result is returned at once (`status == "error"`).
+Only a timeout with no answer at all raises.
 
 Used by `edgedi infer`, the demo and the tests.
 """
@@ -16,6 +18,7 @@ Used by `edgedi infer`, the demo and the tests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -38,6 +41,8 @@ __all__ = ["InferenceClient", "JobTimeout", "connect"]
 logger = logging.getLogger(__name__)
 
 DEFAULT_RETRY_S = 5.0
+# After a retryable error, wait this long before submitting again.
+_RETRYABLE_PAUSE_S = 0.5
 
 
 class JobTimeout(TimeoutError):
@@ -117,55 +122,67 @@ class InferenceClient:
         if array.ndim == 2:
             array = array[None]
         loop = asyncio.get_running_loop()
-        result: asyncio.Future[JobResult] = loop.create_future()
+        results: asyncio.Queue[JobResult] = asyncio.Queue(maxsize=16)
 
         async def on_result(received: Received) -> None:
             message = received.message
-            if isinstance(message, JobResult) and message.job_id == job_id and not result.done():
-                result.set_result(message)
+            if isinstance(message, JobResult) and message.job_id == job_id:
+                with contextlib.suppress(asyncio.QueueFull):  # only the latest few matter
+                    results.put_nowait(message)
 
         subscription = await self.session.subscribe(JOB_RESULT, on_result, job_id=job_id)
         try:
-            submit = JobSubmit(
-                sender=self.client_id,
-                job_id=JobId(job_id),
-                model=model,
-                image=Tensor(array),
-                client=self.client_id,
-                submitted_at=time.time(),
-                # A little less than our own patience, so a deadline error still reaches us.
-                deadline_seconds=max(0.05, timeout - min(1.0, 0.1 * timeout)),
-                strategy=strategy,
-            )
             give_up = loop.time() + timeout
             attempt = 0
+            last_error: JobResult | None = None
             while True:
-                message = (
-                    submit
-                    if attempt == 0
-                    else submit.model_copy(
-                        update={"message_id": uuid.uuid4().hex, "sent_at": time.time()}
-                    )
+                remaining = give_up - loop.time()
+                submit = JobSubmit(
+                    sender=self.client_id,
+                    job_id=JobId(job_id),
+                    model=model,
+                    image=Tensor(array),
+                    client=self.client_id,
+                    submitted_at=time.time(),
+                    # A little less than our own patience, so a deadline error still reaches us.
+                    deadline_seconds=max(0.05, remaining - min(1.0, 0.1 * remaining)),
+                    strategy=strategy,
                 )
                 try:
-                    await self.session.publish(
-                        JOB_SUBMIT, message, timeout=max(0.1, give_up - loop.time())
-                    )
+                    await self.session.publish(JOB_SUBMIT, submit, timeout=max(0.1, remaining))
                 except ConnectionLost as error:
                     logger.warning("could not submit job %s: %s", job_id, error)
-                wait = min(retry_s, give_up - loop.time())
-                if wait <= 0:
+                answer = await self._await_answer(results, min(retry_s, give_up - loop.time()))
+                if answer is not None and not answer.retryable:
+                    return answer
+                if answer is not None:
+                    # The cluster could not run it just now (no workers, leader changing):
+                    # a later submission of the same id may succeed.
+                    last_error = answer
+                    logger.info("job %s: %s; submitting again", job_id, answer.error)
+                    await asyncio.sleep(min(_RETRYABLE_PAUSE_S, max(0.0, give_up - loop.time())))
+                if loop.time() >= give_up:
+                    if last_error is not None:
+                        return last_error
                     raise JobTimeout(job_id, timeout)
-                try:
-                    async with asyncio.timeout(wait):
-                        return await asyncio.shield(result)
-                except TimeoutError:
-                    if loop.time() >= give_up:
-                        raise JobTimeout(job_id, timeout) from None
                 attempt += 1
                 logger.info("no result for job %s yet; submitting again (%d)", job_id, attempt)
         finally:
             await self.session.unsubscribe(subscription)
+
+    @staticmethod
+    async def _await_answer(
+        results: asyncio.Queue[JobResult],
+        wait: float,
+    ) -> JobResult | None:
+        """The next result within `wait` seconds, or None."""
+        if wait <= 0:
+            return None
+        try:
+            async with asyncio.timeout(wait):
+                return await results.get()
+        except TimeoutError:
+            return None
 
 
 @asynccontextmanager

@@ -117,6 +117,24 @@ class JobSettings(_Section):
     drain_s: float = Field(
         10.0, ge=0, le=600, description="on SIGTERM, wait this long for in-flight work"
     )
+    straggler_factor: float = Field(
+        3.0,
+        ge=1.0,
+        le=100.0,
+        description="a tile is overdue after this many times its predicted time",
+    )
+    straggler_min_s: float = Field(
+        1.0, gt=0, le=600, description="a tile is never overdue sooner than this"
+    )
+    speculative_copies: int = Field(
+        2, ge=0, le=5, description="extra copies of an overdue tile (first result wins)"
+    )
+    journal_size: int = Field(
+        256,
+        ge=1,
+        le=100_000,
+        description="unanswered jobs a standby remembers, to run them if it takes over",
+    )
 
 
 class AgentSettings(BaseSettings):

@@ -22,10 +22,22 @@ global average pool it is fed the pooled mean of the last segment's tiles, as
 machinery as a single segment with a single tile, devices taken in weighted
 round robin by their share.
 
-Each tile has a record (device, attempt, sent at, deadline): a tile that fails, or
-whose device leaves the cluster, is re-sent unchanged (attempt + 1) to another
-alive device that holds the model, up to `jobs.tile_attempts` tries. A gate that
-was already combined is simply re-sent to the replacement.
+Each tile has a record of its copies in flight. A copy that fails, or whose device
+leaves the cluster, is re-sent unchanged (attempt + 1) to another alive device
+that holds the model, up to `jobs.tile_attempts` failures. Every tile is also
+*overdue* after `jobs.straggler_factor` × the plan's predicted time (at least
+`jobs.straggler_min_s`): a straggler — slow, stalled, or its messages lost to a
+broker restart — gets a speculative copy on the least loaded other device (up to
+`jobs.speculative_copies`), and the first valid result wins. A tile that has given
+its partial for the gate being combined only waits for the others and is left
+alone. A gate that was already combined is re-sent to any late copy. Measured
+tile times go back to `Planning.observe_tile`, so the next plan fits the devices
+as they are.
+
+Errors say whether they are `retryable` (the cluster's state: no workers, a tile
+lost, the deadline) or final (bad input, unknown model). A job that a stopping
+coordinator leaves unfinished is not answered when another candidate is alive:
+that one has it in its journal (`edgedi.agent.journal`) and runs it as leader.
 
 All torch work (normalising the image, the tail) runs on the device's compute
 thread through `CoordinatorLinks.compute`; the loop only slices and stitches numpy
@@ -104,22 +116,54 @@ class CoordinatorLinks(Protocol):
 
 
 class JobFailed(Exception):
-    """The job cannot complete; the message becomes the error result's text."""
+    """The job cannot complete; the message becomes the error result's text.
+
+    `permanent` errors (bad input, unknown model) are answered from the result cache
+    when the job is resubmitted; a transient one (no workers, tiles lost, deadline)
+    is run again, since the cluster may have recovered since.
+    """
+
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
 
 
 @dataclass
 class TileRecord:
-    """Where one tile of a job is, so it can be re-sent when its device fails or leaves."""
+    """One tile of a job: its copies in flight, so it can be re-sent or duplicated.
+
+    `running` maps each attempt still out to its device: the plan's first copy,
+    re-sends after a failure or departure, and speculative copies of an overdue tile.
+    The first valid result of any attempt completes the tile; later ones are dropped.
+    """
 
     segment: int
     index: int
-    device: str
-    attempt: int
-    sent_at: float
-    deadline: float
     task: TileTask
+    """The copy sent last."""
+    expected_s: float
+    """The plan's predicted time from sending the tile to its output."""
+    compute_s: float
+    """The plan's predicted compute time on the planned device (0: none)."""
+    planned_device: str
+    first_sent_at: float
+    sent_at: float
+    overdue_at: float
+    attempt: int = 0
+    running: dict[int, str] = field(default_factory=dict)
     tried: set[str] = field(default_factory=set)
+    failures: int = 0
+    copies: int = 0
     done: bool = False
+
+    @property
+    def device(self) -> str:
+        return self.task.device
+
+    @property
+    def devices(self) -> set[str]:
+        """Devices that hold an unanswered copy of the tile."""
+        return set() if self.done else set(self.running.values())
 
 
 @dataclass(frozen=True)
@@ -134,6 +178,24 @@ _Inbound = ReductionPartial | TileResult | TileFailed | _DeviceLost
 
 
 @dataclass
+class _SegmentState:
+    """What the coordinator gathers while one segment of a job runs."""
+
+    layout: SegmentLayout
+    position: int
+    partials: list[dict[int, ReductionPartial]] = field(init=False)
+    first_partial: list[float | None] = field(init=False)
+    gates: dict[int, GateValue] = field(default_factory=dict)
+    unsent_gates: set[int] = field(default_factory=set)
+    outputs: dict[int, npt.NDArray[np.float32]] = field(default_factory=dict)
+    worker_compute: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.partials = [{} for _ in self.layout.gates]
+        self.first_partial = [None] * len(self.layout.gates)
+
+
+@dataclass
 class _Job:
     submit: JobSubmit
     received_at: float
@@ -144,6 +206,7 @@ class _Job:
     devices: set[str] = field(default_factory=set)
     plan: Plan | None = None
     task: asyncio.Task[None] | None = None
+    abandoned: bool = False
 
     @property
     def job_id(self) -> JobId:
@@ -161,6 +224,7 @@ class CoordinatorStatistics:
     errors: int = 0
     refused: int = 0
     redispatched: int = 0
+    speculative: int = 0
     dropped_messages: int = 0
 
 
@@ -178,6 +242,7 @@ class Coordinator:
         *,
         alive_devices: Callable[[], Collection[str]],
         results: OrderedDict[str, JobResult] | None = None,
+        successor: Callable[[], bool] = lambda: False,
     ) -> None:
         self.device_id = DeviceId(device_id)
         self.epoch = epoch
@@ -186,6 +251,9 @@ class Coordinator:
         self.links = links
         self.settings = settings
         self.alive_devices = alive_devices
+        # True when another candidate is alive: it has every unanswered job in its
+        # journal and takes over what this coordinator leaves unfinished.
+        self.successor = successor
         self.statistics = CoordinatorStatistics()
         # Shared across leadership terms of this agent, so a retry after a re-election
         # by the same device still finds the result.
@@ -199,6 +267,8 @@ class Coordinator:
         self._stopping = False
         self._drain_s = 0.0
         self._round_robin: dict[str, dict[str, float]] = {}
+        # Jobs handed over before `run()` started (a new leader's journal).
+        self._backlog: list[tuple[JobSubmit, float | None]] = []
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -213,6 +283,9 @@ class Coordinator:
         """Coordinate until `stop()`; then let jobs finish for a while and end the rest."""
         async with asyncio.TaskGroup() as group:
             self._group = group
+            backlog, self._backlog = self._backlog, []
+            for message, received_at in backlog:
+                self.submit(message, received_at=received_at)
             await self._stop.wait()
             self._stopping = True
             if self._jobs and self._drain_s > 0:
@@ -230,14 +303,27 @@ class Coordinator:
 
     # --- incoming -------------------------------------------------------------------
 
-    def submit(self, message: JobSubmit) -> None:
-        """A job from `jobs/submit` (never blocks)."""
+    def submit(self, message: JobSubmit, *, received_at: float | None = None) -> None:
+        """A job from `jobs/submit`, or one taken over from the journal (never blocks).
+
+        `received_at` (unix time) is when the job first reached this device; its
+        deadline counts from then.
+        """
         group = self._group
-        if group is None or self._stopping:
+        if self._stopping:
             logger.info("not taking job %s: the coordinator is stopping", message.job_id)
+            return
+        if group is None:
+            capacity = self.settings.max_in_flight + self.settings.max_queued
+            if len(self._backlog) < capacity:
+                self._backlog.append((message, received_at))
             return
         job_id = message.job_id
         cached = self._results.get(job_id)
+        if cached is not None and cached.retryable:
+            # Failed for a reason of the cluster's state, which may have passed: run again.
+            del self._results[job_id]
+            cached = None
         if cached is not None:
             self._results.move_to_end(job_id)
             self.statistics.duplicates += 1
@@ -249,7 +335,7 @@ class Coordinator:
             logger.debug("job %s is already in progress", job_id)
             return
         self.statistics.submitted += 1
-        now = time.time()
+        now = time.time() if received_at is None else received_at
         deadline_s = message.deadline_seconds or self.settings.deadline_s
         job = _Job(
             submit=message,
@@ -265,13 +351,24 @@ class Coordinator:
                 self._finish(
                     job,
                     self._error(
-                        job, f"the coordinator is busy: {capacity} jobs in progress or waiting"
+                        job,
+                        f"the coordinator is busy: {capacity} jobs in progress or waiting",
+                        retryable=True,
                     ),
                 ),
                 name=f"job-{job_id}",
             )
             return
         job.task = group.create_task(self._job_main(job), name=f"job-{job_id}")
+
+    def answered_elsewhere(self, result: JobResult) -> None:
+        """Another coordinator published this job's result: drop ours without a second one."""
+        job = self._jobs.get(result.job_id)
+        if job is None or result.sender == self.device_id or job.task is None:
+            return
+        logger.info("job %s was answered by %s; dropping it here", job.job_id, result.sender)
+        job.abandoned = True
+        job.task.cancel()
 
     def route(self, message: ReductionPartial | TileResult | TileFailed) -> None:
         """A worker's partial, result or failure, for the job that owns it."""
@@ -286,7 +383,7 @@ class Coordinator:
         """Membership change: unfinished tiles on these devices are re-dispatched."""
         gone = set(devices)
         for job in self._jobs.values():
-            for device in sorted(gone & {r.device for r in job.tiles.values() if not r.done}):
+            for device in sorted(gone & _unfinished_devices(job)):
                 self._deliver(job, _DeviceLost(job.job_id, device))
 
     def _deliver(self, job: _Job, item: _Inbound) -> None:
@@ -305,30 +402,45 @@ class Coordinator:
                     job.add_time("queue", time.time() - job.received_at)
                     result = await self._execute(job)
         except TimeoutError:
-            waiting = sorted({r.device for r in job.tiles.values() if not r.done})
+            waiting = sorted(_unfinished_devices(job))
             detail = f" (waiting for {', '.join(waiting)})" if waiting else ""
             result = self._error(
                 job, f"deadline exceeded after {job.deadline - job.received_at:.1f} s{detail}"
             )
         except JobFailed as error:
-            result = self._error(job, str(error))
+            result = self._error(job, str(error), retryable=not error.permanent)
         except asyncio.CancelledError:
-            result = self._error(
-                job, "the coordinator stopped (leadership lost or shutting down); resubmit"
-            )
             try:
                 async with asyncio.timeout(_FINAL_PUBLISH_TIMEOUT_S):
-                    await self._finish(job, result)
+                    if job.abandoned:
+                        await self._release(job, "answered by another leader")
+                    elif self.successor():
+                        logger.info("job %s is left to the next leader", job.job_id)
+                        await self._release(job, "left to the next leader")
+                    else:
+                        why = "the coordinator stopped (leadership lost or shutting down)"
+                        await self._finish(job, self._error(job, f"{why}; resubmit"))
             except TimeoutError:
-                logger.warning("could not publish the error result of job %s", job.job_id)
+                logger.warning("could not end job %s cleanly", job.job_id)
             raise
         except Exception as error:  # a bug in one job must not end the others
             logger.exception("job %s failed", job.job_id)
             result = self._error(job, f"internal error: {type(error).__name__}: {error}")
         await self._finish(job, result)
 
-    async def _finish(self, job: _Job, result: JobResult) -> None:
+    async def _release(self, job: _Job, reason: str) -> None:
+        """Forget the job and stop its tiles on every device that holds one."""
         self._jobs.pop(job.job_id, None)
+        for device in sorted(_unfinished_devices(job)):
+            cancel = CancelJob(
+                sender=self.device_id, job_id=job.job_id, epoch=self.epoch, reason=reason
+            )
+            try:
+                await self.links.send_cancel(device, cancel)
+            except BrokerError as error:
+                logger.debug("could not cancel job %s on %s: %s", job.job_id, device, error)
+
+    async def _finish(self, job: _Job, result: JobResult) -> None:
         self._results[job.job_id] = result
         while len(self._results) > self.settings.result_cache:
             self._results.popitem(last=False)
@@ -337,18 +449,7 @@ class Coordinator:
         else:
             self.statistics.errors += 1
             logger.warning("job %s failed: %s", job.job_id, result.error)
-        unfinished = sorted({r.device for r in job.tiles.values() if not r.done})
-        for device in unfinished:
-            cancel = CancelJob(
-                sender=self.device_id,
-                job_id=job.job_id,
-                epoch=self.epoch,
-                reason=result.error or "job finished",
-            )
-            try:
-                await self.links.send_cancel(device, cancel)
-            except BrokerError as error:
-                logger.debug("could not cancel job %s on %s: %s", job.job_id, device, error)
+        await self._release(job, result.error or "job finished")
         await self._publish(result)
 
     async def _publish(self, result: JobResult) -> None:
@@ -357,7 +458,7 @@ class Coordinator:
         except BrokerError as error:
             logger.warning("could not publish the result of job %s: %s", result.job_id, error)
 
-    def _error(self, job: _Job, message: str) -> JobResult:
+    def _error(self, job: _Job, message: str, *, retryable: bool = True) -> JobResult:
         plan = job.plan
         return JobResult(
             sender=self.device_id,
@@ -370,6 +471,7 @@ class Coordinator:
             strategy=plan.strategy if plan is not None else job.submit.strategy,
             devices=tuple(DeviceId(device) for device in sorted(job.devices)),
             error=message[:2000],
+            retryable=retryable,
         )
 
     async def _execute(self, job: _Job) -> JobResult:
@@ -377,7 +479,7 @@ class Coordinator:
         try:
             held = self.store.get(submit.model)
         except ModelNotHeld as error:
-            raise JobFailed(f"unknown model: {error}") from None
+            raise JobFailed(f"unknown model: {error}", permanent=True) from None
         image = _check_image(submit.image, held.input_size)
 
         started = time.time()
@@ -428,7 +530,7 @@ class Coordinator:
     ) -> JobResult:
         values = np.asarray(logits, dtype=np.float64).reshape(-1)
         if not np.isfinite(values).all():
-            raise JobFailed("the model produced non-finite logits")
+            raise JobFailed("the model produced non-finite logits", permanent=True)
         shifted = np.exp(values - values.max())
         probabilities = shifted / shifted.sum()
         label = int(np.argmax(probabilities))
@@ -459,7 +561,9 @@ class Coordinator:
                 last = len(spec.spatial_units) - 1
                 height = spec.units[last].out_shape[1]
                 layout = segment_layout(spec, 0, last, [(0, height)])
-                return [(layout, (TileAssignment(0, self._next_image_device(plan)),))]
+                device = self._next_image_device(plan)
+                latency = next((i.latency_s for i in plan.images if i.device == device), 0.0)
+                return [(layout, (TileAssignment(0, device, expected_s=latency),))]
             return [plan_segment_layout(spec, segment) for segment in plan.segments]
         except LayoutError as error:
             raise JobFailed(f"plan {plan.plan_id} cannot be executed: {error}") from None
@@ -488,15 +592,13 @@ class Coordinator:
         plan = job.plan
         assert plan is not None
         started = time.time()
-        tasks = [
-            self._tile_task(job, held, plan, position, layout, assignment, x)
-            for assignment in assignments
-        ]
-        # The plan may name a device that left since it was made: send its tiles elsewhere.
         alive = set(self.alive_devices())
-        for number, task in enumerate(tasks):
+        records: list[TileRecord] = []
+        for assignment in assignments:
+            task = self._tile_task(job, held, plan, position, layout, assignment, x)
             if task.device not in alive:
-                device = self._pick_device(job, exclude={task.device})
+                # The plan names a device that left since it was made: send its tile elsewhere.
+                device = self._pick_device(job, avoid=(), exclude={task.device})
                 if device is None:
                     raise JobFailed(f"device {task.device} left and no other can take its tile")
                 logger.info(
@@ -506,67 +608,86 @@ class Coordinator:
                     device,
                     task.device,
                 )
-                tasks[number] = task.model_copy(update={"device": DeviceId(device)})
-        for task in tasks:
-            job.tiles[(position, task.tile)] = TileRecord(
+                task = task.model_copy(update={"device": DeviceId(device)})
+            record = TileRecord(
                 segment=position,
                 index=task.tile,
-                device=task.device,
-                attempt=0,
-                sent_at=time.time(),
-                deadline=task.deadline,
                 task=task,
+                expected_s=assignment.expected_s,
+                compute_s=assignment.compute_s if task.device == assignment.device else 0.0,
+                planned_device=task.device,
+                first_sent_at=started,
+                sent_at=started,
+                overdue_at=started + self._overdue_after(assignment.expected_s),
+                running={0: task.device},
                 tried={task.device},
             )
+            job.tiles[(position, task.tile)] = record
             job.devices.add(task.device)
-        await self._send_tasks(tasks)
+            records.append(record)
+        await self._send_tasks(job, [record.task for record in records])
         scattered = time.time()
         job.add_time("scatter", scattered - started)
 
-        count = layout.count
-        gate_count = len(layout.gates)
-        partials: list[dict[int, ReductionPartial]] = [{} for _ in range(gate_count)]
-        first_partial: list[float | None] = [None] * gate_count
-        gates: dict[int, GateValue] = {}
-        outputs: dict[int, npt.NDArray[np.float32]] = {}
-        worker_compute = 0.0
-        while len(outputs) < count:
-            item = await job.inbox.get()  # bounded by the job's deadline (see _job_main)
-            if isinstance(item, _DeviceLost):
-                for record in list(job.tiles.values()):
-                    if (
-                        record.segment == position
-                        and not record.done
-                        and (record.device == item.device)
-                    ):
-                        await self._redispatch(job, record, f"device {item.device} left")
+        state = _SegmentState(layout, position)
+        while len(state.outputs) < layout.count:
+            wait = min(r.overdue_at for r in records if not r.done) - time.time()
+            try:
+                # Bounded by the job's deadline too (see _job_main).
+                item = await asyncio.wait_for(job.inbox.get(), timeout=max(0.0, wait))
+            except TimeoutError:
+                await self._chase_stragglers(job, state, records)
                 continue
-            if item.segment != position or not 0 <= item.tile < count:
+            if isinstance(item, _DeviceLost):
+                for record in records:
+                    if item.device in record.devices:
+                        await self._device_lost(job, record, item.device)
+                continue
+            if item.segment != position or not 0 <= item.tile < layout.count:
                 continue  # a late message of an earlier segment
-            record = job.tiles[(position, item.tile)]
+            record = records[item.tile]
             if isinstance(item, ReductionPartial):
-                await self._on_partial(job, layout, position, item, partials, gates, first_partial)
+                await self._on_partial(job, state, record, item)
             elif isinstance(item, TileResult):
                 if record.done:
-                    continue
+                    continue  # a slower copy of a tile that is complete
                 problem = _check_output(layout, item)
                 if problem is not None:
-                    if item.attempt == record.attempt:
-                        why = f"bad result from {item.device}: {problem}"
-                        await self._redispatch(job, record, why)
+                    why = f"bad result from {item.device}: {problem}"
+                    await self._copy_failed(job, record, item.attempt, why)
                     continue
-                outputs[item.tile] = item.tensor.array.astype(np.float32, copy=False)
+                state.outputs[item.tile] = item.tensor.array.astype(np.float32, copy=False)
                 record.done = True
-                worker_compute = max(worker_compute, item.compute_seconds)
-            elif not record.done and item.attempt == record.attempt:
-                await self._redispatch(job, record, f"{item.device}: {item.reason}")
+                state.worker_compute = max(state.worker_compute, item.compute_seconds)
+                self._learn_speed(record, item)
+            elif not record.done:
+                await self._copy_failed(job, record, item.attempt, f"{item.device}: {item.reason}")
         finished = time.time()
         job.add_time("compute", finished - scattered)
-        job.add_time("worker_compute", worker_compute)
-        for gate, moment in enumerate(first_partial):
-            if moment is not None and gate in gates:
-                job.add_time("reductions", max(0.0, gates[gate].sent_at - moment))
-        return outputs
+        job.add_time("worker_compute", state.worker_compute)
+        for gate, moment in enumerate(state.first_partial):
+            if moment is not None and gate in state.gates:
+                job.add_time("reductions", max(0.0, state.gates[gate].sent_at - moment))
+        return state.outputs
+
+    def _learn_speed(self, record: TileRecord, result: TileResult) -> None:
+        """Feed the planned device's measured tile time back into its profile.
+
+        When a copy beat the plan's own, that device's answer never comes (its tile
+        is cancelled with the job); the time it had already taken is a lower bound
+        of its compute time and is reported instead.
+        """
+        if record.compute_s <= 0:
+            return
+        if result.attempt == 0 and result.compute_seconds > 0:
+            self.planning.observe_tile(result.device, record.compute_s, result.compute_seconds)
+        elif 0 in record.running and record.running[0] == record.planned_device:
+            waited = time.time() - record.first_sent_at
+            self.planning.observe_tile(record.planned_device, record.compute_s, waited)
+
+    def _overdue_after(self, expected_s: float) -> float:
+        """How long a copy of a tile may take before it counts as a straggler."""
+        return max(self.settings.straggler_min_s, self.settings.straggler_factor * expected_s)
 
     def _tile_task(
         self,
@@ -609,27 +730,46 @@ class Coordinator:
             deadline=job.deadline,
         )
 
-    async def _send_tasks(self, tasks: list[TileTask]) -> None:
-        # Concurrently: the PUBACK round trips overlap, and big tiles do not wait in line.
+    async def _send_tasks(self, job: _Job, tasks: list[TileTask]) -> bool:
+        """Publish tasks concurrently (the PUBACK round trips overlap); False if any failed.
+
+        A task that could not be sent (the broker is away) is not fatal: its tile
+        turns overdue and is sent again.
+        """
         outcomes = await asyncio.gather(
             *(self.links.send_task(task) for task in tasks), return_exceptions=True
         )
+        sent = True
         for task, outcome in zip(tasks, outcomes, strict=True):
             if isinstance(outcome, BrokerError):
-                raise JobFailed(f"could not send tile {task.tile} to {task.device}: {outcome}")
-            if isinstance(outcome, BaseException):
+                logger.warning(
+                    "job %s: could not send tile %d to %s: %s",
+                    job.job_id,
+                    task.tile,
+                    task.device,
+                    outcome,
+                )
+                sent = False
+            elif isinstance(outcome, BaseException):
                 raise outcome
+        return sent
+
+    async def _send_gate(
+        self, job: _Job, state: _SegmentState, gate: int, devices: set[str]
+    ) -> None:
+        try:
+            await self.links.send_gate(state.gates[gate], devices)
+        except BrokerError as error:
+            # The tiles waiting for it turn overdue; the gate is re-sent before any copy.
+            state.unsent_gates.add(gate)
+            logger.warning("job %s: could not send gate %d: %s", job.job_id, gate, error)
+        else:
+            state.unsent_gates.discard(gate)
 
     async def _on_partial(
-        self,
-        job: _Job,
-        layout: SegmentLayout,
-        position: int,
-        partial: ReductionPartial,
-        partials: list[dict[int, ReductionPartial]],
-        gates: dict[int, GateValue],
-        first_partial: list[float | None],
+        self, job: _Job, state: _SegmentState, record: TileRecord, partial: ReductionPartial
     ) -> None:
+        layout = state.layout
         if not 0 <= partial.gate < len(layout.gates):
             logger.warning("job %s: partial for unknown gate %d", job.job_id, partial.gate)
             return
@@ -642,14 +782,14 @@ class Coordinator:
                 partial.sums.shape,
             )
             return
-        if partial.gate in gates:
-            # A re-dispatched tile reached a gate that was combined already: resend it.
-            await self.links.send_gate(gates[partial.gate], (partial.device,))
+        if partial.gate in state.gates:
+            # A re-sent or speculative copy reached a gate combined already: send it on.
+            await self._send_gate(job, state, partial.gate, {partial.device})
             return
-        if first_partial[partial.gate] is None:
-            first_partial[partial.gate] = time.time()
-        collected = partials[partial.gate]
-        collected[partial.tile] = partial
+        if state.first_partial[partial.gate] is None:
+            state.first_partial[partial.gate] = time.time()
+        collected = state.partials[partial.gate]
+        collected[partial.tile] = partial  # of any copy: the input, hence the sums, are the same
         if len(collected) < layout.count:
             return
         total = np.zeros((1, gate.out_channels), dtype=np.float64)
@@ -660,90 +800,177 @@ class Coordinator:
         expected = gate.out_height * gate.out_width
         if positions != expected:
             raise JobFailed(
-                f"gate {partial.gate} of segment {position}: partials cover {positions} "
+                f"gate {partial.gate} of segment {state.position}: partials cover {positions} "
                 f"positions, the map has {expected}"
             )
-        value = GateValue(
+        state.gates[partial.gate] = GateValue(
             sender=self.device_id,
             job_id=job.submit.job_id,
             epoch=self.epoch,
-            segment=position,
+            segment=state.position,
             gate=partial.gate,
             vector=Tensor(total / positions),
         )
-        gates[partial.gate] = value
-        devices = {r.device for r in job.tiles.values() if r.segment == position and not r.done}
-        await self.links.send_gate(value, devices)
+        devices = {
+            device
+            for (segment, _), other in job.tiles.items()
+            if segment == state.position
+            for device in other.devices
+        }
+        await self._send_gate(job, state, partial.gate, devices)
 
-    def _pick_device(self, job: _Job, exclude: Collection[str]) -> str | None:
-        """The alive device holding the job's model with the fewest unfinished tiles of it."""
+    async def _chase_stragglers(
+        self, job: _Job, state: _SegmentState, records: list[TileRecord]
+    ) -> None:
+        """Overdue tiles: re-send lost gate values, then send a copy of each straggler.
+
+        A tile that has given its partial for the gate being combined waits for the
+        others and is not a straggler; one that has not (or has no gate left to reach)
+        is. Its copy goes to the least loaded other device; the first result wins.
+        """
+        now = time.time()
+        devices = {device for record in records for device in record.devices}
+        for gate in sorted(state.unsent_gates):
+            await self._send_gate(job, state, gate, devices)
+        pending = next((g for g in range(len(state.layout.gates)) if g not in state.gates), None)
+        for record in records:
+            if record.done or record.overdue_at > now:
+                continue
+            record.overdue_at = now + self._overdue_after(record.expected_s)
+            if pending is not None and record.index in state.partials[pending]:
+                continue
+            if record.copies >= self.settings.speculative_copies:
+                continue
+            waited = now - record.sent_at
+            why = f"overdue: no answer from {record.device} after {waited:.2f} s"
+            if await self._send_copy(job, record, why, speculative=True):
+                record.copies += 1
+                self.statistics.speculative += 1
+
+    async def _device_lost(self, job: _Job, record: TileRecord, device: str) -> None:
+        for attempt, holder in list(record.running.items()):
+            if holder == device:
+                await self._copy_failed(job, record, attempt, f"device {device} left")
+
+    async def _copy_failed(self, job: _Job, record: TileRecord, attempt: int, reason: str) -> None:
+        """One copy of a tile failed: re-send it unless another copy is still out."""
+        if record.running.pop(attempt, None) is None:
+            return  # an attempt that was superseded or has already failed
+        record.failures += 1
+        if record.running:
+            logger.info(
+                "job %s: a copy of tile %d failed (%s); another is still out",
+                job.job_id,
+                record.index,
+                reason,
+            )
+            return
+        if record.failures >= self.settings.tile_attempts:
+            raise JobFailed(
+                f"tile {record.index} of segment {record.segment} failed "
+                f"{record.failures} time(s); last: {reason}"
+            )
+        if not await self._send_copy(job, record, reason, speculative=False):
+            raise JobFailed(
+                f"tile {record.index} of segment {record.segment} failed ({reason}) and no "
+                "other device holding the model is alive"
+            )
+        self.statistics.redispatched += 1
+
+    def _pick_device(
+        self, job: _Job, avoid: Collection[str], exclude: Collection[str]
+    ) -> str | None:
+        """The alive device holding the job's model with the fewest unfinished tiles of it.
+
+        Devices in `exclude` are never chosen, those in `avoid` only when nothing else is
+        left.
+        """
         holders = {birth.device for birth in self.planning.devices_for(job.submit.model)}
         candidates = sorted((set(self.alive_devices()) & holders) - set(exclude))
         if not candidates:
             return None
         load = dict.fromkeys(candidates, 0)
         for other in job.tiles.values():
-            if not other.done and other.device in load:
-                load[other.device] += 1
-        return min(candidates, key=lambda device: (load[device], device))
+            for device in other.devices:
+                if device in load:
+                    load[device] += 1
+        fresh = [device for device in candidates if device not in avoid]
+        return min(fresh or candidates, key=lambda device: (load[device], device))
 
-    async def _redispatch(self, job: _Job, record: TileRecord, reason: str) -> None:
-        """Send a failed tile to another device, or fail the job."""
-        if record.attempt + 1 >= self.settings.tile_attempts:
-            raise JobFailed(
-                f"tile {record.index} of segment {record.segment} failed "
-                f"{record.attempt + 1} time(s); last: {reason}"
-            )
-        device = self._pick_device(job, exclude=record.tried) or self._pick_device(
-            job, exclude={record.device}
-        )
+    async def _send_copy(
+        self, job: _Job, record: TileRecord, reason: str, *, speculative: bool
+    ) -> bool:
+        """Send the tile (unchanged, new attempt) to another device; False if none can take it.
+
+        A speculative copy never goes where a copy is already out; a re-send prefers a
+        device that has not tried the tile, and falls back to the one that just failed
+        (its new attempt replaces the old there).
+        """
+        if speculative:
+            device = self._pick_device(job, avoid=record.tried, exclude=record.devices)
+        else:
+            device = self._pick_device(job, avoid=record.tried | record.devices, exclude=())
         if device is None:
-            raise JobFailed(
-                f"tile {record.index} of segment {record.segment} failed ({reason}) and no "
-                "other device holding the model is alive"
-            )
+            return False
+        for attempt, holder in list(record.running.items()):
+            if holder == device:
+                del record.running[attempt]  # superseded by the new attempt on the same device
+        now = time.time()
         record.attempt += 1
-        record.device = device
-        record.sent_at = time.time()
+        record.running[record.attempt] = device
         record.tried.add(device)
+        record.sent_at = now
+        record.overdue_at = now + self._overdue_after(record.expected_s)
         record.task = record.task.model_copy(
             update={
                 "device": device,
                 "attempt": record.attempt,
                 "message_id": new_message_id(),
-                "sent_at": record.sent_at,
+                "sent_at": now,
             }
         )
         job.devices.add(device)
-        self.statistics.redispatched += 1
         logger.warning(
-            "job %s: re-sending tile %d of segment %d to %s (attempt %d): %s",
+            "job %s: %s tile %d of segment %d to %s (attempt %d): %s",
             job.job_id,
+            "copying" if speculative else "re-sending",
             record.index,
             record.segment,
             device,
             record.attempt,
             reason,
         )
-        await self._send_tasks([record.task])
+        if not await self._send_tasks(job, [record.task]):
+            # Try again soon: the broker may be back by then.
+            record.overdue_at = now + self.settings.straggler_min_s
+        return True
 
 
 # --- array helpers (numpy only: they run on the event loop) -----------------------------
 
 
+def _unfinished_devices(job: _Job) -> set[str]:
+    """Devices that hold a copy of an unfinished tile of the job."""
+    return {device for record in job.tiles.values() for device in record.devices}
+
+
 def _check_image(image: Tensor, size: int) -> npt.NDArray[Any]:
     """The image as (1, size, size); `JobFailed` for a wrong shape, dtype or values."""
     if image.dtype not in _IMAGE_DTYPES:
-        raise JobFailed(f"bad image: dtype {image.dtype} is not one of {', '.join(_IMAGE_DTYPES)}")
+        raise JobFailed(
+            f"bad image: dtype {image.dtype} is not one of {', '.join(_IMAGE_DTYPES)}",
+            permanent=True,
+        )
     shape = image.shape
     squeezed = tuple(size for size in shape if size != 1) if len(shape) > 2 else shape
     if len(shape) > 4 or squeezed != (size, size):
         raise JobFailed(
             f"bad image: shape {list(shape)}; the model takes one grayscale {size}x{size} image "
-            f"(shape [{size}, {size}] or [1, {size}, {size}])"
+            f"(shape [{size}, {size}] or [1, {size}, {size}])",
+            permanent=True,
         )
     if not image.is_finite():
-        raise JobFailed("bad image: it holds NaN or infinite values")
+        raise JobFailed("bad image: it holds NaN or infinite values", permanent=True)
     # A writable copy: torch warns about (and must not write into) read-only buffers.
     return np.array(image.array.reshape(1, size, size))
 

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
+from edgedi.broker.plan import Part as PlanPart
 from edgedi.broker.plan import Segment as PlanSegment
 from edgedi.models.units import ModelSpec, Op, Rows, TileGeometry, Unit, segment_tiles
 
@@ -137,6 +138,10 @@ class TileAssignment:
 
     index: int
     device: str
+    compute_s: float = 0.0
+    """The plan's predicted compute time of the tile on `device` (0: no prediction)."""
+    expected_s: float = 0.0
+    """The plan's predicted time from scatter to the tile's output (its segment's)."""
 
 
 def plan_segment_layout(
@@ -155,12 +160,12 @@ def plan_segment_layout(
     full = all(part.cols is None or tuple(part.cols) == (0, width) for part in parts)
     rows = sorted({tuple(part.rows) for part in parts})
     columns = [(0, width)] if full else sorted({tuple(part.cols or (0, width)) for part in parts})
-    owner: dict[tuple[tuple[int, int], tuple[int, int]], str] = {}
+    owner: dict[tuple[tuple[int, int], tuple[int, int]], PlanPart] = {}
     for part in parts:
         key = (tuple(part.rows), (0, width) if full else tuple(part.cols or (0, width)))
         if key in owner:
             raise LayoutError(f"two parts compute rows {key[0]} × columns {key[1]}")
-        owner[key] = part.device  # type: ignore[index]
+        owner[key] = part  # type: ignore[index]
     if len(owner) != len(rows) * len(columns):
         raise LayoutError(
             f"segment {segment.first_unit}..{segment.last_unit}: the parts are not a product grid"
@@ -175,6 +180,7 @@ def plan_segment_layout(
     assignments = []
     for index in range(layout.count):
         row_index, column_index = divmod(index, len(columns))
-        device = owner[(rows[row_index], columns[column_index])]  # type: ignore[index]
-        assignments.append(TileAssignment(index, device))
+        part = owner[(rows[row_index], columns[column_index])]  # type: ignore[index]
+        expected = segment.predicted.total_s or part.compute_s
+        assignments.append(TileAssignment(index, part.device, part.compute_s, expected))
     return layout, tuple(assignments)

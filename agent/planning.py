@@ -10,14 +10,23 @@ models, so it runs on a helper thread, never on the event loop.
 
 The plan of the default model is what the leader publishes on `plans/current`;
 jobs of other models or strategies get theirs on demand.
+
+Profiles learn from the cluster's own tiles: the coordinator reports each tile's
+predicted and measured compute time (`observe_tile`), and a device's time models
+are scaled by a moving average of measured / predicted (`DeviceProfile.refined`).
+Once a device's factor has moved by more than `REPLAN_DRIFT` since the plans
+were made, the cache starts over and `on_change` asks for a new plan, so a device
+that turns out slower (throttled, loaded, a poor start-up benchmark) gets less.
+A device's factor is forgotten when it restarts (a new session re-profiles it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from edgedi.broker.messages import DeviceBirth
@@ -35,6 +44,15 @@ logger = logging.getLogger(__name__)
 # (~0.5 GMAC/s), so the planner gives it little work until it is measured.
 _FALLBACK_SECONDS_PER_MAC = 2e-9
 _FALLBACK_BANDWIDTH = 12.5e6  # 100 Mbit/s
+# Re-plan once a device's measured speed drifts this far (as a ratio) from the plans'.
+REPLAN_DRIFT = 1.25
+# Weight of one tile's measurement in a device's moving average.
+OBSERVATION_WEIGHT = 0.3
+# One measurement moves a factor at most this far (a tile stalled by a swap storm
+# must not make a device look 100× slower for the next ten plans).
+_RATIO_BOUNDS = (0.2, 5.0)
+# Predictions below this are dominated by timer and scheduling noise.
+_MIN_PREDICTED_S = 0.0005
 
 
 class PlanningError(Exception):
@@ -70,16 +88,27 @@ class _Member:
 class Planning:
     """The leader's plans: one per (model, strategy), for the current membership."""
 
-    def __init__(self, leader: str, input_size: int, default_strategy: str) -> None:
+    def __init__(
+        self,
+        leader: str,
+        input_size: int,
+        default_strategy: str,
+        *,
+        on_change: Callable[[], None] | None = None,
+    ) -> None:
         self.leader = leader
         self.input_size = input_size
         self.default_strategy = default_strategy
+        self.on_change = on_change
         self.epoch = 0
         self._births: dict[str, DeviceBirth] = {}
         self._members: frozenset[_Member] = frozenset()
         self._cache: dict[tuple[str, str], Plan] = {}
         self._lock = asyncio.Lock()
         self.generation = 0
+        # Per (device, session): the measured speed factor, and the one plans use.
+        self._factors: dict[_Member, float] = {}
+        self._planned: dict[_Member, float] = {}
 
     def update(self, births: Mapping[str, DeviceBirth], alive: Iterable[str], epoch: int) -> bool:
         """Take the current membership; True when it differs from the last one."""
@@ -90,8 +119,47 @@ class Planning:
         self._births = alive_births
         self._members = members
         self.epoch = epoch
+        for forgotten in set(self._factors) - members:
+            del self._factors[forgotten]
+        self._new_generation()
+        return True
+
+    def _new_generation(self) -> None:
         self._cache.clear()
+        self._planned = dict(self._factors)
         self.generation += 1
+
+    def speed_factor(self, device: str) -> float:
+        """How much slower than its birth profile the device has measured (1.0: as announced)."""
+        birth = self._births.get(device)
+        if birth is None:
+            return 1.0
+        return self._factors.get(_Member(device, birth.session), 1.0)
+
+    def observe_tile(self, device: str, predicted_s: float, measured_s: float) -> bool:
+        """A tile's predicted and measured compute time; True when it caused a re-plan."""
+        birth = self._births.get(device)
+        if birth is None or predicted_s < _MIN_PREDICTED_S or not measured_s > 0:
+            return False
+        member = _Member(device, birth.session)
+        ratio = min(max(measured_s / predicted_s, _RATIO_BOUNDS[0]), _RATIO_BOUNDS[1])
+        # `predicted_s` came from a plan made with the planned factor.
+        planned = self._planned.get(member, 1.0)
+        before = self._factors.get(member, 1.0)
+        observed = planned * ratio
+        factor = before + OBSERVATION_WEIGHT * (observed - before)
+        self._factors[member] = factor
+        if abs(math.log(factor / planned)) < math.log(REPLAN_DRIFT):
+            return False
+        logger.info(
+            "%s measures %.2f× its profile (plans assumed %.2f×): re-planning",
+            device,
+            factor,
+            planned,
+        )
+        self._new_generation()
+        if self.on_change is not None:
+            self.on_change()
         return True
 
     def devices_for(self, model: str) -> list[DeviceBirth]:
@@ -121,7 +189,12 @@ class Planning:
                 raise PlanningError(
                     f"the leader {self.leader} does not hold model {model!r}; it runs the tail"
                 )
-            profiles = [profile_from_birth(birth) for birth in devices]
+            profiles = [
+                profile_from_birth(birth).scaled(
+                    self._planned.get(_Member(birth.device, birth.session), 1.0)
+                )
+                for birth in devices
+            ]
             plan = await asyncio.to_thread(self._make_plan, model, strategy, profiles, self.epoch)
             if generation == self.generation:
                 self._cache[key] = plan

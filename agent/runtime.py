@@ -45,6 +45,7 @@ from edgedi.agent.config import AgentSettings
 from edgedi.agent.coordinator import Coordinator
 from edgedi.agent.device import ProfileTable, capabilities, measure_profile
 from edgedi.agent.election import Decision, Election, LeaderClaim
+from edgedi.agent.journal import JobJournal, remember_result
 from edgedi.agent.membership import HEARTBEAT_PERIOD_S, Membership
 from edgedi.agent.model_store import ModelStore
 from edgedi.agent.planning import Planning, PlanningError
@@ -135,8 +136,12 @@ class Agent:
             session=self.session_counter,
         )
         self.planning = Planning(
-            self.device_id, settings.compute.input_size, settings.planner.strategy
+            self.device_id,
+            settings.compute.input_size,
+            settings.planner.strategy,
+            on_change=lambda: self._plan_dirty.set(),
         )
+        self.journal = JobJournal(settings.jobs.journal_size, settings.jobs.deadline_s)
         self.births: dict[str, DeviceBirth] = {}
         self.current_plan: PlanAnnouncement | None = None
         self.coordinator: Coordinator | None = None
@@ -162,6 +167,7 @@ class Agent:
         self._plan_dirty = asyncio.Event()
         self._rebirth = False
         self._connected_at: float | None = None
+        self._reconnected = False
         self._leader_view: tuple[str | None, int] = (None, -1)
         self._coordinator_task: asyncio.Task[None] | None = None
         self._leader_subscriptions: list[Subscription] = []
@@ -267,7 +273,7 @@ class Agent:
         if broker.tls_ca_file is not None:
             tls = ssl.create_default_context(cafile=str(broker.tls_ca_file))
         return MqttSession(
-            settings, self.root, will=self._will, on_connect=self._announce, tls_context=tls
+            settings, self.root, will=self._will, on_connect=self._on_connect, tls_context=tls
         )
 
     def _will(self) -> Publication:
@@ -297,8 +303,29 @@ class Agent:
             ),
         )
 
+    async def _on_connect(self) -> None:
+        """On every (re)connect: announce, and settle again before the next election step.
+
+        While we were disconnected we heard no heartbeats: count every device still
+        online as heard now, or a broker restart longer than `SILENT_AFTER_S` would
+        make everyone (us included) look dead at once. A device that really died in
+        the meantime expires `SILENT_AFTER_S` later. The broker may also have lost
+        its retained messages (a restart without persistence): a leader publishes
+        its record and plan again once settled (`_reconnected`, see `_control_step`).
+        """
+        first = self._connected_at is None
+        await self._announce()
+        if first:
+            return
+        now = time.monotonic()
+        self._connected_at = now
+        for record in self.membership.records():
+            if record.status == "online":
+                self.membership.heartbeat(record.device, record.session, now=now)
+        self._reconnected = True
+
     async def _announce(self) -> None:
-        """On every (re)connect: birth, then state online (both retained)."""
+        """Birth, then state online (both retained); on connect and on a rebirth request."""
         session = self.session
         await session.publish(
             DEVICE_BIRTH, self._birth(), device=self.device_id, timeout=_ANNOUNCE_TIMEOUT_S
@@ -346,6 +373,11 @@ class Agent:
         await session.subscribe(DEVICE_TASKS, self._on_task, device=self.device_id)
         await session.subscribe(JOB_GATES, self._on_gate)
         await session.subscribe(CONTROL_REBIRTH, self._on_rebirth)
+        if self.settings.planner.candidate:
+            # Every candidate keeps the journal, so whoever leads next can answer the
+            # jobs a dead leader left (see edgedi.agent.journal).
+            await session.subscribe(JOB_SUBMIT, self._on_submit)
+            await session.subscribe(JOB_RESULT, self._on_result)
 
     async def _on_birth(self, received: Received) -> None:
         birth = received.message
@@ -410,8 +442,19 @@ class Agent:
     async def _on_submit(self, received: Received) -> None:
         message = received.message
         assert isinstance(message, JobSubmit)
+        cached = self._results.get(message.job_id)
+        if cached is None or cached.retryable:
+            self.journal.submitted(message, time.time())
         if self.coordinator is not None:
             self.coordinator.submit(message)
+
+    async def _on_result(self, received: Received) -> None:
+        result = received.message
+        assert isinstance(result, JobResult)
+        self.journal.answered(result.job_id)
+        remember_result(self._results, result, self.settings.jobs.result_cache)
+        if self.coordinator is not None:
+            self.coordinator.answered_elsewhere(result)
 
     async def _on_job_message(self, received: Received) -> None:
         message = received.message
@@ -534,6 +577,11 @@ class Agent:
             await self._publish_leader(claim)
         elif decision is Decision.REASSERT and self.election.my_claim is not None:
             await self._publish_leader(self.election.my_claim)
+        reconnected, self._reconnected = self._reconnected, False
+        if reconnected and decision is Decision.LEAD and self.election.my_claim is not None:
+            # The broker may have restarted and lost its retained copies: publish again.
+            await self._publish_leader(self.election.my_claim)
+            self._plan_dirty.set()
         self._log_leader_view()
         if self.election.is_leader():
             # Membership first: a job may arrive as soon as jobs/submit is subscribed.
@@ -580,6 +628,7 @@ class Agent:
             self.settings.jobs,
             alive_devices=lambda: [r.device for r in self.membership.alive(time.monotonic())],
             results=self._results,
+            successor=self._successor_alive,
         )
         self.coordinator = coordinator
         self._coordinator_task = group.create_task(
@@ -589,28 +638,39 @@ class Agent:
         self._leader_subscriptions = [
             await session.subscribe(JOB_PARTIALS, self._on_job_message),
             await session.subscribe(JOB_TILES, self._on_job_message),
-            await session.subscribe(JOB_SUBMIT, self._on_submit),
         ]
+        backlog = self.journal.pending(time.time())
+        for entry in backlog:
+            coordinator.submit(entry.submit, received_at=entry.received_at)
         self._plan_dirty.set()
-        logger.info("%s leads the cluster (epoch %d)", self.device_id, epoch)
+        logger.info(
+            "%s leads the cluster (epoch %d)%s",
+            self.device_id,
+            epoch,
+            f"; taking over {len(backlog)} unanswered job(s)" if backlog else "",
+        )
+
+    def _successor_alive(self) -> bool:
+        """Is another candidate alive to take over the jobs this leader leaves?"""
+        now = time.monotonic()
+        return any(
+            record.device != self.device_id and record.candidate
+            for record in self.membership.alive(now)
+        )
 
     async def _stop_leading(self, drain_s: float) -> None:
         coordinator, task = self.coordinator, self._coordinator_task
         if coordinator is None or task is None:
             return
         subscriptions, self._leader_subscriptions = self._leader_subscriptions, []
-        for subscription in subscriptions:
-            if subscription.spec is JOB_SUBMIT:
-                await self.session.unsubscribe(subscription)
-        coordinator.stop(drain_s)
+        coordinator.stop(drain_s)  # takes no new jobs; the running ones still hear back
         try:
             async with asyncio.timeout(drain_s + _STOPPED_TIMEOUT_S * 2):
                 await asyncio.shield(task)
         except TimeoutError:
             task.cancel()
         for subscription in subscriptions:
-            if subscription.spec is not JOB_SUBMIT:
-                await self.session.unsubscribe(subscription)
+            await self.session.unsubscribe(subscription)
         self.coordinator = None
         self._coordinator_task = None
 

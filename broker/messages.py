@@ -255,13 +255,18 @@ class JobResult(WireMessage):
     strategy: Name | None = Field(default=None, description="partitioning strategy of the plan")
     devices: tuple[DeviceIdField, ...] = Field(default=(), description="devices that computed")
     error: ShortText | None = Field(default=None, description="what went wrong, if status=error")
+    retryable: bool = Field(
+        default=False,
+        description="an error of the cluster's state (no workers, tiles lost, deadline), "
+        "not of the job: resubmitting the same job id runs it again",
+    )
 
     @model_validator(mode="after")
     def _status_matches_content(self) -> JobResult:
         if self.status == "error" and not self.error:
             raise ValueError("an error result needs an error message")
-        if self.status == "ok" and self.error is not None:
-            raise ValueError("an ok result carries no error message")
+        if self.status == "ok" and (self.error is not None or self.retryable):
+            raise ValueError("an ok result carries no error message and is not retryable")
         return self
 
 

@@ -312,5 +312,6 @@ async def test_tiles_of_a_device_that_vanishes_are_redispatched(
         )
         coordinator = cluster.leader().coordinator
         assert coordinator is not None
-        assert coordinator.statistics.redispatched >= 1
+        # Re-sent when it is found gone, or copied before that when it turns overdue.
+        assert coordinator.statistics.redispatched + coordinator.statistics.speculative >= 1
         assert victim.device_id in result.devices  # it was sent a tile before it was missed

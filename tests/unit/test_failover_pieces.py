@@ -1,0 +1,167 @@
+"""The pure pieces behind failover and stragglers: the job journal, the result cache,
+and the planner learning device speeds from measured tiles."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+
+from edgedi.agent.journal import JobJournal, remember_result
+from edgedi.agent.planning import REPLAN_DRIFT, Planning
+from edgedi.broker.messages import (
+    DeviceBirth,
+    DeviceCapabilities,
+    JobResult,
+    JobSubmit,
+    LinkEstimate,
+)
+from edgedi.broker.plan import Plan
+from edgedi.broker.tensors import Tensor
+
+
+def _submit(job_id: str, deadline_s: float | None = None) -> JobSubmit:
+    return JobSubmit(
+        sender="client",
+        job_id=job_id,  # type: ignore[arg-type]
+        model="tiny-edgedi",
+        image=Tensor(np.zeros((1, 8, 8), dtype=np.uint8)),
+        client="client",
+        submitted_at=time.time(),
+        deadline_seconds=deadline_s,
+    )
+
+
+def _result(job_id: str, status: str = "ok") -> JobResult:
+    if status == "ok":
+        return JobResult(sender="leader", job_id=job_id, status="ok")  # type: ignore[arg-type]
+    return JobResult(
+        sender="leader",
+        job_id=job_id,  # type: ignore[arg-type]
+        status="error",
+        error="no workers",
+        retryable=True,
+    )
+
+
+def test_the_journal_keeps_unanswered_jobs_in_order() -> None:
+    journal = JobJournal(capacity=10, default_deadline_s=30.0)
+    for number in range(4):
+        journal.submitted(_submit(f"job-{number}"), now=100.0 + number)
+    journal.answered("job-1")
+    journal.answered("never-submitted")  # a result of a job this device never heard of
+    pending = journal.pending(now=110.0)
+    assert [entry.submit.job_id for entry in pending] == ["job-0", "job-2", "job-3"]
+    assert pending[0].received_at == 100.0
+    assert pending[0].deadline == 130.0
+
+
+def test_a_resubmission_moves_a_job_to_the_back_with_its_new_deadline() -> None:
+    journal = JobJournal(capacity=10, default_deadline_s=30.0)
+    journal.submitted(_submit("a", deadline_s=5.0), now=0.0)
+    journal.submitted(_submit("b", deadline_s=5.0), now=1.0)
+    journal.submitted(_submit("a", deadline_s=4.0), now=3.0)
+    pending = journal.pending(now=5.5)  # b's deadline (6.0) and a's new one (7.0) hold
+    assert [entry.submit.job_id for entry in pending] == ["b", "a"]
+    assert pending[1].deadline == 7.0
+
+
+def test_the_journal_forgets_expired_jobs_and_is_bounded() -> None:
+    journal = JobJournal(capacity=3, default_deadline_s=10.0)
+    for number in range(5):
+        journal.submitted(_submit(f"job-{number}"), now=float(number))
+    assert len(journal) == 3 and journal.dropped == 2
+    assert "job-0" not in journal and "job-4" in journal
+    assert [e.submit.job_id for e in journal.pending(now=12.5)] == ["job-3", "job-4"]
+    assert journal.pending(now=100.0) == [] and len(journal) == 0
+
+
+def test_the_result_cache_is_a_bounded_lru() -> None:
+    cache: OrderedDict[str, JobResult] = OrderedDict()
+    for number in range(5):
+        remember_result(cache, _result(f"job-{number}"), capacity=3)
+    remember_result(cache, _result("job-2", "error"), capacity=3)
+    assert list(cache) == ["job-3", "job-4", "job-2"]
+    assert cache["job-2"].retryable
+
+
+def test_an_ok_result_is_never_retryable() -> None:
+    with pytest.raises(ValueError, match="not retryable"):
+        JobResult(sender="x", job_id="j", status="ok", retryable=True)  # type: ignore[arg-type]
+
+
+def _birth(device: str, session: int = 1) -> DeviceBirth:
+    return DeviceBirth(
+        sender=device,
+        device=device,  # type: ignore[arg-type]
+        session=session,
+        candidate=True,
+        capabilities=DeviceCapabilities(
+            cores=1,
+            memory_bytes=2**30,
+            machine="Linux-aarch64",
+            software_version="0.1",
+            models=("tiny-edgedi",),
+        ),
+        profile={"conv3x3": (1e-9, 1e-5), "conv1x1": (1e-9, 1e-5), "gate": (1e-9, 1e-5)},
+        link=LinkEstimate(bandwidth_bytes_per_second=1e9, latency_seconds=0.0),
+    )
+
+
+def _rows(plan: Plan, device: str) -> int:
+    """Output rows the plan gives `device` over all segments (weighted by segment)."""
+    return sum(
+        part.rows[1] - part.rows[0]
+        for segment in plan.segments
+        for part in segment.parts
+        if part.device == device
+    )
+
+
+async def test_measured_tiles_slow_a_device_down_and_trigger_a_new_plan() -> None:
+    changes: list[int] = []
+    planning = Planning("pi-1", 200, "proportional", on_change=lambda: changes.append(1))
+    births = {device: _birth(device) for device in ("pi-1", "pi-2", "pi-3")}
+    planning.update(births, births, epoch=1)
+    before = await planning.plan_for("tiny-edgedi")
+    assert abs(_rows(before, "pi-3") - _rows(before, "pi-2")) <= 2  # rounding of equal shares
+
+    # pi-3 takes 3× its prediction: the factor moves by 30 % of the gap per tile, and
+    # the plans change once it has drifted past REPLAN_DRIFT.
+    for _ in range(10):
+        if planning.observe_tile("pi-3", predicted_s=0.010, measured_s=0.030):
+            break
+    assert changes == [1]
+    assert planning.speed_factor("pi-3") > REPLAN_DRIFT
+    assert planning.speed_factor("pi-2") == 1.0
+    after = await planning.plan_for("tiny-edgedi")
+    assert after.plan_id != before.plan_id
+    assert _rows(after, "pi-3") < _rows(before, "pi-3")
+    assert _rows(after, "pi-2") > _rows(before, "pi-2")
+
+    # Measurements that agree with the new plan leave it alone...
+    planned = planning.speed_factor("pi-3")
+    for _ in range(5):
+        assert not planning.observe_tile("pi-3", predicted_s=0.010, measured_s=0.0101)
+    assert await planning.plan_for("tiny-edgedi") is after
+    assert planning.speed_factor("pi-3") == pytest.approx(planned, rel=0.01)
+    # ...and a restart (new session) forgets what was learnt: it is a new device.
+    births["pi-3"] = _birth("pi-3", session=2)
+    planning.update(births, births, epoch=1)
+    assert planning.speed_factor("pi-3") == 1.0
+
+
+def test_noise_and_unknown_devices_are_not_learnt() -> None:
+    planning = Planning("pi-1", 200, "proportional")
+    births = {"pi-1": _birth("pi-1")}
+    planning.update(births, births, epoch=1)
+    assert not planning.observe_tile("pi-9", predicted_s=0.01, measured_s=1.0)
+    assert not planning.observe_tile("pi-1", predicted_s=1e-4, measured_s=1.0)  # below noise
+    assert not planning.observe_tile("pi-1", predicted_s=0.01, measured_s=0.0)
+    assert planning.speed_factor("pi-1") == 1.0
+    # One pathological tile (a swap storm) moves the factor by a bounded step only.
+    planning.observe_tile("pi-1", predicted_s=0.01, measured_s=100.0)
+    assert planning.speed_factor("pi-1") <= 1.0 + 0.3 * (5.0 - 1.0) + 1e-9
+
