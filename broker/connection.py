@@ -45,7 +45,7 @@ from typing import Final
 import aiomqtt
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from .errors import ConnectionLost, ProtocolError
+from .errors import ConnectionLost, ProtocolError, clip
 from .ids import ID_PATTERN
 from .messages import WireMessage
 from .tensors import DEFAULT_LIMITS, Limits
@@ -75,6 +75,8 @@ _TCP_NODELAY: Final = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 _CANCEL_RETRY_SECONDS: Final = 0.5
 # A connection that lasted this long was healthy: reconnect quickly after it drops.
 _STABLE_SECONDS: Final = 10.0
+# MQTT allows 64 KiB topics; a log line quotes at most this much of one.
+_MAX_LOGGED_TOPIC: Final = 200
 
 
 class SessionSettings(BaseModel):
@@ -453,11 +455,13 @@ class MqttSession:
             decoded = decode_for_topic(parsed, bytes(payload), self._limits)
         except ProtocolError as error:
             self.statistics.dropped_malformed += 1
+            # Keyed by catalogue topic, not by the topic string: its levels are the
+            # sender's choice and would grow the rate limiter's table without bound.
             self._log.log(
                 logging.WARNING,
-                f"malformed:{topic.rsplit('/', 1)[-1]}:{type(error).__name__}",
+                f"malformed:{matching[0].spec.name}:{type(error).__name__}",
                 "dropped malformed message on %s: %s: %s",
-                topic,
+                topic if len(topic) <= _MAX_LOGGED_TOPIC else clip(topic),
                 type(error).__name__,
                 error,
             )

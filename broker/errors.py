@@ -21,6 +21,8 @@ so callers never catch a third-party type.
 
 from __future__ import annotations
 
+import reprlib
+
 __all__ = [
     "BrokerError",
     "BrokerStartError",
@@ -32,6 +34,7 @@ __all__ = [
     "TensorError",
     "UnexpectedKind",
     "UnknownTopic",
+    "clip",
 ]
 
 
@@ -73,3 +76,31 @@ class ConnectionLost(BrokerError):
 
 class BrokerStartError(BrokerError):
     """A private broker (Mosquitto or the embedded amqtt) did not start listening."""
+
+
+# A peer chooses the values quoted in our error messages (a 60 MiB `kind`, a dtype
+# string, a shape): quote a bounded repr so one bad message cannot flood the log.
+class _Clipped(reprlib.Repr):
+    def repr_bytes(self, value: bytes, level: int) -> str:
+        # reprlib would repr the whole buffer first: slice it before.
+        if len(value) <= self.maxstring:
+            return repr(value)
+        return f"{value[: self.maxstring // 2]!r}...({len(value)} bytes)"
+
+    repr_bytearray = repr_bytes
+
+
+_CLIP = _Clipped()
+_CLIP.maxstring = _CLIP.maxother = 80
+_CLIP.maxlong = 40
+_CLIP.maxlist = _CLIP.maxtuple = 10
+_CLIP.maxdict = 6
+_CLIP.maxlevel = 3
+
+
+def clip(value: object) -> str:
+    """`repr(value)`, shortened to a few dozen characters for an error message."""
+    try:
+        return _CLIP.repr(value)
+    except ValueError:  # an int too long for str() (over 4300 digits)
+        return f"<{type(value).__name__}>"

@@ -38,13 +38,21 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import DecodeError, PayloadTooLarge, SchemaVersionError, UnexpectedKind
+from .errors import (
+    DecodeError,
+    PayloadTooLarge,
+    SchemaVersionError,
+    TensorError,
+    UnexpectedKind,
+    clip,
+)
 from .ids import ID_PATTERN, DeviceIdField, JobIdField
 from .plan import Plan
 from .tensors import DEFAULT_LIMITS, LIMITS_CONTEXT_KEY, Limits, Tensor, pack, unpack
 
 __all__ = [
     "SCHEMA_VERSION",
+    "WIRE_INT_MAX",
     "CancelJob",
     "DeviceBirth",
     "DeviceCapabilities",
@@ -73,6 +81,13 @@ __all__ = [
 SCHEMA_VERSION: Final = 1
 """The wire schema version this code speaks; bump it on any incompatible change."""
 
+WIRE_INT_MAX: Final = 2**53 - 1
+"""Largest magnitude of any integer field. JSON would carry any size and msgpack up
+to 2**64 - 1: without a bound, a JSON record with a 2**70 epoch is accepted and then
+cannot be packed into the msgpack tasks that cite it. 2**53 - 1 is also the largest
+integer a JavaScript JSON reader (Node-RED) sees exactly; epochs, sessions (unix ms)
+and counters stay far below it."""
+
 Encoding = Literal["json", "msgpack"]
 
 M = TypeVar("M", bound="WireMessage")
@@ -95,7 +110,7 @@ def _check_row_interval(value: tuple[int, int]) -> tuple[int, int]:
 
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 NonNegativeFloat = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
-NonNegativeInt = Annotated[int, Field(ge=0)]
+NonNegativeInt = Annotated[int, Field(ge=0, le=WIRE_INT_MAX)]
 RowInterval = Annotated[tuple[NonNegativeInt, NonNegativeInt], AfterValidator(_check_row_interval)]
 """Half-open row interval `[start, stop)` of a feature map's height axis."""
 ShortText = Annotated[str, Field(max_length=2000)]
@@ -142,7 +157,7 @@ class DeviceCapabilities(BaseModel):
 
     model_config = _FROZEN_STRICT
 
-    cores: int = Field(ge=1, description="CPU cores usable for inference")
+    cores: int = Field(ge=1, le=WIRE_INT_MAX, description="CPU cores usable for inference")
     memory_bytes: NonNegativeInt = Field(description="memory available for inference, bytes")
     machine: str = Field(max_length=200, description="platform, e.g. 'Linux-aarch64'")
     software_version: str = Field(max_length=100, description="edgedi version")
@@ -173,7 +188,10 @@ class DeviceBirth(WireMessage):
     )
     candidate: bool = Field(description="whether the device may be elected leader")
     priority: int = Field(
-        default=0, description="election rank among candidates: lower wins, then the device id"
+        default=0,
+        ge=-WIRE_INT_MAX,
+        le=WIRE_INT_MAX,
+        description="election rank among candidates: lower wins, then the device id",
     )
     capabilities: DeviceCapabilities = Field(description="hardware, software and models held")
     profile: dict[Name, tuple[FiniteFloat, FiniteFloat]] = Field(
@@ -215,7 +233,10 @@ class LeaderRecord(WireMessage):
     epoch: NonNegativeInt = Field(description="leadership epoch; a new leader takes a higher one")
     session: NonNegativeInt = Field(description="the leader's session counter")
     priority: int = Field(
-        default=0, description="the leader's election rank (breaks ties between equal epochs)"
+        default=0,
+        ge=-WIRE_INT_MAX,
+        le=WIRE_INT_MAX,
+        description="the leader's election rank (breaks ties between equal epochs)",
     )
 
 
@@ -313,7 +334,9 @@ class TileTask(_TensorMessage):
     device: DeviceIdField = Field(description="the device that must run it (also in the topic)")
     model: Name = Field(description="model to run")
     model_digest: Name = Field(description="architecture digest of the model at `input_size`")
-    input_size: int = Field(gt=0, description="square input size the model is built for, pixels")
+    input_size: int = Field(
+        gt=0, le=WIRE_INT_MAX, description="square input size the model is built for, pixels"
+    )
     segment: NonNegativeInt = Field(description="index of the fused segment in the plan")
     first_unit: NonNegativeInt = Field(description="first unit of the segment")
     last_unit: NonNegativeInt = Field(description="last unit of the segment (inclusive)")
@@ -451,14 +474,15 @@ def decode(
     if not isinstance(raw, Mapping):
         raise DecodeError(f"a message is a {encoding} object, not {type(raw).__name__}")
     version = raw.get("version")
-    if version != SCHEMA_VERSION:
+    # `true` and `1.0` equal 1 in Python, and pydantic's Literal[1] takes them too.
+    if type(version) is not int or version != SCHEMA_VERSION:
         raise SchemaVersionError(
-            f"message schema version {version!r}; this code speaks {SCHEMA_VERSION}"
+            f"message schema version {clip(version)}; this code speaks {SCHEMA_VERSION}"
         )
     kind = raw.get("kind")
     cls = _KINDS.get(kind) if isinstance(kind, str) else None
     if cls is None:
-        raise UnexpectedKind(f"unknown message kind {kind!r}")
+        raise UnexpectedKind(f"unknown message kind {clip(kind)}")
     if cls not in allowed:
         names = ", ".join(sorted(c.model_fields["kind"].default for c in allowed))
         raise UnexpectedKind(f"message kind {kind!r} is not expected here (expected {names})")
@@ -471,6 +495,8 @@ def decode(
         return cls.model_validate(raw, context=context)
     except ValidationError as error:
         raise DecodeError(f"invalid {kind}: {_summarise(error)}") from error
+    except (TensorError, PayloadTooLarge) as error:  # raised by a Tensor field's validator
+        raise type(error)(f"invalid {kind}: {error}") from error
 
 
 def decode_as(payload: bytes, cls: type[M], *, limits: Limits = DEFAULT_LIMITS) -> M:
@@ -496,12 +522,26 @@ def _parse_json(payload: bytes) -> object:
         raise DecodeError(f"malformed JSON: {error}") from error
 
 
+_MAX_ERROR_TEXT: Final = 300
+
+
+def _path_part(part: str | int) -> str:
+    return str(part) if isinstance(part, int) or len(part) <= 40 else clip(part)
+
+
 def _summarise(error: ValidationError, most: int = 5) -> str:
-    """`field.path: message` for the first few errors, like the config loader prints."""
+    """`field.path: message` for the first few errors, like the config loader prints.
+
+    Paths and messages are clipped: a peer picks the keys (an extra field's name) and
+    some texts (a plan's device list), and the summary goes to the log.
+    """
     lines = []
-    for detail in error.errors(include_url=False)[:most]:
-        path = ".".join(str(part) for part in detail["loc"]) or "(message)"
-        lines.append(f"{path}: {detail['msg']}")
+    for detail in error.errors(include_url=False, include_input=False)[:most]:
+        path = ".".join(_path_part(part) for part in detail["loc"]) or "(message)"
+        text = detail["msg"]
+        if len(text) > _MAX_ERROR_TEXT:
+            text = text[:_MAX_ERROR_TEXT] + "..."
+        lines.append(f"{path}: {text}")
     more = error.error_count() - most
     if more > 0:
         lines.append(f"... and {more} more")

@@ -12,7 +12,9 @@ little-endian element bytes in C order.
   `Tensor.writable_array()`, which copies once.
 - **Checks** on receipt: the dtype is one of `ALLOWED_DTYPES`; the shape is a list of
   at most `max_dimensions` non-negative ints; the declared element count is bounded
-  (`max_elements`) before anything is allocated; `prod(shape) × itemsize` must equal
+  (`max_elements`) before anything is allocated, and so is the product of the
+  non-zero sizes (numpy refuses an empty array with a dimension past its index
+  range); `prod(shape) × itemsize` must equal
   `len(data)`. Non-finite values are not rejected by the codec (a tensor may
   legitimately carry them); workers call `require_finite` where inputs must be finite.
 
@@ -33,7 +35,7 @@ from pydantic import GetCoreSchemaHandler, GetJsonSchemaHandler
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import core_schema
 
-from .errors import DecodeError, PayloadTooLarge, TensorError
+from .errors import DecodeError, PayloadTooLarge, TensorError, clip
 
 __all__ = [
     "ALLOWED_DTYPES",
@@ -130,18 +132,25 @@ class Tensor:
         keys = set(value)
         if keys != _TENSOR_KEYS:
             raise TensorError(
-                f"tensor keys must be {sorted(_TENSOR_KEYS)}, got {sorted(map(str, keys))}"
+                f"tensor keys must be {sorted(_TENSOR_KEYS)}, got {clip(sorted(map(str, keys)))}"
             )
         dtype_name = value["dtype"]
         if not isinstance(dtype_name, str) or dtype_name not in _NUMPY_DTYPES:
             raise TensorError(
-                f"tensor dtype {dtype_name!r} is not one of {', '.join(ALLOWED_DTYPES)}"
+                f"tensor dtype {clip(dtype_name)} is not one of {', '.join(ALLOWED_DTYPES)}"
             )
         shape = _checked_shape(value["shape"], limits)
         elements = math.prod(shape)
         if elements > limits.max_elements:
             raise PayloadTooLarge(
                 f"tensor declares {elements} elements, over the limit of {limits.max_elements}"
+            )
+        span = math.prod(size for size in shape if size)
+        if span > limits.max_elements:
+            # Empty, yet numpy would refuse the shape (ValueError): bound it here too.
+            raise PayloadTooLarge(
+                f"empty tensor of shape {list(shape)}: its non-zero sizes multiply to {span}, "
+                f"over the limit of {limits.max_elements} elements"
             )
         data = value["data"]
         if not isinstance(data, bytes | bytearray | memoryview):
@@ -242,7 +251,7 @@ def _checked_shape(value: object, limits: Limits) -> tuple[int, ...]:
     for size in value:
         # bool is an int subclass; a shape of `true` is malformed, not 1.
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-            raise TensorError(f"tensor shape {list(value)!r} must hold non-negative ints")
+            raise TensorError(f"tensor shape {clip(list(value))} must hold non-negative ints")
     return tuple(value)
 
 
@@ -252,7 +261,11 @@ def _validate_tensor(value: object, info: core_schema.ValidationInfo) -> Tensor:
     limits = DEFAULT_LIMITS
     if isinstance(info.context, Mapping):
         limits = info.context.get(LIMITS_CONTEXT_KEY, DEFAULT_LIMITS)
-    return Tensor.from_wire(value, limits)
+    try:
+        return Tensor.from_wire(value, limits)
+    except (TensorError, PayloadTooLarge) as error:
+        # Name the field: a message may carry more than one tensor.
+        raise type(error)(f"{info.field_name}: {error}") from error
 
 
 def _serialize_tensor(value: Tensor, info: core_schema.SerializationInfo) -> object:
@@ -275,7 +288,9 @@ def _pack_default(value: object) -> object:
 
 def pack(value: object, *, default: Callable[[object], object] = _pack_default) -> bytes:
     """msgpack-encode `value`; `Tensor` objects become `{dtype, shape, data: bin}` maps."""
-    return msgpack.packb(value, default=default, use_bin_type=True, datetime=False)  # type: ignore[no-any-return]
+    # Annotated so that mypy is clean with and without the msgpack-types stubs.
+    packed: bytes = msgpack.packb(value, default=default, use_bin_type=True, datetime=False)
+    return packed
 
 
 def unpack(payload: bytes, limits: Limits = DEFAULT_LIMITS) -> object:
@@ -293,4 +308,12 @@ def unpack(payload: bytes, limits: Limits = DEFAULT_LIMITS) -> object:
         # tuple fields that keep our frozen models immutable.
         return msgpack.unpackb(payload, raw=False, use_list=False, strict_map_key=True)
     except (ValueError, TypeError, msgpack.UnpackException) as error:
-        raise DecodeError(f"malformed msgpack: {error}") from error
+        detail = str(error) or _UNPACK_ERRORS.get(type(error), type(error).__name__)
+        raise DecodeError(f"malformed msgpack: {detail}") from error
+
+
+# msgpack raises these two with an empty message.
+_UNPACK_ERRORS: Final[dict[type[Exception], str]] = {
+    msgpack.StackError: "nested deeper than the unpacker allows",
+    msgpack.FormatError: "a byte that starts no msgpack value",
+}

@@ -23,7 +23,7 @@ from typing import Final, Literal, NewType
 
 from pydantic import BaseModel
 
-from .errors import DecodeError, UnexpectedKind, UnknownTopic
+from .errors import DecodeError, UnexpectedKind, UnknownTopic, clip
 from .ids import is_topic_level
 from .messages import (
     SCHEMA_VERSION,
@@ -316,7 +316,7 @@ def parse_topic(root: TopicRoot, topic: str) -> ParsedTopic:
         parameters = spec.match(root, topic)
         if parameters is not None:
             return ParsedTopic(spec=spec, parameters=parameters, topic=topic)
-    raise UnknownTopic(f"topic {topic!r} is not in the catalogue under {root.base!r}")
+    raise UnknownTopic(f"topic {clip(topic)} is not in the catalogue under {root.base!r}")
 
 
 def decode_for_topic(
