@@ -164,4 +164,3 @@ def test_noise_and_unknown_devices_are_not_learnt() -> None:
     # One pathological tile (a swap storm) moves the factor by a bounded step only.
     planning.observe_tile("pi-1", predicted_s=0.01, measured_s=100.0)
     assert planning.speed_factor("pi-1") <= 1.0 + 0.3 * (5.0 - 1.0) + 1e-9
-
