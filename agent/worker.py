@@ -36,7 +36,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from edgedi.agent.layout import LayoutError, segment_layout
+from edgedi.agent.layout import LayoutError, SegmentLayout, segment_layout
 from edgedi.agent.model_store import HeldModel, ModelNotHeld, ModelStore
 from edgedi.broker.errors import BrokerError
 from edgedi.broker.ids import DeviceId
@@ -57,6 +57,7 @@ __all__ = ["Worker", "WorkerLinks", "WorkerStatistics"]
 logger = logging.getLogger(__name__)
 
 _TILE_DTYPES = ("float32", "float16")
+_GATE_DTYPES = ("float32", "float64", "float16")
 # A flood of bad tasks must not flood the journal: one line per reason this often.
 _REFUSAL_LOG_INTERVAL_S = 10.0
 # Remember this many cancelled job ids, so late tasks of a cancelled job are dropped.
@@ -90,6 +91,7 @@ class WorkerStatistics:
 class _Tile:
     task: TileTask
     held: HeldModel
+    layout: SegmentLayout
     rows: TileGeometry
     columns: TileGeometry
     runner: asyncio.Task[None] | None = None
@@ -136,7 +138,7 @@ class Worker:
         self._group: asyncio.TaskGroup | None = None
         self._idle = asyncio.Event()
         self._idle.set()
-        self._refusal_logged: dict[str, tuple[float, int]] = {}
+        self._logged: dict[str, tuple[float, int]] = {}
 
     # --- state ----------------------------------------------------------------------
 
@@ -177,8 +179,6 @@ class Worker:
         if existing is not None and existing.task.attempt >= task.attempt:
             logger.debug("ignored duplicate task %s", key)  # a QoS 1 redelivery
             return
-        if existing is not None and existing.runner is not None:
-            existing.runner.cancel()  # a newer attempt of the same tile replaces it
         if not self._accepting:
             self._refuse(task, "the device is shutting down")
             return
@@ -197,6 +197,10 @@ class Worker:
                 task, f"the device is overloaded ({self._queue.maxsize} tiles already queued)"
             )
             return
+        # Only a valid newer attempt replaces the tile in hand: a refused one must not
+        # cancel work the leader is still waiting for. (A queued one is skipped.)
+        if existing is not None and existing.runner is not None:
+            existing.runner.cancel()
         self._tiles[key] = tile
         self._idle.clear()
         self.statistics.accepted += 1
@@ -241,24 +245,34 @@ class Worker:
             raise _TileRefused(
                 f"output rows {task.output_rows} disagree with the geometry {rows.out_rows}"
             )
-        return _Tile(task, held, rows, columns)
+        return _Tile(task, held, layout, rows, columns)
 
     def on_gate(self, message: GateValue) -> None:
-        """A combined gate value; only tiles of that job on this device care."""
+        """A combined gate value; only tiles of that job and segment on this device care.
+
+        A value that cannot be the gate's (another shape, a gate the segment does not
+        have, NaN) is ignored with a warning: handed to the tile it would fail it, and
+        the leader's real value may still come.
+        """
         if not self.accepts_epoch(message.epoch):
             return
         key = (message.job_id, message.segment, message.gate)
-        if not any(tile_key[0] == message.job_id for tile_key in self._tiles):
+        tiles = [
+            tile
+            for tile in self._tiles.values()
+            if tile.task.job_id == message.job_id and tile.task.segment == message.segment
+        ]
+        if not tiles:
             return  # a gate of a job with no tile here (every worker hears every gate)
-        vector = message.vector
-        if not vector.is_finite() or vector.dtype not in ("float32", "float64", "float16"):
-            logger.warning("ignored a malformed gate value for %s", key)
+        problem = _gate_problem(tiles[0].layout, message)
+        if problem is not None:
+            self._warn_limited(
+                "gate", "ignored gate value %s of job %s: %s", message.gate, message.job_id, problem
+            )
             return
-        value = vector.array
+        value = message.vector.array
         delivered = False
-        for tile in self._tiles.values():
-            if tile.task.job_id != message.job_id or tile.task.segment != message.segment:
-                continue
+        for tile in tiles:
             future = tile.gates.get((message.segment, message.gate))
             if future is not None and not future.done():
                 future.set_result(value)
@@ -306,19 +320,28 @@ class Worker:
         if not self._tiles:
             self._idle.set()
 
-    def _refuse(self, task: TileTask, reason: str) -> None:
-        self.statistics.refused += 1
-        key = reason.split(":", 1)[0][:30]
-        if len(self._refusal_logged) > 256:  # adversarial reasons must not grow it forever
-            self._refusal_logged.clear()
-        last, suppressed = self._refusal_logged.get(key, (0.0, 0))
+    def _warn_limited(self, key: str, message: str, *args: object) -> None:
+        """A warning, at most one per `key` and interval (a flood must not flood the log)."""
+        if len(self._logged) > 256:  # adversarial reasons must not grow it forever
+            self._logged.clear()
+        last, suppressed = self._logged.get(key, (0.0, 0))
         now = time.monotonic()
         if now - last >= _REFUSAL_LOG_INTERVAL_S:
-            more = f" ({suppressed} similar refusals not logged)" if suppressed else ""
-            logger.warning("refused tile %s of job %s: %s%s", task.tile, task.job_id, reason, more)
-            self._refusal_logged[key] = (now, 0)
+            more = f" ({suppressed} similar not logged)" if suppressed else ""
+            logger.warning(message + "%s", *args, more)
+            self._logged[key] = (now, 0)
         else:
-            self._refusal_logged[key] = (last, suppressed + 1)
+            self._logged[key] = (last, suppressed + 1)
+
+    def _refuse(self, task: TileTask, reason: str) -> None:
+        self.statistics.refused += 1
+        self._warn_limited(
+            "refused:" + reason.split(":", 1)[0][:30],
+            "refused tile %s of job %s: %s",
+            task.tile,
+            task.job_id,
+            reason,
+        )
         failure = TileFailed(
             sender=self.device_id,
             job_id=task.job_id,
@@ -483,6 +506,21 @@ class Worker:
             return await future  # bounded by the tile's deadline (see _run_tile)
         finally:
             tile.gates.pop((task.segment, gate), None)
+
+
+def _gate_problem(layout: SegmentLayout, message: GateValue) -> str | None:
+    """Why `message` cannot be a value of its gate in `layout`, or None when it can."""
+    if message.gate >= len(layout.gates):
+        return f"the segment has {len(layout.gates)} gate(s)"
+    vector = message.vector
+    if vector.dtype not in _GATE_DTYPES:
+        return f"dtype {vector.dtype} is not one of {', '.join(_GATE_DTYPES)}"
+    channels = layout.gates[message.gate].out_channels
+    if vector.shape not in ((channels,), (1, channels)):
+        return f"shape {list(vector.shape)}, the gate has {channels} channels"
+    if not vector.is_finite():
+        return "it holds NaN or infinite values"
+    return None
 
 
 def _advance(
