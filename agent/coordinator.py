@@ -30,7 +30,9 @@ that holds the model, up to `jobs.tile_attempts` failures. Every tile is also
 broker restart — gets a speculative copy on the least loaded other device (up to
 `jobs.speculative_copies`), and the first valid result wins. A tile that has given
 its partial for the gate being combined only waits for the others and is left
-alone. A gate that was already combined is re-sent to any late copy. Measured
+alone. The straggler's device is then *suspect*: new tiles go elsewhere until it
+answers again (or for 10 s), so a hung device costs one overdue wait, not one per
+segment. A gate that was already combined is re-sent to any late copy. Measured
 tile times go back to `Planning.observe_tile`, so the next plan fits the devices
 as they are.
 
@@ -99,6 +101,8 @@ _TILE_DTYPES = ("float32", "float16")
 _INBOX_SIZE = 4096
 # Publishing an error result while shutting down must not hang the shutdown.
 _FINAL_PUBLISH_TIMEOUT_S = 2.0
+# How long a device that left a tile overdue gets no new tiles, unless it answers.
+_SUSPECT_S = 10.0
 
 
 class CoordinatorLinks(Protocol):
@@ -269,6 +273,9 @@ class Coordinator:
         self._round_robin: dict[str, dict[str, float]] = {}
         # Jobs handed over before `run()` started (a new leader's journal).
         self._backlog: list[tuple[JobSubmit, float | None]] = []
+        # Devices with an overdue tile and no word since: new tiles go elsewhere until
+        # they answer again (a hung device costs one overdue wait, not one per segment).
+        self._suspect_since: dict[str, float] = {}
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -372,6 +379,9 @@ class Coordinator:
 
     def route(self, message: ReductionPartial | TileResult | TileFailed) -> None:
         """A worker's partial, result or failure, for the job that owns it."""
+        if message.device in self._suspect_since and message.epoch == self.epoch:
+            logger.info("%s answers again", message.device)
+            del self._suspect_since[message.device]
         job = self._jobs.get(message.job_id)
         if job is None or message.epoch != self.epoch:
             self.statistics.dropped_messages += 1
@@ -382,6 +392,8 @@ class Coordinator:
     def devices_left(self, devices: Collection[str]) -> None:
         """Membership change: unfinished tiles on these devices are re-dispatched."""
         gone = set(devices)
+        for device in gone:
+            self._suspect_since.pop(device, None)  # it comes back, if ever, as itself again
         for job in self._jobs.values():
             for device in sorted(gone & _unfinished_devices(job)):
                 self._deliver(job, _DeviceLost(job.job_id, device))
@@ -596,17 +608,21 @@ class Coordinator:
         records: list[TileRecord] = []
         for assignment in assignments:
             task = self._tile_task(job, held, plan, position, layout, assignment, x)
-            if task.device not in alive:
-                # The plan names a device that left since it was made: send its tile elsewhere.
+            if task.device not in alive or task.device in self._suspects():
+                # The plan names a device that left since it was made, or that is not
+                # answering: send its tile elsewhere.
                 device = self._pick_device(job, avoid=(), exclude={task.device})
+                if device is None and task.device in alive:
+                    device = task.device  # nobody else: the suspect is the best hope
                 if device is None:
                     raise JobFailed(f"device {task.device} left and no other can take its tile")
                 logger.info(
-                    "job %s: tile %d goes to %s (%s left)",
+                    "job %s: tile %d goes to %s (%s %s)",
                     job.job_id,
                     task.tile,
                     device,
                     task.device,
+                    "left" if task.device not in alive else "is not answering",
                 )
                 task = task.model_copy(update={"device": DeviceId(device)})
             record = TileRecord(
@@ -684,6 +700,14 @@ class Coordinator:
         elif 0 in record.running and record.running[0] == record.planned_device:
             waited = time.time() - record.first_sent_at
             self.planning.observe_tile(record.planned_device, record.compute_s, waited)
+
+    def _suspects(self) -> set[str]:
+        """Devices that left a tile overdue lately and have not answered since."""
+        now = time.time()
+        for device, since in list(self._suspect_since.items()):
+            if now - since > _SUSPECT_S:
+                del self._suspect_since[device]  # give it another chance
+        return set(self._suspect_since)
 
     def _overdue_after(self, expected_s: float) -> float:
         """How long a copy of a tile may take before it counts as a straggler."""
@@ -843,6 +867,8 @@ class Coordinator:
                 continue
             waited = now - record.sent_at
             why = f"overdue: no answer from {record.device} after {waited:.2f} s"
+            for device in record.devices:
+                self._suspect_since.setdefault(device, now)
             if await self._send_copy(job, record, why, speculative=True):
                 record.copies += 1
                 self.statistics.speculative += 1
@@ -894,7 +920,9 @@ class Coordinator:
             for device in other.devices:
                 if device in load:
                     load[device] += 1
-        fresh = [device for device in candidates if device not in avoid]
+        suspects = self._suspects()
+        fresh = [d for d in candidates if d not in avoid and d not in suspects]
+        fresh = fresh or [device for device in candidates if device not in avoid]
         return min(fresh or candidates, key=lambda device: (load[device], device))
 
     async def _send_copy(

@@ -41,6 +41,7 @@ from edgedi.agent.model_store import HeldModel, ModelNotHeld, ModelStore
 from edgedi.broker.errors import BrokerError
 from edgedi.broker.ids import DeviceId
 from edgedi.broker.messages import (
+    WIRE_INT_MAX,
     CancelJob,
     GateValue,
     ReductionPartial,
@@ -132,7 +133,9 @@ class Worker:
         self._refusals: asyncio.Queue[TileFailed] = asyncio.Queue(maxsize=max(64, max_queued))
         self._tiles: dict[tuple[str, int, int], _Tile] = {}
         self._gate_values: dict[tuple[str, int, int], npt.NDArray[Any]] = {}
-        self._cancelled: OrderedDict[str, None] = OrderedDict()
+        # job id -> the newest epoch that cancelled it: its tasks up to that epoch are
+        # dropped, a later leader's (which took the job over) are not.
+        self._cancelled: OrderedDict[str, int] = OrderedDict()
         self._slots = asyncio.Semaphore(max_active)
         self._accepting = True
         self._group: asyncio.TaskGroup | None = None
@@ -171,7 +174,7 @@ class Worker:
             self.statistics.stale_epoch += 1
             logger.debug("ignored task of %s from stale epoch %d", task.job_id, task.epoch)
             return
-        if task.job_id in self._cancelled:
+        if task.epoch <= self._cancelled.get(task.job_id, -1):
             logger.debug("ignored task of cancelled job %s", task.job_id)
             return
         key = _key(task)
@@ -284,21 +287,30 @@ class Worker:
     def cancel_job(self, message: CancelJob) -> None:
         if not self.accepts_epoch(message.epoch):
             return
-        self.drop_job(message.job_id, f"cancelled: {message.reason or 'no reason given'}")
+        self.drop_job(
+            message.job_id,
+            f"cancelled: {message.reason or 'no reason given'}",
+            epoch=message.epoch,
+        )
 
     def on_epoch(self, epoch: int) -> None:
         """A newer leader took over: tiles of older epochs can never complete."""
         stale = {tile.task.job_id for tile in self._tiles.values() if tile.task.epoch < epoch}
         for job_id in stale:
-            self.drop_job(job_id, f"leader epoch {epoch} superseded the task's")
+            self.drop_job(job_id, f"leader epoch {epoch} superseded the task's", epoch=epoch - 1)
 
-    def drop_job(self, job_id: str, why: str) -> None:
-        """Stop and forget every tile of a job; later tasks of it are ignored."""
-        self._cancelled[job_id] = None
+    def drop_job(self, job_id: str, why: str, epoch: int | None = None) -> None:
+        """Stop and forget every tile of a job; later tasks of it up to `epoch` are ignored
+        (all of them when `epoch` is None)."""
+        self._cancelled[job_id] = max(
+            self._cancelled.get(job_id, -1), WIRE_INT_MAX if epoch is None else epoch
+        )
+        self._cancelled.move_to_end(job_id)
         while len(self._cancelled) > _CANCELLED_MEMORY:
             self._cancelled.popitem(last=False)
+        limit = self._cancelled[job_id]
         for key, tile in list(self._tiles.items()):
-            if key[0] != job_id:
+            if key[0] != job_id or tile.task.epoch > limit:
                 continue
             self.statistics.cancelled += 1
             logger.debug("dropping tile %s: %s", key, why)

@@ -98,6 +98,14 @@ class FaultCluster:
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=10)
 
+    def freeze(self, device: str) -> None:
+        """SIGSTOP: the process stalls with its connection open, like a hung device or a
+        silent network loss (no Will until the broker's keepalive runs out)."""
+        self.processes[device].send_signal(signal.SIGSTOP)
+
+    def thaw(self, device: str) -> None:
+        self.processes[device].send_signal(signal.SIGCONT)
+
     def log_path(self, device: str) -> Path:
         return self.folder / f"{device}.log"
 
@@ -111,6 +119,7 @@ class FaultCluster:
     def stop(self) -> None:
         for process in self.processes.values():
             if process.poll() is None:
+                process.send_signal(signal.SIGCONT)  # a frozen agent cannot drain
                 process.send_signal(signal.SIGTERM)
         for process in self.processes.values():
             try:

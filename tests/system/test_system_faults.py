@@ -5,6 +5,9 @@
 - The leader killed with SIGKILL mid-stream: every job answered, by the successor
   for the ones the dead leader held; the failover time is printed (`pytest -s`).
 - A device that joins mid-stream is in the plan and computes from then on.
+- A worker frozen with SIGSTOP (a hung board, a silent network loss): its tiles turn
+  overdue and are copied to the others, it is dropped from the plan once its
+  heartbeats stop, and after SIGCONT it rejoins and is used again.
 
 Times are printed, not asserted: the machines are shared and noisy.
 """
@@ -176,4 +179,29 @@ async def test_a_device_joining_mid_stream_is_used(tmp_path: Path) -> None:
             f"\njoin mid-stream: in the plan {in_plan:.2f} s after it was started; "
             f"{len(outcomes)} jobs, {planned - before_join} while it joined, "
             f"{len(users)} used it; {time.monotonic() - joined_at:.1f} s in all"
+        )
+
+
+async def test_a_frozen_worker_is_worked_around_and_rejoins(tmp_path: Path) -> None:
+    references = [reference(seed) for seed in range(SEEDS)]
+    devices = {"stall-a": 0, "stall-b": 1, "stall-c": 2}
+    async with fault_cluster(tmp_path, devices) as cluster, observed(cluster) as (client, log):
+        await wait_for_plan(client, set(devices))
+        before = await _stream(client, 6)
+        cluster.freeze("stall-c")
+        frozen_at = time.monotonic()
+        during = await _stream(client, 9, first=6)
+        await wait_for_plan(client, {"stall-a", "stall-b"})
+        out_of_plan = time.monotonic() - frozen_at
+        after_gone = await _stream(client, 3, first=15)
+        cluster.thaw("stall-c")
+        back = await wait_for_plan(client, set(devices))
+        rejoined = await _stream(client, 3, first=18)
+        outcomes = before + during + after_gone + rejoined
+        _check_answers(outcomes, log, references)
+        assert all("stall-c" in result.devices for _, result, _ in rejoined)
+        print(
+            f"\nSIGSTOP worker: jobs while frozen {_latencies(during)} (before: "
+            f"{_latencies(before)}); out of the plan {out_of_plan:.1f} s after the freeze; "
+            f"back in the plan {back:.2f} s after SIGCONT"
         )

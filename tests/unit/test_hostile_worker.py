@@ -495,3 +495,22 @@ async def test_an_ignored_gate_value_is_logged_with_its_reason(
     result = await running.outbox.outcome()
     assert isinstance(result, TileResult)
     assert_exact(running, result, "tiny-edgedi")
+
+
+async def test_a_cancel_from_an_old_leader_does_not_block_the_job_under_a_new_one(
+    running: Running,
+) -> None:
+    # A leader that hands a job over cancels its tiles; the successor (a higher epoch)
+    # sends the same job's tiles again, and they must run.
+    job_id = new_job_id("handed-over")
+    running.worker.accept(good_task(running, job_id))
+    running.worker.cancel_job(
+        CancelJob(sender="leader", job_id=job_id, epoch=EPOCH, reason="left to the next leader")  # type: ignore[arg-type]
+    )
+    running.worker.accept(good_task(running, job_id))  # the old leader's late duplicate
+    assert running.worker.busy_tiles == 0
+    successor = good_task(running, job_id).model_copy(update={"epoch": EPOCH + 1})
+    running.worker.accept(successor)
+    result = await running.outbox.outcome()
+    assert isinstance(result, TileResult) and result.epoch == EPOCH + 1, result
+    assert_exact(running, result, "tiny")
