@@ -681,7 +681,7 @@ class LocalCluster:
             EDGEDI_BROKER__LINK_LATENCY_MS=f"{self.link_latency_ms:g}",
         )
         log_path = self.log_dir / f"{device}.log"
-        with log_path.open("wb") as log:
+        with log_path.open("ab") as log:
             process = subprocess.Popen(
                 command,
                 stdin=subprocess.DEVNULL,
@@ -700,6 +700,36 @@ class LocalCluster:
                 raise ClusterError(f"cannot put {device} in its CPU quota group: {error}") from None
         logger.info("started %s (pid %d, speed %g)", device, process.pid, self.speeds[position])
         return AgentProcess(device, self.speeds[position], process, log_path, group, command)
+
+    # --- fault injection (benchmarks and tests) -----------------------------------------
+
+    def agent(self, device: str) -> AgentProcess:
+        for agent in self.agents:
+            if agent.device_id == device:
+                return agent
+        raise ClusterError(f"no device {device} in this cluster")
+
+    def kill(self, device: str) -> None:
+        """SIGKILL one agent: no drain, no goodbye (the broker publishes its Will)."""
+        agent = self.agent(device)
+        with contextlib.suppress(ProcessLookupError):
+            agent.process.kill()
+        agent.process.wait(timeout=_KILL_WAIT_S)
+
+    def freeze(self, device: str) -> None:
+        """SIGSTOP one agent: it stalls with its connection open (a hung device)."""
+        self.agent(device).process.send_signal(signal.SIGSTOP)
+
+    def thaw(self, device: str) -> None:
+        self.agent(device).process.send_signal(signal.SIGCONT)
+
+    def restart(self, device: str) -> None:
+        """Start a killed agent again, as systemd's Restart= would (same settings)."""
+        agent = self.agent(device)
+        if agent.running:
+            raise ClusterError(f"{device} is still running")
+        position = self.device_ids.index(device)
+        self.agents[self.agents.index(agent)] = self._spawn(position, device)
 
     def failed_agents(self) -> list[AgentProcess]:
         return [agent for agent in self.agents if not agent.running]
@@ -782,6 +812,7 @@ class LocalCluster:
         for agent in self.agents:
             if agent.running:
                 with contextlib.suppress(ProcessLookupError):
+                    agent.process.send_signal(signal.SIGCONT)  # a frozen agent cannot drain
                     agent.process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + _STOP_GRACE_S
         for agent in self.agents:
