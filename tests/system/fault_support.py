@@ -62,11 +62,19 @@ class FaultCluster:
     folder: Path
     slowdown: float
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    replaced: list[subprocess.Popen[bytes]] = field(default_factory=list)
     starts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
     def start(self, device: str, priority: int) -> None:
-        """Start (or restart, as systemd's Restart=always would) one agent process."""
+        """Start (or restart, as systemd's Restart=always would) one agent process.
+
+        A process of the same device that still runs is kept (and stopped at the end):
+        the new one takes its MQTT client id over, as a replacement board would.
+        """
         self.starts[device] += 1
+        previous = self.processes.get(device)
+        if previous is not None and previous.poll() is None:
+            self.replaced.append(previous)
         command = [
             sys.executable, "-m", "edgedi.agent.cli", "agent",
             "--broker", f"{self.broker.host}:{self.broker.port}",
@@ -117,11 +125,12 @@ class FaultCluster:
         return "\n".join(parts)
 
     def stop(self) -> None:
-        for process in self.processes.values():
+        everything = [*self.processes.values(), *self.replaced]
+        for process in everything:
             if process.poll() is None:
                 process.send_signal(signal.SIGCONT)  # a frozen agent cannot drain
                 process.send_signal(signal.SIGTERM)
-        for process in self.processes.values():
+        for process in everything:
             try:
                 process.wait(timeout=20)
             except subprocess.TimeoutExpired:

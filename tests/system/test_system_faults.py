@@ -8,6 +8,9 @@
 - A worker frozen with SIGSTOP (a hung board, a silent network loss): its tiles turn
   overdue and are copied to the others, it is dropped from the plan once its
   heartbeats stop, and after SIGCONT it rejoins and is used again.
+- A hung device replaced by a new process with the same id: the broker takes the
+  client id over and publishes the old session's Will *after* the new session's
+  birth; the session counter keeps that late Will from evicting the live device.
 
 Times are printed, not asserted: the machines are shared and noisy.
 """
@@ -205,3 +208,29 @@ async def test_a_frozen_worker_is_worked_around_and_rejoins(tmp_path: Path) -> N
             f"{_latencies(before)}); out of the plan {out_of_plan:.1f} s after the freeze; "
             f"back in the plan {back:.2f} s after SIGCONT"
         )
+
+
+async def test_a_late_will_of_a_replaced_session_does_not_evict_its_successor(
+    tmp_path: Path,
+) -> None:
+    references = [reference(seed) for seed in range(SEEDS)]
+    devices = {"swap-a": 0, "swap-b": 1, "swap-c": 2}
+    async with fault_cluster(tmp_path, devices) as cluster, observed(cluster) as (client, log):
+        await wait_for_plan(client, set(devices))
+        before = await _stream(client, 3)
+        cluster.freeze("swap-c")  # hung, its connection still open
+        old = cluster.processes["swap-c"]
+        cluster.start("swap-c", devices["swap-c"])  # the replacement takes the id over
+        # The old process is frozen and cannot leave: the broker drops it when the new
+        # one connects with the same client id and publishes its Will (offline, old
+        # session) after the new session's birth.
+        after = await _stream(client, 9, first=3)
+        outcomes = before + after
+        _check_answers(outcomes, log, references)
+        assert old.poll() is None  # still frozen: the Will came from the takeover
+        await wait_for_plan(client, set(devices))
+        last = after[-3:]
+        assert all("swap-c" in result.devices for _, result, _ in last), [
+            result.devices for _, result, _ in last
+        ]
+        print(f"\nreplaced session: {_latencies(after)}; the new swap-c computes")
