@@ -27,7 +27,9 @@ import numpy as np
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
+from edgedi.agent.election import Election, LeaderClaim
 from edgedi.broker.connection import MqttSession, Received, SessionSettings
 from edgedi.broker.errors import (
     DecodeError,
@@ -703,3 +705,23 @@ async def test_huge_quoted_values_give_short_reasons(
         field = next(f[2] for f in TENSOR_FIELDS if f[1] == kind)
         tensor = {"dtype": text, "shape": [1], "data": b"\x00"}
         await assert_refused(spec, payload_of(spec, _with_tensor(kind, field, tensor)))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=ValidationError,
+    reason="agent/election.py: a claim at the epoch bound makes the next claim unsendable "
+    "(fix requested: ignore claims with epoch >= WIRE_INT_MAX)",
+)
+def test_known_gap_a_leader_record_at_the_bound_cannot_poison_the_next_claim() -> None:
+    # Every integer field is bounded now, so the record decodes; the candidate that
+    # claims next takes epoch + 1, and building its record fails (in the runtime's
+    # control loop, which ends the agent).
+    record = json.loads(encode(VALID["leader"]))
+    record.update(epoch=WIRE_INT_MAX, device="mallory")
+    leader = decode(json.dumps(record).encode(), (LeaderRecord,))
+    assert isinstance(leader, LeaderRecord)
+    election = Election("pi-1", priority=0, candidate=True, session=5)
+    election.observe(LeaderClaim(leader.epoch, leader.priority, leader.device, leader.session))
+    claim = election.make_claim()
+    LeaderRecord(sender="pi-1", device="pi-1", epoch=claim.epoch, session=claim.session)
