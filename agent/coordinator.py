@@ -155,6 +155,8 @@ class TileRecord:
     overdue_at: float
     attempt: int = 0
     running: dict[int, str] = field(default_factory=dict)
+    sent: dict[int, str] = field(default_factory=dict)
+    """Every attempt ever sent, and its device: only they may answer."""
     tried: set[str] = field(default_factory=set)
     failures: int = 0
     copies: int = 0
@@ -211,6 +213,8 @@ class _Job:
     plan: Plan | None = None
     task: asyncio.Task[None] | None = None
     abandoned: bool = False
+    gate_values: dict[tuple[int, int], GateValue] = field(default_factory=dict)
+    """Combined gates of finished segments, for copies that reach them late."""
 
     @property
     def job_id(self) -> JobId:
@@ -379,14 +383,16 @@ class Coordinator:
 
     def route(self, message: ReductionPartial | TileResult | TileFailed) -> None:
         """A worker's partial, result or failure, for the job that owns it."""
-        if message.device in self._suspect_since and message.epoch == self.epoch:
-            logger.info("%s answers again", message.device)
-            del self._suspect_since[message.device]
         job = self._jobs.get(message.job_id)
         if job is None or message.epoch != self.epoch:
             self.statistics.dropped_messages += 1
             logger.debug("dropped %s for job %s (not in progress)", message.kind, message.job_id)
             return
+        if message.device in self._suspect_since and any(
+            message.device in record.sent.values() for record in job.tiles.values()
+        ):
+            logger.info("%s answers again", message.device)
+            del self._suspect_since[message.device]
         self._deliver(job, message)
 
     def devices_left(self, devices: Collection[str]) -> None:
@@ -441,9 +447,13 @@ class Coordinator:
         await self._finish(job, result)
 
     async def _release(self, job: _Job, reason: str) -> None:
-        """Forget the job and stop its tiles on every device that holds one."""
+        """Forget the job and stop its tiles on every device that was sent one.
+
+        Not only where a tile is unfinished: a copy that lost its race may still run.
+        """
         self._jobs.pop(job.job_id, None)
-        for device in sorted(_unfinished_devices(job)):
+        devices = {d for record in job.tiles.values() for d in record.sent.values()}
+        for device in sorted(devices):
             cancel = CancelJob(
                 sender=self.device_id, job_id=job.job_id, epoch=self.epoch, reason=reason
             )
@@ -636,6 +646,7 @@ class Coordinator:
                 sent_at=started,
                 overdue_at=started + self._overdue_after(assignment.expected_s),
                 running={0: task.device},
+                sent={0: task.device},
                 tried={task.device},
             )
             job.tiles[(position, task.tile)] = record
@@ -660,8 +671,19 @@ class Coordinator:
                         await self._device_lost(job, record, item.device)
                 continue
             if item.segment != position or not 0 <= item.tile < layout.count:
-                continue  # a late message of an earlier segment
+                await self._late_message(job, item)
+                continue
             record = records[item.tile]
+            if not _from_a_copy(record, item):
+                self.statistics.dropped_messages += 1
+                logger.warning(
+                    "job %s: dropped a %s for tile %d from %s, which holds no copy of it",
+                    job.job_id,
+                    item.kind,
+                    item.tile,
+                    item.device,
+                )
+                continue
             if isinstance(item, ReductionPartial):
                 await self._on_partial(job, state, record, item)
             elif isinstance(item, TileResult):
@@ -679,12 +701,30 @@ class Coordinator:
             elif not record.done:
                 await self._copy_failed(job, record, item.attempt, f"{item.device}: {item.reason}")
         finished = time.time()
+        for gate, value in state.gates.items():
+            job.gate_values[(position, gate)] = value
         job.add_time("compute", finished - scattered)
         job.add_time("worker_compute", state.worker_compute)
         for gate, moment in enumerate(state.first_partial):
             if moment is not None and gate in state.gates:
                 job.add_time("reductions", max(0.0, state.gates[gate].sent_at - moment))
         return state.outputs
+
+    async def _late_message(self, job: _Job, item: _Inbound) -> None:
+        """A message of an earlier segment: a copy that lost the race is still running.
+
+        A late partial gets the gate's value, so the copy finishes (its result is
+        dropped) instead of holding the device's slot until the job ends.
+        """
+        if not isinstance(item, ReductionPartial):
+            return
+        value = job.gate_values.get((item.segment, item.gate))
+        if value is None:
+            return
+        try:
+            await self.links.send_gate(value, {item.device})
+        except BrokerError as error:
+            logger.debug("job %s: late gate not sent: %s", job.job_id, error)
 
     def _learn_speed(self, record: TileRecord, result: TileResult) -> None:
         """Feed the planned device's measured tile time back into its profile.
@@ -752,6 +792,7 @@ class Coordinator:
             output_columns=(columns.out_rows.start, columns.out_rows.stop),
             tensor=Tensor(tensor),
             deadline=job.deadline,
+            local_gates=layout.count == 1 and bool(layout.gates),
         )
 
     async def _send_tasks(self, job: _Job, tasks: list[TileTask]) -> bool:
@@ -798,12 +839,19 @@ class Coordinator:
             logger.warning("job %s: partial for unknown gate %d", job.job_id, partial.gate)
             return
         gate = layout.gates[partial.gate]
-        if partial.sums.shape != (1, gate.out_channels) or not partial.sums.is_finite():
+        share = layout.gate_positions(partial.tile, partial.gate)
+        if (
+            partial.sums.shape != (1, gate.out_channels)
+            or not partial.sums.is_finite()
+            or partial.positions != share
+        ):
             logger.warning(
-                "job %s: malformed partial from %s (shape %s)",
+                "job %s: malformed partial from %s (shape %s, %d positions of %d)",
                 job.job_id,
                 partial.device,
                 partial.sums.shape,
+                partial.positions,
+                share,
             )
             return
         if partial.gate in state.gates:
@@ -946,6 +994,7 @@ class Coordinator:
         now = time.time()
         record.attempt += 1
         record.running[record.attempt] = device
+        record.sent[record.attempt] = device
         record.tried.add(device)
         record.sent_at = now
         record.overdue_at = now + self._overdue_after(record.expected_s)
@@ -975,6 +1024,13 @@ class Coordinator:
 
 
 # --- array helpers (numpy only: they run on the event loop) -----------------------------
+
+
+def _from_a_copy(record: TileRecord, item: ReductionPartial | TileResult | TileFailed) -> bool:
+    """Did the coordinator send this tile to the message's device (that attempt, if any)?"""
+    if isinstance(item, ReductionPartial):
+        return item.device in record.sent.values()
+    return record.sent.get(item.attempt) == item.device
 
 
 def _unfinished_devices(job: _Job) -> set[str]:

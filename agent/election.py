@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from edgedi.agent.membership import DeviceRecord
+from edgedi.broker.messages import WIRE_INT_MAX
 
 
 @dataclass(frozen=True, order=True)
@@ -66,6 +67,10 @@ class Election:
 
     def observe(self, claim: LeaderClaim) -> None:
         """A record arrived on planner/leader (retained or live)."""
+        if claim.epoch >= WIRE_INT_MAX:
+            # No claim could follow it (the next epoch would not fit the wire): a
+            # record there is forged or corrupt, never a real term.
+            return
         self.highest_epoch = max(self.highest_epoch, claim.epoch)
         if claim.beats(self.current):
             self.current = claim

@@ -63,6 +63,17 @@ class SegmentLayout:
         columns = len(self.column_tiles)
         return self.row_tiles[index // columns], self.column_tiles[index % columns]
 
+    def gate_positions(self, index: int, gate: int) -> int:
+        """Map positions tile `index` sums over for gate `gate` (its disjoint share)."""
+        rows, columns = self.tile(index)
+        name = self.gates[gate].name
+        for by_row, by_column in zip(rows.op_rows, columns.op_rows, strict=True):
+            if by_row.op.name == name:
+                if by_row.owned is None or by_column.owned is None:
+                    return 0
+                return len(by_row.owned) * len(by_column.owned)
+        raise LayoutError(f"gate {name} is not in tile {index}")
+
     def input_shape(self, index: int) -> tuple[int, int, int, int]:
         """(batch 1, channels, rows, columns) of tile `index`'s input tensor."""
         rows, columns = self.tile(index)

@@ -225,6 +225,12 @@ class Worker:
             rows, columns = layout.tile(task.tile)
         except LayoutError as error:
             raise _TileRefused(f"bad tile description: {error}") from None
+        if task.local_gates and layout.count != 1:
+            # Local means over part of the map are the EdgeDI approximation, not exact.
+            raise _TileRefused(
+                f"local gates asked for tile {task.tile} of {layout.count}: only a tile "
+                "that is the whole map may compute its gates alone"
+            )
         expected_shape = layout.input_shape(task.tile)
         if task.tensor.shape != expected_shape:
             raise _TileRefused(
@@ -457,7 +463,15 @@ class Worker:
             if not np.isfinite(array).all():
                 raise _TileRefused("input tensor holds NaN or infinite values")
             x = torch.from_numpy(array.astype(np.float32, copy=True))
-            runner = run_tile(tile.held.model, tile.rows, x, columns=tile.columns)
+            # A tile that is the whole map has every position of each gate's mean:
+            # it computes the mean itself instead of a round trip per gate.
+            runner = run_tile(
+                tile.held.model,
+                tile.rows,
+                x,
+                columns=tile.columns,
+                gate_mode="local" if task.local_gates else "exact",
+            )
             runner_holder.append(runner)
             return _advance(runner, None, self.wire_dtype)
 

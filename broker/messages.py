@@ -358,6 +358,11 @@ class TileTask(_TensorMessage):
     tensor: Tensor = Field(description="segment input rows, halo included")
     deadline: FiniteFloat = Field(description="unix time after which the result is useless")
     attempt: NonNegativeInt = Field(default=0, description="0, then +1 per re-dispatch")
+    local_gates: bool = Field(
+        default=False,
+        description="the tile is the whole map: compute each gate's mean locally "
+        "(exact) instead of sending partials and waiting for the combined value",
+    )
 
 
 class CancelJob(_TensorMessage):

@@ -197,7 +197,10 @@ def _gate_step(
     op = by_row.op
     if gate_mode == "local":
         with torch.inference_mode():
-            return module.rescale(x, x.mean(dim=(2, 3)))
+            # Accumulated in float64 as the exact reduction is, so that a tile that
+            # is the whole map gets the very same gate value without a round trip.
+            local = x.sum(dim=(2, 3), dtype=torch.float64) / (x.shape[2] * x.shape[3])
+            return module.rescale(x, local.to(torch.float32))
     owned_rows, owned_columns = by_row.owned, by_column.owned
     assert owned_rows is not None and owned_columns is not None, op.name
     with torch.inference_mode():

@@ -205,7 +205,7 @@ class Cluster:
         return sent - answered
 
     def forget(self, job_id: str) -> None:
-        """Drop what is left of a finished job on the workers (see the known gap below)."""
+        """Drop what is left of a finished job on the workers, whatever the coordinator did."""
         for worker in self.workers.values():
             worker.drop_job(job_id, "test: job over")
 
@@ -450,8 +450,7 @@ async def test_hostile_input_never_corrupts_a_running_job(
         errors = [await cluster.result_of(message.job_id) for message, _ in hostile]
     finally:
         cluster.target = None
-        # Copies re-sent because of a forged failure may outlive the job (known gap
-        # below): left on the workers they would hold slots until the deadline.
+        # A failed example must not leave copies on the workers for the next one.
         cluster.forget(good.job_id)
     assert result.status == "ok", result.error
     np.testing.assert_allclose(result.probabilities, reference, rtol=0, atol=1e-5)
@@ -483,7 +482,7 @@ async def test_a_resubmitted_id_gets_the_first_result_again(
     np.testing.assert_allclose(again.probabilities, reference, rtol=0, atol=1e-5)
 
 
-# --- known gaps: plausible forgeries the coordinator still takes ---------------------------
+# --- plausible forgeries: a copy never sent, a foreign partial, a wrong count ------------
 
 
 def _never_sent_attempt(message: Inbound) -> list[Inbound]:
@@ -511,12 +510,6 @@ def _miscounted_partial(message: Inbound) -> list[Inbound]:
     return [message.model_copy(update={"positions": message.positions + 1})]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="agent/coordinator.py takes these (fix requested: check a result's attempt and "
-    "device against the copies sent, a partial's device and positions against its tile)",
-)
 @pytest.mark.parametrize(
     ("forgery", "when"),
     [
@@ -530,7 +523,7 @@ def _miscounted_partial(message: Inbound) -> list[Inbound]:
         "partial-with-another-count",
     ],
 )
-async def test_known_gap_forged_worker_messages_are_refused(
+async def test_forged_worker_messages_are_refused(
     cluster: Cluster,
     image: npt.NDArray[np.uint8],
     reference: npt.NDArray[np.float64],
@@ -549,17 +542,13 @@ async def test_known_gap_forged_worker_messages_are_refused(
     np.testing.assert_allclose(result.probabilities, reference, rtol=0, atol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="agent/coordinator.py: fix requested")
-async def test_known_gap_copies_left_running_are_cancelled_when_the_job_ends(
+async def test_copies_left_running_are_cancelled_when_the_job_ends(
     cluster: Cluster, image: npt.NDArray[np.uint8], reference: npt.NDArray[np.float64]
 ) -> None:
     # A forged bad result makes the coordinator re-send every tile; the real results
-    # then win. Copies still running when the job ends are never cancelled: those of
-    # the gated segment wait for a gate the coordinator will not re-send (their
-    # partials come after the segment moved on), holding a worker slot until the
-    # job's deadline. Legitimate speculative copies do the same. Fix requested in
-    # agent/coordinator.py: at the end of a job cancel it on every device that got a
-    # copy (`job.devices`), not only on devices of unfinished tiles.
+    # then win. Copies still running when the job ends (re-sent or speculative) must
+    # be cancelled, or those of a gated segment hold a worker slot until the job's
+    # deadline, waiting for a gate of a segment the coordinator has left behind.
     coordinator = cluster.coordinator
     assert coordinator is not None
     good = submission(new_job_id("good"), image[None])

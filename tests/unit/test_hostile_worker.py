@@ -514,3 +514,21 @@ async def test_a_cancel_from_an_old_leader_does_not_block_the_job_under_a_new_on
     result = await running.outbox.outcome()
     assert isinstance(result, TileResult) and result.epoch == EPOCH + 1, result
     assert_exact(running, result, "tiny")
+
+
+async def test_a_whole_map_tile_with_local_gates_needs_no_round_trip(running: Running) -> None:
+    task = good_task(running, new_job_id("local"), model="tiny-edgedi", split=False)
+    running.worker.accept(task.model_copy(update={"local_gates": True}))
+    result = await running.outbox.outcome()  # no partial, no gate value: straight to the end
+    assert isinstance(result, TileResult), result
+    assert running.outbox.partials.empty()
+    assert_exact(running, result, "tiny-edgedi")
+
+
+async def test_local_gates_on_part_of_the_map_are_refused(running: Running) -> None:
+    task = good_task(running, new_job_id("not-local"), model="tiny-edgedi", split=True)
+    running.worker.accept(task.model_copy(update={"local_gates": True}))
+    refusal = await running.outbox.outcome()
+    assert isinstance(refusal, TileFailed), refusal
+    assert "only a tile that is the whole map" in refusal.reason
+    await assert_still_serves(running)

@@ -225,6 +225,17 @@ def test_local_gates_differ_but_exact_gates_equal_the_whole_pass(name: str) -> N
     assert relative_error(local, c.outputs[last]) > 1e-3
 
 
+@pytest.mark.parametrize("name", ["tiny-edgedi", "resnet18-edgedi", "vgg16-edgedi"])
+def test_local_gates_are_exact_on_a_tile_that_is_the_whole_map(name: str) -> None:
+    # What a worker relies on to skip the gate round trips of a single-tile segment.
+    c = case(name, SMALL_SIZE.get(name, 72))
+    units = c.model.spec.spatial_units
+    last = len(units) - 1
+    whole = [Rows(0, units[last].out_shape[1])]
+    local = run_segment_local(c.model, units, whole, c.x, gate_mode="local")
+    assert relative_error(local, c.outputs[last]) <= TOLERANCE
+
+
 def test_a_batch_of_images_runs_as_one_tile_set() -> None:
     c = case("tiny-edgedi", 45)
     units = c.model.spec.spatial_units
