@@ -128,6 +128,15 @@ def _write_cache(path: Path, key: str, table: ProfileTable) -> None:
         logger.warning("could not cache the profile in %s: %s", path, error)
 
 
+def store_profile(state_dir: Path, table: ProfileTable, threads: int) -> None:
+    """Leave `table` where an agent with `threads` torch threads reads its cached profile.
+
+    For launchers that measured the device better than the start-up benchmark can
+    (e.g. `edgedi.agent.local_cluster`, which times the real model in a CPU quota).
+    """
+    _write_cache(state_dir / "profile.json", _cache_key(threads), table)
+
+
 def measure_profile(
     budget_s: float,
     threads: int,

@@ -420,12 +420,10 @@ def calibrate_profile(
 
 def _store_profile(state_dir: Path, table: ProfileTable) -> None:
     """Leave `table` where the agent looks for its cached profile (one torch thread)."""
-    # The agent's cache format is private to edgedi.agent.device; using its own writer
-    # and key keeps the two in step (a rename breaks here loudly, not silently).
-    from edgedi.agent.device import _cache_key, _write_cache
+    from edgedi.agent.device import store_profile  # torch: only when a cluster starts
 
     state_dir.mkdir(parents=True, exist_ok=True)
-    _write_cache(state_dir / "profile.json", _cache_key(1), table)
+    store_profile(state_dir, table, threads=1)
 
 
 # --- the cluster ------------------------------------------------------------------------
@@ -602,6 +600,11 @@ class LocalCluster:
             str(self.input_size),
             "--profile-seconds",
             f"{self.profile_seconds:g}",
+            # Loopback, described as the link a quota-limited agent can fill.
+            "--link-mbit",
+            f"{self.link_mbit_s:g}",
+            "--link-latency-ms",
+            f"{self.link_latency_ms:g}",
             # The fastest device first in rank: it leads, and `single` is it alone.
             "--priority",
             str(position),
@@ -676,9 +679,6 @@ class LocalCluster:
             OMP_NUM_THREADS="1",
             MKL_NUM_THREADS="1",
             PYTHONUNBUFFERED="1",
-            # Loopback, as the agents' settings describe a link (no command-line flag).
-            EDGEDI_BROKER__LINK_MBIT_S=f"{self.link_mbit_s:g}",
-            EDGEDI_BROKER__LINK_LATENCY_MS=f"{self.link_latency_ms:g}",
         )
         log_path = self.log_dir / f"{device}.log"
         with log_path.open("ab") as log:

@@ -52,6 +52,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--id", dest="device_id", metavar="ID", help="unique device name")
     parser.add_argument("--cluster", help="cluster name (one topic level)")
     parser.add_argument("--topic-root", help="topic prefix shared by the fleet")
+    parser.add_argument(
+        "--link-mbit", type=float, metavar="MBIT", help="announced link bandwidth (Mbit/s)"
+    )
+    parser.add_argument(
+        "--link-latency-ms", type=float, metavar="MS", help="announced one-way link latency"
+    )
     parser.add_argument("--threads", type=int, metavar="N", help="torch threads")
     parser.add_argument(
         "--slowdown", type=float, metavar="X", help="emulate a device X times slower"
@@ -87,6 +93,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
             "port": port,
             "cluster": args.cluster,
             "topic_root": args.topic_root,
+            "link_mbit_s": args.link_mbit,
+            "link_latency_ms": args.link_latency_ms,
         },
         "compute": {
             "threads": args.threads,

@@ -3,6 +3,7 @@ the images-mode round robin, and `edgedi agent --check-config`."""
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
@@ -187,3 +188,20 @@ def test_check_config_prints_field_paths_and_fails(tmp_path: Path) -> None:
     assert "compute.models.0: unknown model 'nope'" in completed.stderr
     assert "planner.strategy: unknown strategy 'x'" in completed.stderr
     assert _check_config().returncode == 1  # no device id anywhere
+
+
+def test_link_flags_reach_the_settings_and_are_checked() -> None:
+    completed = _check_config("--id", "pi-1", "--link-mbit", "-5")
+    assert completed.returncode == 1
+    assert "broker.link_mbit_s:" in completed.stderr
+    from edgedi.agent.commands.agent import _overrides, add_arguments
+    from edgedi.agent.config import AgentSettings
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--id", "pi-1", "--link-mbit", "54", "--link-latency-ms", "3"])
+    overrides = _overrides(args)
+    settings = AgentSettings(
+        device_id="pi-1", broker={k: v for k, v in overrides["broker"].items() if v is not None}
+    )
+    assert settings.broker.link_mbit_s == 54.0 and settings.broker.link_latency_ms == 3.0
