@@ -15,8 +15,9 @@ Choices, and why:
 - **Keepalive of seconds** (default 5): a silent device is declared dead after
   ~1.5× keepalive, and its Last Will fires. Pings run on the event loop, so
   blocking work on the loop gets a device declared dead — run heavy work elsewhere.
-- **Bounded incoming queue**: a flood cannot exhaust memory; when full, aiomqtt
-  discards (and logs) further messages.
+- **Bounded incoming queue**: a flood cannot exhaust memory; when full, further
+  messages are dropped, counted (`SessionStatistics.dropped_overflow`) and logged
+  (rate-limited). QoS 1 work lost that way is recovered by the protocol's timeouts.
 - **Handlers are awaited one at a time, in arrival order** (state updates stay
   ordered); a handler that has long work to do hands it to its own task.
 - **A peer's bad message never ends the loop**: an unknown topic, a malformed or
@@ -27,6 +28,13 @@ Choices, and why:
   is dropped.
 - **Every wait is bounded**: connect by paho's socket timeout and the CONNACK wait,
   publish/subscribe by `operation_timeout_seconds` (`ConnectionLost` on expiry).
+- **An event outlives a reconnect**: when the connection drops before the broker
+  acknowledged a non-retained message (a broker restart), `publish` sends it again
+  on the next connection, within its timeout. The broker may have had the first
+  copy: QoS 1 is at-least-once anyway, and every receiver of ours tolerates
+  duplicates. Retained messages are state, not events: their owner publishes its
+  current state on reconnect (`on_connect`), and a stale copy sent late could
+  overwrite a newer one, so they fail with the connection instead.
 """
 
 from __future__ import annotations
@@ -40,9 +48,10 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final, TypeVar
 
 import aiomqtt
+import paho.mqtt.client as paho
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from .errors import ConnectionLost, ProtocolError, clip
@@ -70,11 +79,15 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 _TCP_NODELAY: Final = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 # How long to wait for a cancelled task before cancelling it again (see _cancel_and_wait).
 _CANCEL_RETRY_SECONDS: Final = 0.5
 # A connection that lasted this long was healthy: reconnect quickly after it drops.
 _STABLE_SECONDS: Final = 10.0
+# paho's return codes for "this connection is gone" (the publish never left).
+_CONNECTION_GONE: Final = frozenset({paho.MQTT_ERR_NO_CONN, paho.MQTT_ERR_CONN_LOST})
 # MQTT allows 64 KiB topics; a log line quotes at most this much of one.
 _MAX_LOGGED_TOPIC: Final = 200
 
@@ -108,8 +121,10 @@ class SessionSettings(BaseModel):
     reconnect_initial_seconds: float = Field(
         default=0.2, gt=0, description="first reconnect delay; doubles per failed attempt"
     )
+    # A broker restart is over in seconds; every second the backoff adds after the
+    # broker is back, each in-flight job waits too. A refused connect costs nothing.
     reconnect_max_seconds: float = Field(
-        default=10.0, gt=0, description="longest reconnect delay (before jitter)"
+        default=2.0, gt=0, description="longest reconnect delay (before jitter)"
     )
     max_queued_incoming: int = Field(
         default=256,
@@ -171,8 +186,12 @@ class SessionStatistics:
     dropped_malformed: int = 0
     """Unknown topic, bad bytes, wrong version or kind, oversized, failed validation."""
     handler_errors: int = 0
+    dropped_overflow: int = 0
+    """Messages discarded because the incoming queue was full (a flood, or slow handlers)."""
     published: int = 0
     publish_failures: int = 0
+    publish_retries: int = 0
+    """Publishes sent again on a new connection (the previous one dropped before PUBACK)."""
 
 
 async def _cancel_and_wait(task: asyncio.Task[None]) -> None:
@@ -224,6 +243,46 @@ class _RateLimitedLog:
         logger.log(level, message, *args, exc_info=exc_info)
 
 
+async def _unless_lost(operation: Awaitable[T], lost: asyncio.Future[None] | None) -> T:
+    """Await `operation` on a connection; `MqttError` as soon as that connection drops.
+
+    aiomqtt waits for a PUBACK, SUBACK or UNSUBACK that a dead connection can never
+    bring, until its own timeout (seconds) — holding up a publisher, or, for a
+    (un)subscribe, the subscription lock and with it the next connection.
+    """
+    task = asyncio.ensure_future(operation)
+    # Its outcome may come after we stopped waiting: retrieve it, so asyncio stays quiet.
+    task.add_done_callback(lambda done: done.cancelled() or done.exception())
+    waiting: set[asyncio.Future[Any]] = {task} if lost is None else {task, lost}
+    try:
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+    if not task.done() or task.cancelled():
+        raise aiomqtt.MqttError("the connection dropped before the broker acknowledged")
+    return task.result()
+
+
+def _counting_queue(
+    on_overflow: Callable[[aiomqtt.Message], None],
+) -> type[asyncio.Queue[aiomqtt.Message]]:
+    """A queue class for aiomqtt's incoming messages that reports what does not fit.
+
+    aiomqtt logs each message it cannot queue and counts nothing; this queue hands
+    the message to `on_overflow` instead (and aiomqtt never sees `QueueFull`).
+    """
+
+    class CountingQueue(asyncio.Queue[aiomqtt.Message]):
+        def put_nowait(self, item: aiomqtt.Message) -> None:
+            if self.full():
+                on_overflow(item)
+                return
+            super().put_nowait(item)
+
+    return CountingQueue
+
+
 class MqttSession:
     """One MQTT client connection with reconnects, subscriptions and typed publishing.
 
@@ -261,6 +320,10 @@ class MqttSession:
         self._subscriptions: list[Subscription] = []
         self._subscription_lock = asyncio.Lock()
         self._client: aiomqtt.Client | None = None
+        # Completed when the current connection ends (publishes waiting on it give up).
+        self._connection_lost: asyncio.Future[None] | None = None
+        self._connection_task: asyncio.Task[None] | None = None
+        self._queue_type = _counting_queue(self._on_overflow)
         self._connected = asyncio.Event()
         self._stop_requested = asyncio.Event()
         self._running = False
@@ -310,6 +373,7 @@ class MqttSession:
         connection = asyncio.create_task(
             self._connection_loop(), name=f"mqtt-connection-{self.settings.client_id}"
         )
+        self._connection_task = connection
         stop = asyncio.create_task(
             self._stop_requested.wait(), name=f"mqtt-stop-{self.settings.client_id}"
         )
@@ -361,6 +425,9 @@ class MqttSession:
             finally:
                 self._connected.clear()
                 self._client = None
+                lost = self._connection_lost
+                if lost is not None and not lost.done():
+                    lost.set_result(None)
                 _consume_disconnect_reason(client)
             await asyncio.sleep(delay)
 
@@ -383,6 +450,7 @@ class MqttSession:
                 else None
             ),
             max_queued_incoming_messages=self.settings.max_queued_incoming,
+            queue_type=self._queue_type,
             socket_options=[_TCP_NODELAY] if self.settings.tcp_nodelay else (),
             tls_context=self._tls_context,
             logger=logging.getLogger(f"{__name__}.aiomqtt"),
@@ -402,6 +470,7 @@ class MqttSession:
     async def _start_session(self, client: aiomqtt.Client) -> None:
         async with self._subscription_lock:
             self._client = client
+            self._connection_lost = asyncio.get_running_loop().create_future()
             filters = dict(self._filters())
             if filters:
                 codes = await client.subscribe(list(filters.items()))
@@ -431,6 +500,17 @@ class MqttSession:
                 logger.error("broker refused subscription to %s (code %#x)", topic_filter, value)
 
     # --- receiving -------------------------------------------------------------------
+
+    def _on_overflow(self, message: aiomqtt.Message) -> None:
+        self.statistics.dropped_overflow += 1
+        topic = message.topic.value
+        self._log.log(
+            logging.WARNING,
+            "overflow",
+            "incoming queue full (%d messages): dropped a message on %s",
+            self.settings.max_queued_incoming,
+            topic if len(topic) <= _MAX_LOGGED_TOPIC else clip(topic),
+        )
 
     async def _receive(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
@@ -500,7 +580,10 @@ class MqttSession:
             client = self._client
             if client is not None and not known:
                 try:
-                    codes = await client.subscribe(subscription.topic_filter, qos=spec.qos)
+                    codes = await _unless_lost(
+                        client.subscribe(subscription.topic_filter, qos=spec.qos),
+                        self._connection_lost,
+                    )
                 except aiomqtt.MqttError as error:
                     # The connection is failing; the next connect subscribes again.
                     logger.debug("subscribe to %s deferred: %s", subscription.topic_filter, error)
@@ -517,7 +600,9 @@ class MqttSession:
             client = self._client
             if client is not None and not shared:
                 try:
-                    await client.unsubscribe(subscription.topic_filter)
+                    await _unless_lost(
+                        client.unsubscribe(subscription.topic_filter), self._connection_lost
+                    )
                 except aiomqtt.MqttError as error:
                     logger.debug("unsubscribe from %s failed: %s", subscription.topic_filter, error)
 
@@ -552,15 +637,38 @@ class MqttSession:
     ) -> None:
         """Publish an already encoded `Publication` (see `publish`)."""
         limit = self.settings.operation_timeout_seconds if timeout is None else timeout
+        # Only events are sent again (see the module docstring). `on_connect` runs
+        # inside the connection loop and cannot wait for the next connection.
+        may_retry = not item.retain and asyncio.current_task() is not self._connection_task
         try:
             async with asyncio.timeout(limit):
-                await self._connected.wait()
-                client = self._client
-                if client is None:  # pragma: no cover - connected implies a client
-                    raise ConnectionLost("connection dropped while publishing")
-                await client.publish(
-                    item.topic, item.payload, qos=item.qos, retain=item.retain, timeout=math.inf
-                )
+                while True:
+                    await self._connected.wait()
+                    client, lost = self._client, self._connection_lost
+                    if client is None or lost is None:  # pragma: no cover - set together
+                        raise ConnectionLost("connection dropped while publishing")
+                    try:
+                        await _unless_lost(
+                            client.publish(
+                                item.topic,
+                                item.payload,
+                                qos=item.qos,
+                                retain=item.retain,
+                                timeout=math.inf,
+                            ),
+                            lost,
+                        )
+                        break
+                    except aiomqtt.MqttError as error:
+                        gone = lost.done() or (
+                            isinstance(error, aiomqtt.MqttCodeError)
+                            and error.rc in _CONNECTION_GONE
+                        )
+                        if not (may_retry and gone):
+                            raise
+                        logger.debug("publish to %s: %s; sending it again", item.topic, error)
+                    await lost  # the connection loop notices the drop soon
+                    self.statistics.publish_retries += 1
         except TimeoutError:
             self.statistics.publish_failures += 1
             raise ConnectionLost(f"publish to {item.topic} timed out after {limit} s") from None

@@ -3,6 +3,9 @@
 - `start_broker(host, port, prefer)` — synchronous; returns a `BrokerHandle`
   (host, port, kind, `stop()`, usable as a context manager). `prefer="auto"` picks
   Mosquitto when installed, the embedded broker otherwise.
+- `BrokerHandle.halt()` / `resume()` / `restart(down_s)` take the broker down and
+  bring it back on the same host:port (fault injection: clients see a broker
+  restart). Nothing survives it: retained messages and sessions are in memory only.
 - Mosquitto runs as a subprocess with the shipped `mosquitto.conf` template
   (TCP_NODELAY, no persistence, bounded queues; see the file for why).
 - amqtt (MQTT 3.1.1 only, 3–4× slower for bulk data) runs either in-process on the
@@ -145,6 +148,23 @@ class BrokerHandle:
     def stop(self) -> None:
         raise NotImplementedError
 
+    def halt(self, *, graceful: bool = True) -> None:
+        """End the broker but keep what `resume()` needs to start it again.
+
+        `graceful=False` kills it outright (SIGKILL for Mosquitto) where that differs.
+        """
+        raise NotImplementedError
+
+    def resume(self, startup_timeout: float = 10.0) -> None:
+        """Start a halted broker again on the same host:port; `BrokerStartError` on failure."""
+        raise NotImplementedError
+
+    def restart(self, down_s: float = 0.0, *, graceful: bool = True) -> None:
+        """`halt()`, stay down for `down_s` seconds, `resume()`: a broker restart."""
+        self.halt(graceful=graceful)
+        time.sleep(down_s)
+        self.resume()
+
     def __enter__(self) -> Self:
         return self
 
@@ -190,11 +210,17 @@ class MosquittoBroker(BrokerHandle):
         process: subprocess.Popen[bytes],
         directory: tempfile.TemporaryDirectory[str],
         log_path: Path | None,
+        executable: str,
     ) -> None:
         super().__init__(host, port)
         self.process = process
         self._directory = directory
         self.log_path = log_path
+        self._executable = executable
+
+    @property
+    def config_path(self) -> Path:
+        return Path(self._directory.name) / "mosquitto.conf"
 
     def log_text(self) -> str:
         """What Mosquitto wrote to its log so far (empty when it logs to our stderr)."""
@@ -204,14 +230,58 @@ class MosquittoBroker(BrokerHandle):
 
     def stop(self) -> None:
         """Terminate the broker (SIGTERM, then SIGKILL after a grace period)."""
+        self.halt()
+        self._directory.cleanup()
+
+    def halt(self, *, graceful: bool = True) -> None:
+        """End the process (SIGTERM, or SIGKILL when not `graceful`); keep the config."""
         if self.process.poll() is None:
-            self.process.terminate()
+            if graceful:
+                self.process.terminate()
+            else:
+                self.process.kill()
             try:
                 self.process.wait(timeout=_STOP_TIMEOUT_SECONDS)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=_STOP_TIMEOUT_SECONDS)
-        self._directory.cleanup()
+
+    def resume(self, startup_timeout: float = 10.0) -> None:
+        """Run Mosquitto again with the same configuration (so the same port).
+
+        Its log continues in the same file.
+        """
+        if self.process.poll() is None:
+            raise BrokerStartError(f"mosquitto on {self.url} is still running")
+        if not self.config_path.exists():
+            raise BrokerStartError(f"mosquitto on {self.url} was stopped for good")
+        self.process = _launch_mosquitto(self._executable, self.config_path, self.log_path)
+        try:
+            wait_until_listening(
+                self.host, self.port, startup_timeout, alive=_running(self.process)
+            )
+        except BrokerStartError as error:
+            self.halt()
+            log = self.log_text().strip()[-2000:]
+            raise BrokerStartError(f"{error}; mosquitto log: {log or '(empty)'}") from None
+        logger.info("mosquitto listening again on %s", self.url)
+
+
+def _launch_mosquitto(
+    executable: str, config_path: Path, log_path: Path | None
+) -> subprocess.Popen[bytes]:
+    """Start the process; its output is appended to `log_path` (our stderr when None)."""
+    with contextlib.ExitStack() as stack:
+        log_file = None if log_path is None else stack.enter_context(log_path.open("ab"))
+        try:
+            return subprocess.Popen(
+                [executable, "-c", str(config_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=log_file if log_file is not None else None,
+                stderr=subprocess.STDOUT if log_file is not None else None,
+            )
+        except OSError as error:
+            raise BrokerStartError(f"cannot run {executable}: {error}") from error
 
 
 def start_mosquitto(
@@ -239,19 +309,12 @@ def start_mosquitto(
         config_path = Path(directory.name) / "mosquitto.conf"
         config_path.write_text(mosquitto_config(host, chosen, tcp_nodelay=tcp_nodelay))
         log_path = None if log_to_stderr else Path(directory.name) / "mosquitto.log"
-        with contextlib.ExitStack() as stack:
-            log_file = None if log_path is None else stack.enter_context(log_path.open("wb"))
-            try:
-                process = subprocess.Popen(
-                    [executable, "-c", str(config_path)],
-                    stdin=subprocess.DEVNULL,
-                    stdout=log_file if log_file is not None else None,
-                    stderr=subprocess.STDOUT if log_file is not None else None,
-                )
-            except OSError as error:
-                directory.cleanup()
-                raise BrokerStartError(f"cannot run {executable}: {error}") from error
-        broker = MosquittoBroker(host, chosen, process, directory, log_path)
+        try:
+            process = _launch_mosquitto(executable, config_path, log_path)
+        except BrokerStartError:
+            directory.cleanup()
+            raise
+        broker = MosquittoBroker(host, chosen, process, directory, log_path, executable)
         try:
             wait_until_listening(host, chosen, startup_timeout, alive=_running(process))
         except BrokerStartError as error:
@@ -434,6 +497,21 @@ class EmbeddedBrokerThread(BrokerHandle):
         self._thread.join(timeout=_STOP_TIMEOUT_SECONDS)
         if self._thread.is_alive():
             logger.warning("embedded broker thread did not stop within %s s", _STOP_TIMEOUT_SECONDS)
+
+    def halt(self, *, graceful: bool = True) -> None:
+        """Stop the broker (both ways are the same here: every connection is dropped)."""
+        self.stop()
+
+    def resume(self, startup_timeout: float = 10.0) -> None:
+        """Start a new broker thread on the same host:port."""
+        if self._thread.is_alive():
+            raise BrokerStartError(f"the embedded broker on {self.url} is still running")
+        self._ready = threading.Event()
+        self._error = None
+        self._loop = None
+        self._stop_event = None
+        self._thread = threading.Thread(target=self._main, name="edgedi-amqtt", daemon=True)
+        self._start(startup_timeout)
 
 
 def start_embedded_broker_thread(
