@@ -46,7 +46,7 @@ from edgedi.agent.coordinator import Coordinator
 from edgedi.agent.device import ProfileTable, capabilities, measure_profile
 from edgedi.agent.election import Decision, Election, LeaderClaim
 from edgedi.agent.journal import JobJournal, remember_result
-from edgedi.agent.membership import HEARTBEAT_PERIOD_S, Membership
+from edgedi.agent.membership import HEARTBEAT_PERIOD_S, SILENT_AFTER_S, Membership
 from edgedi.agent.model_store import ModelStore
 from edgedi.agent.planning import Planning, PlanningError
 from edgedi.agent.systemd import notify, watchdog_loop
@@ -306,12 +306,13 @@ class Agent:
     async def _on_connect(self) -> None:
         """On every (re)connect: announce, and settle again before the next election step.
 
-        While we were disconnected we heard no heartbeats: count every device still
-        online as heard now, or a broker restart longer than `SILENT_AFTER_S` would
-        make everyone (us included) look dead at once. A device that really died in
-        the meantime expires `SILENT_AFTER_S` later. The broker may also have lost
-        its retained messages (a restart without persistence): a leader publishes
-        its record and plan again once settled (`_reconnected`, see `_control_step`).
+        While we were away we heard no heartbeats: every device that was alive when
+        we lost the broker counts as heard now, or an outage longer than
+        `SILENT_AFTER_S` would make everyone (us too) look dead at once. That includes
+        devices whose Will came just before: a broker that shuts down publishes every
+        client's Will. Whoever really died expires `SILENT_AFTER_S` later. The broker
+        may also have lost its retained messages (a restart without persistence): a
+        leader publishes its record and plan again once settled (`_control_step`).
         """
         first = self._connected_at is None
         await self._announce()
@@ -319,8 +320,13 @@ class Agent:
             return
         now = time.monotonic()
         self._connected_at = now
+        own = self.membership.get(self.device_id)
+        lost_at = own.last_heartbeat or own.born_at if own is not None else now
         for record in self.membership.records():
-            if record.status == "online":
+            heard = record.last_heartbeat or record.born_at
+            if record.status == "offline" and heard >= lost_at - SILENT_AFTER_S:
+                self.membership.state(record.device, record.session, "online", now=now)
+            if record.status != "stopped":
                 self.membership.heartbeat(record.device, record.session, now=now)
         self._reconnected = True
 
