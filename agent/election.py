@@ -64,6 +64,8 @@ class Election:
     current: LeaderClaim | None = None  # the best record seen in the current epoch
     highest_epoch: int = 0
     my_claim: LeaderClaim | None = None
+    contested: bool = False
+    """A worse record arrived while we lead: it may now be the retained one."""
 
     def observe(self, claim: LeaderClaim) -> None:
         """A record arrived on planner/leader (retained or live)."""
@@ -76,6 +78,10 @@ class Election:
             self.current = claim
         if self.my_claim is not None and claim.beats(self.my_claim):
             self.my_claim = None  # stand down
+        elif self.my_claim is not None and claim != self.my_claim:
+            # Two candidates claimed at once and the loser wrote last: the broker now
+            # retains its record, which newcomers would believe. Say ours again.
+            self.contested = True
 
     @property
     def leader(self) -> str | None:
@@ -95,6 +101,9 @@ class Election:
                 if self.my_claim.beats(self.current):
                     return Decision.REASSERT
                 self.my_claim = None
+            elif self.contested:
+                self.contested = False
+                return Decision.REASSERT
             else:
                 return Decision.LEAD
         if self.current is not None and self.current.device in alive_ids:

@@ -23,6 +23,9 @@ DeviceStatus = Literal["online", "offline", "stopped"]
 # a silent worker holds up every job that has a tile on it.
 HEARTBEAT_PERIOD_S = 1.0
 SILENT_AFTER_S = 3.0
+# The table holds at most this many devices: births under made-up ids (a flood, a
+# misconfigured fleet) replace long-gone devices, never live ones.
+MAX_DEVICES = 1024
 
 
 @dataclass(frozen=True)
@@ -49,10 +52,35 @@ class MembershipChange:
 class Membership:
     """The device table. Methods take `now` explicitly, so tests need no clock."""
 
-    def __init__(self, silent_after_s: float = SILENT_AFTER_S) -> None:
+    def __init__(
+        self, silent_after_s: float = SILENT_AFTER_S, max_devices: int = MAX_DEVICES
+    ) -> None:
         self._devices: dict[str, DeviceRecord] = {}
         self._silent_after_s = silent_after_s
+        self._max_devices = max_devices
         self._alive_before: frozenset[str] = frozenset()
+        self.refused = 0
+        """Births and states of new devices turned away because the table was full."""
+
+    def _make_room(self, now: float) -> bool:
+        """Room for one more device: forget the longest-gone one if the table is full."""
+        if len(self._devices) < self._max_devices:
+            return True
+        gone = [r for d, r in self._devices.items() if not self.is_alive(d, now)]
+        if not gone:
+            self.refused += 1
+            return False
+        oldest = min(
+            gone, key=lambda r: r.born_at if r.last_heartbeat is None else r.last_heartbeat
+        )
+        del self._devices[oldest.device]
+        return True
+
+    def __contains__(self, device: object) -> bool:
+        return device in self._devices
+
+    def __len__(self) -> int:
+        return len(self._devices)
 
     def birth(
         self,
@@ -67,6 +95,8 @@ class Membership:
         current = self._devices.get(device)
         if current is not None and session < current.session:
             return  # a retained birth of an older session
+        if current is None and not self._make_room(now):
+            return
         status: DeviceStatus = "online"
         heartbeat = None
         if current is not None and session == current.session:
@@ -86,10 +116,11 @@ class Membership:
         """Apply a state message; returns False when it was stale and ignored."""
         current = self._devices.get(device)
         if current is None:
-            if status == "online":
-                # State before birth (retained order is not guaranteed): remember the session.
-                self._devices[device] = DeviceRecord(device=device, session=session, born_at=now)
-            return status == "online"
+            if status != "online" or not self._make_room(now):
+                return False
+            # State before birth (retained order is not guaranteed): remember the session.
+            self._devices[device] = DeviceRecord(device=device, session=session, born_at=now)
+            return True
         if session < current.session:
             return False
         if session > current.session:

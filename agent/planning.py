@@ -15,7 +15,8 @@ Profiles learn from the cluster's own tiles: the coordinator reports each tile's
 predicted and measured compute time (`observe_tile`), and a device's time models
 are scaled by a moving average of measured / predicted (`DeviceProfile.refined`).
 Once a device's factor has moved by more than `REPLAN_DRIFT` since the plans
-were made, the cache starts over and `on_change` asks for a new plan, so a device
+were made (and the last such re-plan is `REPLAN_MIN_INTERVAL_S` old; factors stay
+within 1/20..20), the cache starts over and `on_change` asks for a new plan, so a device
 that turns out slower (throttled, loaded, a poor start-up benchmark) gets less.
 A device's factor is forgotten when it restarts (a new session re-profiles it).
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -53,6 +55,11 @@ OBSERVATION_WEIGHT = 0.3
 _RATIO_BOUNDS = (0.2, 5.0)
 # Predictions below this are dominated by timer and scheduling noise.
 _MIN_PREDICTED_S = 0.0005
+# A device is never believed more than this much faster or slower than it announced.
+_FACTOR_BOUNDS = (0.05, 20.0)
+# Measurements re-plan at most this often: during an outage every tile is late, and
+# a plan per late tile would only churn (the factors still learn in between).
+REPLAN_MIN_INTERVAL_S = 2.0
 
 
 class PlanningError(Exception):
@@ -109,6 +116,7 @@ class Planning:
         # Per (device, session): the measured speed factor, and the one plans use.
         self._factors: dict[_Member, float] = {}
         self._planned: dict[_Member, float] = {}
+        self._learnt_replan_at = -math.inf
 
     def update(self, births: Mapping[str, DeviceBirth], alive: Iterable[str], epoch: int) -> bool:
         """Take the current membership; True when it differs from the last one."""
@@ -136,8 +144,13 @@ class Planning:
             return 1.0
         return self._factors.get(_Member(device, birth.session), 1.0)
 
-    def observe_tile(self, device: str, predicted_s: float, measured_s: float) -> bool:
-        """A tile's predicted and measured compute time; True when it caused a re-plan."""
+    def observe_tile(
+        self, device: str, predicted_s: float, measured_s: float, *, now: float | None = None
+    ) -> bool:
+        """A tile's predicted and measured compute time; True when it caused a re-plan.
+
+        `now` (monotonic seconds) is for tests.
+        """
         birth = self._births.get(device)
         if birth is None or predicted_s < _MIN_PREDICTED_S or not measured_s > 0:
             return False
@@ -148,9 +161,14 @@ class Planning:
         before = self._factors.get(member, 1.0)
         observed = planned * ratio
         factor = before + OBSERVATION_WEIGHT * (observed - before)
+        factor = min(max(factor, _FACTOR_BOUNDS[0]), _FACTOR_BOUNDS[1])
         self._factors[member] = factor
         if abs(math.log(factor / planned)) < math.log(REPLAN_DRIFT):
             return False
+        now = time.monotonic() if now is None else now
+        if now - self._learnt_replan_at < REPLAN_MIN_INTERVAL_S:
+            return False
+        self._learnt_replan_at = now
         logger.info(
             "%s measures %.2f× its profile (plans assumed %.2f×): re-planning",
             device,

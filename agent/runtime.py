@@ -391,7 +391,6 @@ class Agent:
         known = self.births.get(birth.device)
         if known is not None and birth.session < known.session:
             return
-        self.births[birth.device] = birth
         self.membership.birth(
             birth.device,
             birth.session,
@@ -400,6 +399,18 @@ class Agent:
             capabilities=birth.capabilities.model_dump(),
             now=time.monotonic(),
         )
+        if birth.device not in self.membership:
+            refused = self.membership.refused
+            if refused & (refused - 1) == 0:  # 1, 2, 4, 8…: a flood logs a few lines
+                logger.warning(
+                    "device table full of live devices: ignored the birth of %s (%d so far)",
+                    birth.device,
+                    refused,
+                )
+            return
+        self.births[birth.device] = birth
+        for forgotten in [device for device in self.births if device not in self.membership]:
+            del self.births[forgotten]  # the table made room by forgetting it
         self._wake.set()
 
     async def _on_state(self, received: Received) -> None:

@@ -133,9 +133,10 @@ class Worker:
         self._refusals: asyncio.Queue[TileFailed] = asyncio.Queue(maxsize=max(64, max_queued))
         self._tiles: dict[tuple[str, int, int], _Tile] = {}
         self._gate_values: dict[tuple[str, int, int], npt.NDArray[Any]] = {}
-        # job id -> the newest epoch that cancelled it: its tasks up to that epoch are
-        # dropped, a later leader's (which took the job over) are not.
-        self._cancelled: OrderedDict[str, int] = OrderedDict()
+        # job id -> (epoch, leader) of the newest cancel: tasks of older epochs and that
+        # leader's own are dropped; a later leader's, which took the job over, are not,
+        # nor those of a rival that claimed the same epoch and won.
+        self._cancelled: OrderedDict[str, tuple[int, str]] = OrderedDict()
         self._slots = asyncio.Semaphore(max_active)
         self._accepting = True
         self._group: asyncio.TaskGroup | None = None
@@ -174,7 +175,7 @@ class Worker:
             self.statistics.stale_epoch += 1
             logger.debug("ignored task of %s from stale epoch %d", task.job_id, task.epoch)
             return
-        if task.epoch <= self._cancelled.get(task.job_id, -1):
+        if self._is_cancelled(task):
             logger.debug("ignored task of cancelled job %s", task.job_id)
             return
         key = _key(task)
@@ -297,6 +298,7 @@ class Worker:
             message.job_id,
             f"cancelled: {message.reason or 'no reason given'}",
             epoch=message.epoch,
+            leader=message.sender,
         )
 
     def on_epoch(self, epoch: int) -> None:
@@ -305,18 +307,22 @@ class Worker:
         for job_id in stale:
             self.drop_job(job_id, f"leader epoch {epoch} superseded the task's", epoch=epoch - 1)
 
-    def drop_job(self, job_id: str, why: str, epoch: int | None = None) -> None:
-        """Stop and forget every tile of a job; later tasks of it up to `epoch` are ignored
-        (all of them when `epoch` is None)."""
-        self._cancelled[job_id] = max(
-            self._cancelled.get(job_id, -1), WIRE_INT_MAX if epoch is None else epoch
-        )
+    def drop_job(self, job_id: str, why: str, epoch: int | None = None, leader: str = "") -> None:
+        """Stop and forget a job's tiles, and ignore its later tasks: those of epochs
+        before `epoch`, and of `epoch` itself from `leader` (from anyone when "").
+        Without an epoch, all of them."""
+        cancel = (WIRE_INT_MAX, "") if epoch is None else (epoch, leader)
+        known = self._cancelled.get(job_id)
+        if known is not None and known[0] == cancel[0] and known[1] != cancel[1]:
+            cancel = (cancel[0], "")  # two leaders of one epoch cancelled it
+        elif known is not None and known[0] > cancel[0]:
+            cancel = known
+        self._cancelled[job_id] = cancel
         self._cancelled.move_to_end(job_id)
         while len(self._cancelled) > _CANCELLED_MEMORY:
             self._cancelled.popitem(last=False)
-        limit = self._cancelled[job_id]
         for key, tile in list(self._tiles.items()):
-            if key[0] != job_id or tile.task.epoch > limit:
+            if key[0] != job_id or not self._is_cancelled(tile.task):
                 continue
             self.statistics.cancelled += 1
             logger.debug("dropping tile %s: %s", key, why)
@@ -324,8 +330,17 @@ class Worker:
                 tile.runner.cancel()
             else:  # still queued: the dispatcher skips it
                 self._drop(key, tile)
+        if any(k[0] == job_id and not self._is_cancelled(t.task) for k, t in self._tiles.items()):
+            return  # a rival leader's tiles of the job still need their gate values
         for gate_key in [k for k in self._gate_values if k[0] == job_id]:
             del self._gate_values[gate_key]
+
+    def _is_cancelled(self, task: TileTask) -> bool:
+        cancel = self._cancelled.get(task.job_id)
+        if cancel is None:
+            return False
+        epoch, leader = cancel
+        return task.epoch < epoch or (task.epoch == epoch and leader in ("", task.sender))
 
     def _drop(self, key: tuple[str, int, int], tile: _Tile) -> None:
         if self._tiles.get(key) is tile:

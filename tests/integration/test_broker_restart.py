@@ -165,20 +165,9 @@ async def _retained_devices(broker: MosquittoBroker, root: TopicRoot) -> dict[st
 
 # A SIGTERM makes Mosquitto publish every client's Will (each agent's own too) before
 # it drops the connections: the agents that hear it last may both claim the next
-# epoch. Two faults in the election and the worker (not the reconnect) then show up
-# in about one run in four; see the issue 6 notes. Remove the mark once fixed.
-_TWO_LEADERS_OF_ONE_EPOCH = pytest.mark.xfail(
-    reason="a loser's retained leader record is never corrected by the winner of the same "
-    "epoch; a CancelJob of the loser blocks the winner's tasks of that job (same epoch)",
-    strict=False,
-)
-
-
-@pytest.mark.parametrize(
-    "graceful",
-    [pytest.param(True, marks=_TWO_LEADERS_OF_ONE_EPOCH), False],
-    ids=["sigterm", "sigkill"],
-)
+# epoch. The winner then says its claim again over the loser's retained record, and
+# the loser's CancelJob spares the winner's tasks of the same epoch.
+@pytest.mark.parametrize("graceful", [True, False], ids=["sigterm", "sigkill"])
 async def test_the_cluster_recovers_from_a_broker_restart(
     mosquitto: MosquittoBroker, graceful: bool
 ) -> None:

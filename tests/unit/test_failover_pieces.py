@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from edgedi.agent.journal import JobJournal, remember_result
-from edgedi.agent.planning import REPLAN_DRIFT, Planning
+from edgedi.agent.planning import REPLAN_DRIFT, REPLAN_MIN_INTERVAL_S, Planning
 from edgedi.broker.messages import (
     DeviceBirth,
     DeviceCapabilities,
@@ -164,3 +164,19 @@ def test_noise_and_unknown_devices_are_not_learnt() -> None:
     # One pathological tile (a swap storm) moves the factor by a bounded step only.
     planning.observe_tile("pi-1", predicted_s=0.01, measured_s=100.0)
     assert planning.speed_factor("pi-1") <= 1.0 + 0.3 * (5.0 - 1.0) + 1e-9
+
+
+def test_a_storm_of_late_tiles_replans_once_and_stays_bounded() -> None:
+    # During a broker outage every tile is late: the factors learn, but plans are
+    # remade at most every REPLAN_MIN_INTERVAL_S and no device runs away to 100x.
+    changes: list[int] = []
+    planning = Planning("pi-1", 200, "proportional", on_change=lambda: changes.append(1))
+    births = {device: _birth(device) for device in ("pi-1", "pi-2")}
+    planning.update(births, births, epoch=1)
+    replans = [
+        planning.observe_tile("pi-2", predicted_s=0.01, measured_s=1.0, now=100.0 + 0.01 * n)
+        for n in range(300)
+    ]
+    assert sum(replans) == 1 and changes == [1]
+    assert REPLAN_DRIFT < planning.speed_factor("pi-2") <= 20.0
+    assert planning.observe_tile("pi-2", 0.01, 1.0, now=100.0 + REPLAN_MIN_INTERVAL_S + 3.0)

@@ -532,3 +532,20 @@ async def test_local_gates_on_part_of_the_map_are_refused(running: Running) -> N
     assert isinstance(refusal, TileFailed), refusal
     assert "only a tile that is the whole map" in refusal.reason
     await assert_still_serves(running)
+
+
+async def test_a_rival_leaders_cancel_of_the_same_epoch_spares_the_winners_tiles(
+    running: Running,
+) -> None:
+    # Two candidates claimed the same epoch; the loser cancels the job as it stands
+    # down, and the winner's tasks for that job (same epoch, other sender) must run.
+    job_id = new_job_id("rivals")
+    running.worker.cancel_job(
+        CancelJob(sender="loser", job_id=job_id, epoch=EPOCH, reason="stood down")  # type: ignore[arg-type]
+    )
+    running.worker.accept(good_task(running, job_id).model_copy(update={"sender": "loser"}))
+    assert running.worker.busy_tiles == 0  # the loser's own late task is dropped
+    running.worker.accept(good_task(running, job_id).model_copy(update={"sender": "winner"}))
+    result = await running.outbox.outcome()
+    assert isinstance(result, TileResult), result
+    assert_exact(running, result, "tiny")

@@ -108,8 +108,10 @@ def test_racing_claims_resolve_to_exactly_one_leader() -> None:
         for claim in order:
             a.observe(claim)
             b.observe(claim)
-        assert {a.decide(alive), b.decide(alive)} == {Decision.LEAD, Decision.FOLLOW}
+        # The winner says its claim once more (the loser's may be the retained one).
+        assert {a.decide(alive), b.decide(alive)} == {Decision.REASSERT, Decision.FOLLOW}
         assert a.is_leader() and not b.is_leader()
+        assert {a.decide(alive), b.decide(alive)} == {Decision.LEAD, Decision.FOLLOW}
 
 
 def test_rightful_leader_reasserts_over_a_worse_retained_record() -> None:
@@ -118,6 +120,22 @@ def test_rightful_leader_reasserts_over_a_worse_retained_record() -> None:
     claim = a.make_claim()
     a.current = LeaderClaim(claim.epoch, 5, "z", 1)  # a worse record overwrote ours
     assert a.decide(table.alive(now=0.1)) == Decision.REASSERT
+
+
+def test_a_leader_reasserts_when_a_rival_of_its_epoch_wrote_last() -> None:
+    # Both saw the old leader die and claimed epoch 2 at once; b wins on priority, but
+    # if a's record reaches the broker last it is the retained one newcomers believe.
+    table = _cluster(["a", "b"])
+    b = Election("b", 0, True, session=1)
+    a_claim = LeaderClaim(2, 5, "a", 1)
+    b.observe(LeaderClaim(1, 0, "old", 1))
+    mine = b.make_claim()
+    assert mine.epoch == 2 and b.decide(table.alive(now=0.1)) == Decision.LEAD
+    b.observe(a_claim)  # the loser's record, live or retained
+    assert b.is_leader()
+    assert b.decide(table.alive(now=0.2)) == Decision.REASSERT
+    b.observe(mine)  # our own record coming back is no contest
+    assert b.decide(table.alive(now=0.3)) == Decision.LEAD
 
 
 @settings(max_examples=60, deadline=None)
@@ -141,3 +159,17 @@ def test_at_most_one_claimant_in_any_cluster(priorities: list[int], dead: set[in
     ]
     assert len(claimants) == (1 if alive else 0)
     assert all(table.is_alive(d, 0.1) for d in claimants)
+
+
+def test_the_device_table_is_bounded_and_keeps_live_devices() -> None:
+    table = Membership(max_devices=4)
+    for number in range(4):
+        table.birth(f"d{number}", 1, candidate=True, now=0.0)
+    table.heartbeat("d0", 1, now=9.0)  # d0 alive at t=10, the others long silent
+    for number in range(4, 10):
+        table.birth(f"d{number}", 1, candidate=False, now=10.0)
+    assert len(table) == 4
+    assert "d0" in table  # never evicted while alive
+    assert table.refused == 3  # d4..d6 replaced the gone ones; then only live devices
+    assert not table.state("d99", 1, "online", now=10.0)
+    assert {record.device for record in table.alive(now=10.0)} == {"d0", "d4", "d5", "d6"}
