@@ -234,6 +234,7 @@ class CoordinatorStatistics:
     redispatched: int = 0
     speculative: int = 0
     dropped_messages: int = 0
+    inbox_overflow: int = 0
 
 
 class Coordinator:
@@ -409,7 +410,14 @@ class Coordinator:
             job.inbox.put_nowait(item)
         except asyncio.QueueFull:
             self.statistics.dropped_messages += 1
-            logger.warning("inbox of job %s is full; dropped a %s", job.job_id, type(item))
+            self.statistics.inbox_overflow += 1
+            if self.statistics.inbox_overflow & (self.statistics.inbox_overflow - 1) == 0:
+                logger.warning(  # 1st, 2nd, 4th…: a flood stays a few lines
+                    "inbox of job %s is full; dropped a %s (%d so far)",
+                    job.job_id,
+                    type(item).__name__,
+                    self.statistics.inbox_overflow,
+                )
 
     # --- one job --------------------------------------------------------------------
 

@@ -58,7 +58,13 @@ class JobJournal:
         while len(self._entries) > self.capacity:
             job_id, _ = self._entries.popitem(last=False)
             self.dropped += 1
-            logger.warning("journal full (%d jobs): forgot job %s", self.capacity, job_id)
+            if self.dropped & (self.dropped - 1) == 0:  # 1st, 2nd, 4th…: a flood stays short
+                logger.warning(
+                    "journal full (%d jobs): forgot job %s (%d forgotten so far)",
+                    self.capacity,
+                    job_id,
+                    self.dropped,
+                )
 
     def answered(self, job_id: str) -> None:
         self._entries.pop(job_id, None)

@@ -706,6 +706,11 @@ class Agent:
             except PlanningError as error:
                 logger.warning("no plan to publish: %s", error)
                 continue
+            if not self.is_leader or plan.epoch != self.election.epoch:
+                # Leadership changed while planning: a retained plan of a deposed
+                # leader would mislead every newcomer.
+                logger.info("not publishing plan %s of epoch %d", plan.plan_id, plan.epoch)
+                continue
             await self._publish_plan(plan)
 
     async def _publish_plan(self, plan: Plan) -> None:

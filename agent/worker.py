@@ -85,6 +85,7 @@ class WorkerStatistics:
     completed: int = 0
     failed: int = 0
     cancelled: int = 0
+    unanswered: int = 0
     busy_seconds: float = 0.0
 
 
@@ -388,7 +389,13 @@ class Worker:
         try:
             self._refusals.put_nowait(failure)
         except asyncio.QueueFull:
-            logger.warning("refusal queue full; not answering %s", task.job_id)
+            self.statistics.unanswered += 1
+            if _first_of_many(self.statistics.unanswered):
+                logger.warning(
+                    "refusal queue full; not answering %s (%d unanswered so far)",
+                    task.job_id,
+                    self.statistics.unanswered,
+                )
 
     # --- running --------------------------------------------------------------------
 
@@ -562,6 +569,11 @@ def _gate_problem(layout: SegmentLayout, message: GateValue) -> str | None:
     if not vector.is_finite():
         return "it holds NaN or infinite values"
     return None
+
+
+def _first_of_many(count: int) -> bool:
+    """Log the 1st, 2nd, 4th, 8th… of a repeated event: a flood stays a few lines."""
+    return count & (count - 1) == 0
 
 
 def _advance(

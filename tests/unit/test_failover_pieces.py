@@ -174,8 +174,10 @@ def test_a_storm_of_late_tiles_replans_once_and_stays_bounded() -> None:
     births = {device: _birth(device) for device in ("pi-1", "pi-2")}
     planning.update(births, births, epoch=1)
     replans = [
-        planning.observe_tile("pi-2", predicted_s=0.01, measured_s=1.0, now=100.0 + 0.01 * n)
-        for n in range(300)
+        planning.observe_tile(
+            "pi-2", predicted_s=0.01, measured_s=1.0, now=100.0 + REPLAN_MIN_INTERVAL_S * n / 400
+        )
+        for n in range(300)  # all within one interval
     ]
     assert sum(replans) == 1 and changes == [1]
     assert REPLAN_DRIFT < planning.speed_factor("pi-2") <= 20.0
