@@ -16,6 +16,7 @@ land while a job is in flight (a fixed delay after its submission):
 - leader SIGKILL: the Will ends its term, the next candidate claims a higher epoch and
   runs the jobs in its journal. Restarted before the next round.
 
+Each fault waits until the device is in use again (a suspect gets no tiles).
 Per fault: the latency of the job it hit, against the median of the undisturbed
 jobs before it; for the leader, the time from the kill to the new leader record.
 Every job must be answered ok; a job that is not is counted as lost.
@@ -77,6 +78,17 @@ async def _baseline(
     return statistics.median(latencies), lost
 
 
+async def _until_used(
+    client: InferenceClient, image: npt.NDArray[np.uint8], device: str, most: int = 30
+) -> None:
+    """Jobs until one computes on `device`."""
+    for _ in range(most):
+        _, result = await _job(client, image)
+        if device in result.devices:
+            return
+    raise RuntimeError(f"{device} was not used by {most} jobs in a row")
+
+
 async def _hit(
     client: InferenceClient, image: npt.NDArray[np.uint8], fault: Callable[[], None]
 ) -> tuple[float, JobResult]:
@@ -117,6 +129,7 @@ async def _run(cluster: LocalCluster, rounds: int, stall_s: float) -> list[Outco
         for number in range(rounds):
             # Worker SIGKILL (the last device: never the leader, which has priority 0).
             victim = cluster.device_ids[-1]
+            await _until_used(client, images[0], victim)
             base, lost = await _baseline(client, images, 4)
             seconds, result = await _hit(client, images[4], functools.partial(cluster.kill, victim))
             outcomes.append(
@@ -125,7 +138,10 @@ async def _run(cluster: LocalCluster, rounds: int, stall_s: float) -> list[Outco
             cluster.restart(victim)
             await _wait_for_devices(client, len(SPEEDS))
 
-            # Worker SIGSTOP for stall_s seconds.
+            # Worker SIGSTOP for stall_s seconds, once the restarted worker is in use
+            # again (a fresh process's first, slow tiles can make it a suspect for a
+            # while, and a suspect gets no tiles to stall).
+            await _until_used(client, images[0], victim)
             base, lost = await _baseline(client, images, 4)
             stalled_at = time.perf_counter()
             seconds, result = await _hit(

@@ -317,8 +317,7 @@ async def test_results_are_readable_with_mosquitto_sub(
         str(broker.port),
         "-t",
         topic,
-        "-C",
-        "1",
+        "-v",  # topic, then payload: amqtt may also hand it other tests' retained messages
         "-W",
         "20",
         stdout=asyncio.subprocess.PIPE,
@@ -338,10 +337,12 @@ async def test_results_are_readable_with_mosquitto_sub(
                 await publisher.publish(JOB_RESULT, result, job_id="j-7")
                 try:
                     async with asyncio.timeout(0.3):
-                        output = await reader.stdout.readline()  # type: ignore[union-attr]
-                    break
+                        line = await reader.stdout.readline()  # type: ignore[union-attr]
                 except TimeoutError:
                     continue
+                received, _, output = line.decode().partition(" ")
+                if received == topic:
+                    break
         document = json.loads(output)
         assert document["class_name"] == "inclusion"
         assert document["probabilities"] == [0.1, 0.9]
