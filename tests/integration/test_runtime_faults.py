@@ -101,8 +101,12 @@ async def test_jobs_of_a_crashed_leader_are_finished_by_its_successor(
                 )
                 for image in images
             ]
-            await asyncio.sleep(0.3)
-            assert first.coordinator is not None and first.coordinator.in_flight == len(jobs)
+            coordinator = first.coordinator
+            assert coordinator is not None
+            async with asyncio.timeout(10):  # every job has reached the leader
+                while coordinator.in_flight < len(jobs):  # noqa: ASYNC110 - another agent's state
+                    await asyncio.sleep(0.02)
+            assert coordinator.statistics.completed == 0  # all still running
             # A crash: no Will, no result, no goodbye; found silent after ~3 s.
             task = cluster.tasks[cluster.agents.index(first)]
             task.cancel()
