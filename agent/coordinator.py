@@ -28,9 +28,10 @@ that holds the model, up to `jobs.tile_attempts` failures. Every tile is also
 *overdue* after `jobs.straggler_factor` × the plan's predicted time (at least
 `jobs.straggler_min_s`): a straggler — slow, stalled, or its messages lost to a
 broker restart — gets a speculative copy on the least loaded other device (up to
-`jobs.speculative_copies`), and the first valid result wins. A tile that has given
-its partial for the gate being combined only waits for the others and is left
-alone. The straggler's device is then *suspect*: new tiles go elsewhere until it
+`jobs.speculative_copies`; no more tiles with a copy out over all jobs than there
+are alive devices, so an overloaded cluster is not loaded further), and the first
+valid result wins. A tile that has given its partial for the gate being combined
+only waits for the others and is left alone. The straggler's device is then *suspect*: new tiles go elsewhere until it
 answers again (or for 10 s), so a hung device costs one overdue wait, not one per
 segment. A gate that was already combined is re-sent to any late copy. Measured
 tile times go back to `Planning.observe_tile`, so the next plan fits the devices
@@ -233,6 +234,7 @@ class CoordinatorStatistics:
     refused: int = 0
     redispatched: int = 0
     speculative: int = 0
+    speculation_held: int = 0
     dropped_messages: int = 0
     inbox_overflow: int = 0
 
@@ -749,6 +751,15 @@ class Coordinator:
             waited = time.time() - record.first_sent_at
             self.planning.observe_tile(record.planned_device, record.compute_s, waited)
 
+    def _copies_out(self) -> int:
+        """Tiles, over all jobs, with a speculative copy still unanswered."""
+        return sum(
+            1
+            for job in self._jobs.values()
+            for record in job.tiles.values()
+            if record.copies and not record.done
+        )
+
     def _suspects(self) -> set[str]:
         """Devices that left a tile overdue lately and have not answered since."""
         now = time.time()
@@ -920,6 +931,11 @@ class Coordinator:
             if pending is not None and record.index in state.partials[pending]:
                 continue
             if record.copies >= self.settings.speculative_copies:
+                continue
+            if self._copies_out() >= max(1, len(self.alive_devices())):
+                # Everything is late (an overloaded cluster, predictions too optimistic):
+                # more copies would only add load. The measurements correct the plans.
+                self.statistics.speculation_held += 1
                 continue
             waited = now - record.sent_at
             why = f"overdue: no answer from {record.device} after {waited:.2f} s"

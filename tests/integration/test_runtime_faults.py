@@ -145,3 +145,29 @@ async def test_a_job_resubmitted_after_a_failover_is_answered_from_the_cache(
         assert second.coordinator is not None
         assert second.coordinator.statistics.duplicates >= 1
         assert second.coordinator.statistics.submitted == 0
+
+
+async def test_an_overloaded_cluster_is_not_flooded_with_copies(
+    broker: BrokerHandle, topic_root: TopicRoot
+) -> None:
+    # Every device far slower than announced and many jobs at once: every tile is
+    # late, and copies could only add load. At most one tile per device has a copy out.
+    jobs = {"straggler_min_s": 0.05, "straggler_factor": 1.0, "deadline_s": 60.0}
+    async with running_cluster(
+        broker, topic_root, speeds=(1.0, 1.0, 1.0), jobs=jobs, compute={"slowdown": 30.0}
+    ) as cluster:
+        await cluster.wait_for_plan()
+        leader = cluster.leader()
+        images = [sample_image(seed) for seed in range(8)]
+        async with connect(broker.host, broker.port, root=topic_root) as client:
+            results = await asyncio.gather(
+                *(client.infer(image, MODEL, strategy="equal", timeout=60) for image in images)
+            )
+        for image, result in zip(images, results, strict=True):
+            assert result.status == "ok", result.error
+            np.testing.assert_allclose(
+                result.probabilities, reference_probabilities(MODEL, image), atol=1e-5
+            )
+        coordinator = leader.coordinator
+        assert coordinator is not None
+        assert coordinator.statistics.speculation_held > 0
