@@ -64,6 +64,7 @@ import numpy.typing as npt
 import torch
 
 from edgedi.agent.config import JobSettings
+from edgedi.agent.journal import remember_result
 from edgedi.agent.layout import (
     LayoutError,
     SegmentLayout,
@@ -87,6 +88,7 @@ from edgedi.broker.messages import (
     new_message_id,
 )
 from edgedi.broker.plan import Plan
+from edgedi.broker.ratelimit import RateLimitedLog
 from edgedi.broker.tensors import Tensor
 from edgedi.models.data import CLASSES
 from edgedi.models.tiling import run_tail
@@ -159,7 +161,6 @@ class TileRecord:
     running: dict[int, str] = field(default_factory=dict)
     sent: dict[int, str] = field(default_factory=dict)
     """Every attempt ever sent, and its device: only they may answer."""
-    tried: set[str] = field(default_factory=set)
     failures: int = 0
     copies: int = 0
     done: bool = False
@@ -167,6 +168,11 @@ class TileRecord:
     @property
     def device(self) -> str:
         return self.task.device
+
+    @property
+    def tried(self) -> set[str]:
+        """Devices that were ever sent a copy."""
+        return set(self.sent.values())
 
     @property
     def devices(self) -> set[str]:
@@ -284,6 +290,7 @@ class Coordinator:
         # Devices with an overdue tile and no word since: new tiles go elsewhere until
         # they answer again (a hung device costs one overdue wait, not one per segment).
         self._suspect_since: dict[str, float] = {}
+        self._log = RateLimitedLog(logger)
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -418,13 +425,9 @@ class Coordinator:
         except asyncio.QueueFull:
             self.statistics.dropped_messages += 1
             self.statistics.inbox_overflow += 1
-            if self.statistics.inbox_overflow & (self.statistics.inbox_overflow - 1) == 0:
-                logger.warning(  # 1st, 2nd, 4th…: a flood stays a few lines
-                    "inbox of job %s is full; dropped a %s (%d so far)",
-                    job.job_id,
-                    type(item).__name__,
-                    self.statistics.inbox_overflow,
-                )
+            self._log.warning(
+                "inbox", "inbox of job %s is full; dropped a %s", job.job_id, type(item).__name__
+            )
 
     # --- one job --------------------------------------------------------------------
 
@@ -478,9 +481,7 @@ class Coordinator:
                 logger.debug("could not cancel job %s on %s: %s", job.job_id, device, error)
 
     async def _finish(self, job: _Job, result: JobResult) -> None:
-        self._results[job.job_id] = result
-        while len(self._results) > self.settings.result_cache:
-            self._results.popitem(last=False)
+        remember_result(self._results, result, self.settings.result_cache)
         if result.status == "ok":
             self.statistics.completed += 1
         else:
@@ -662,7 +663,6 @@ class Coordinator:
                 overdue_at=started + self._overdue_after(assignment.expected_s),
                 running={0: task.device},
                 sent={0: task.device},
-                tried={task.device},
             )
             job.tiles[(position, task.tile)] = record
             job.devices.add(task.device)
@@ -1024,7 +1024,6 @@ class Coordinator:
         record.attempt += 1
         record.running[record.attempt] = device
         record.sent[record.attempt] = device
-        record.tried.add(device)
         record.sent_at = now
         record.overdue_at = now + self._overdue_after(record.expected_s)
         record.task = record.task.model_copy(

@@ -21,6 +21,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from edgedi.broker.messages import JobResult, JobSubmit
+from edgedi.broker.ratelimit import RateLimitedLog
 
 __all__ = ["JobJournal", "JournalEntry", "remember_result"]
 
@@ -42,6 +43,7 @@ class JobJournal:
         self.capacity = capacity
         self.default_deadline_s = default_deadline_s
         self.dropped = 0
+        self._log = RateLimitedLog(logger)
         self._entries: OrderedDict[str, JournalEntry] = OrderedDict()
 
     def __len__(self) -> int:
@@ -58,13 +60,9 @@ class JobJournal:
         while len(self._entries) > self.capacity:
             job_id, _ = self._entries.popitem(last=False)
             self.dropped += 1
-            if self.dropped & (self.dropped - 1) == 0:  # 1st, 2nd, 4th…: a flood stays short
-                logger.warning(
-                    "journal full (%d jobs): forgot job %s (%d forgotten so far)",
-                    self.capacity,
-                    job_id,
-                    self.dropped,
-                )
+            self._log.warning(
+                "full", "journal full (%d jobs): forgot job %s", self.capacity, job_id
+            )
 
     def answered(self, job_id: str) -> None:
         self._entries.pop(job_id, None)

@@ -72,6 +72,7 @@ from edgedi.broker.messages import (
     TileTask,
 )
 from edgedi.broker.plan import Plan
+from edgedi.broker.ratelimit import RateLimitedLog
 from edgedi.broker.topics import (
     CONTROL_REBIRTH,
     DEVICE_BIRTH,
@@ -175,6 +176,7 @@ class Agent:
         self._group: asyncio.TaskGroup | None = None
         self._heartbeat_sequence = 0
         self._stopping = False
+        self._log = RateLimitedLog(logger)
 
     # --- public state ---------------------------------------------------------------
 
@@ -400,13 +402,11 @@ class Agent:
             now=time.monotonic(),
         )
         if birth.device not in self.membership:
-            refused = self.membership.refused
-            if refused & (refused - 1) == 0:  # 1, 2, 4, 8…: a flood logs a few lines
-                logger.warning(
-                    "device table full of live devices: ignored the birth of %s (%d so far)",
-                    birth.device,
-                    refused,
-                )
+            self._log.warning(
+                "table full",
+                "device table full of live devices: ignored the birth of %s",
+                birth.device,
+            )
             return
         if known is not None and birth.session > known.session and self.coordinator is not None:
             self.coordinator.device_restarted(birth.device)

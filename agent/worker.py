@@ -49,6 +49,7 @@ from edgedi.broker.messages import (
     TileResult,
     TileTask,
 )
+from edgedi.broker.ratelimit import RateLimitedLog
 from edgedi.broker.tensors import Tensor
 from edgedi.models.tiling import GatePartial, TileRunner, run_tile
 from edgedi.models.units import TileGeometry
@@ -143,7 +144,7 @@ class Worker:
         self._group: asyncio.TaskGroup | None = None
         self._idle = asyncio.Event()
         self._idle.set()
-        self._logged: dict[str, tuple[float, int]] = {}
+        self._log = RateLimitedLog(logger, _REFUSAL_LOG_INTERVAL_S)
 
     # --- state ----------------------------------------------------------------------
 
@@ -277,7 +278,7 @@ class Worker:
             return  # a gate of a job with no tile here (every worker hears every gate)
         problem = _gate_problem(tiles[0].layout, message)
         if problem is not None:
-            self._warn_limited(
+            self._log.warning(
                 "gate", "ignored gate value %s of job %s: %s", message.gate, message.job_id, problem
             )
             return
@@ -354,48 +355,20 @@ class Worker:
         if not self._tiles:
             self._idle.set()
 
-    def _warn_limited(self, key: str, message: str, *args: object) -> None:
-        """A warning, at most one per `key` and interval (a flood must not flood the log)."""
-        if len(self._logged) > 256:  # adversarial reasons must not grow it forever
-            self._logged.clear()
-        last, suppressed = self._logged.get(key, (0.0, 0))
-        now = time.monotonic()
-        if now - last >= _REFUSAL_LOG_INTERVAL_S:
-            more = f" ({suppressed} similar not logged)" if suppressed else ""
-            logger.warning(message + "%s", *args, more)
-            self._logged[key] = (now, 0)
-        else:
-            self._logged[key] = (last, suppressed + 1)
-
     def _refuse(self, task: TileTask, reason: str) -> None:
         self.statistics.refused += 1
-        self._warn_limited(
+        self._log.warning(
             "refused:" + reason.split(":", 1)[0][:30],
             "refused tile %s of job %s: %s",
             task.tile,
             task.job_id,
             reason,
         )
-        failure = TileFailed(
-            sender=self.device_id,
-            job_id=task.job_id,
-            epoch=task.epoch,
-            segment=task.segment,
-            tile=task.tile,
-            device=self.device_id,
-            reason=reason[:2000],
-            attempt=task.attempt,
-        )
         try:
-            self._refusals.put_nowait(failure)
+            self._refusals.put_nowait(self._failure(task, reason))
         except asyncio.QueueFull:
             self.statistics.unanswered += 1
-            if _first_of_many(self.statistics.unanswered):
-                logger.warning(
-                    "refusal queue full; not answering %s (%d unanswered so far)",
-                    task.job_id,
-                    self.statistics.unanswered,
-                )
+            self._log.warning("unanswered", "refusal queue full; not answering %s", task.job_id)
 
     # --- running --------------------------------------------------------------------
 
@@ -432,12 +405,12 @@ class Worker:
             async with asyncio.timeout(max(0.0, remaining)):
                 outcome = await self._compute(tile)
         except TimeoutError:
-            outcome = self._failure(tile, "deadline exceeded while computing the tile")
+            outcome = self._failure(tile.task, "deadline exceeded while computing the tile")
         except asyncio.CancelledError:
             raise  # cancelled job or shutdown: nobody waits for an answer
         except Exception as error:  # a tile must never take the worker down
             logger.exception("tile %s failed", key)
-            outcome = self._failure(tile, f"{type(error).__name__}: {error}")
+            outcome = self._failure(tile.task, f"{type(error).__name__}: {error}")
         finally:
             self._drop(key, tile)
             self._slots.release()
@@ -450,8 +423,7 @@ class Worker:
         except BrokerError as error:
             logger.warning("could not send the outcome of tile %s: %s", key, error)
 
-    def _failure(self, tile: _Tile, reason: str) -> TileFailed:
-        task = tile.task
+    def _failure(self, task: TileTask, reason: str) -> TileFailed:
         return TileFailed(
             sender=self.device_id,
             job_id=task.job_id,
@@ -500,7 +472,7 @@ class Worker:
         try:
             step, seconds = await self._step(start)
         except _TileRefused as refusal:
-            return self._failure(tile, str(refusal))
+            return self._failure(tile.task, str(refusal))
         tile.compute_seconds += seconds
         self.statistics.busy_seconds += seconds
         while isinstance(step, GatePartial):
@@ -569,11 +541,6 @@ def _gate_problem(layout: SegmentLayout, message: GateValue) -> str | None:
     if not vector.is_finite():
         return "it holds NaN or infinite values"
     return None
-
-
-def _first_of_many(count: int) -> bool:
-    """Log the 1st, 2nd, 4th, 8th… of a repeated event: a flood stays a few lines."""
-    return count & (count - 1) == 0
 
 
 def _advance(

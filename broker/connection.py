@@ -57,6 +57,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from .errors import ConnectionLost, ProtocolError, clip
 from .ids import ID_PATTERN
 from .messages import WireMessage
+from .ratelimit import RateLimitedLog
 from .tensors import DEFAULT_LIMITS, Limits
 from .topics import (
     ParsedTopic,
@@ -219,30 +220,6 @@ def _consume_disconnect_reason(client: aiomqtt.Client) -> None:
         future.exception()
 
 
-class _RateLimitedLog:
-    """At most one log line per key and interval; says how many were suppressed."""
-
-    def __init__(self, interval_seconds: float = 10.0) -> None:
-        self._interval = interval_seconds
-        self._last: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
-
-    def log(
-        self, level: int, key: str, message: str, *args: object, exc_info: bool = False
-    ) -> None:
-        now = time.monotonic()
-        last = self._last.get(key)
-        if last is not None and now - last < self._interval:
-            self._suppressed[key] = self._suppressed.get(key, 0) + 1
-            return
-        self._last[key] = now
-        suppressed = self._suppressed.pop(key, 0)
-        if suppressed:
-            message += " (%d similar suppressed)"
-            args = (*args, suppressed)
-        logger.log(level, message, *args, exc_info=exc_info)
-
-
 async def _unless_lost(operation: Awaitable[T], lost: asyncio.Future[None] | None) -> T:
     """Await `operation` on a connection; `MqttError` as soon as that connection drops.
 
@@ -328,7 +305,7 @@ class MqttSession:
         self._stop_requested = asyncio.Event()
         self._running = False
         self._random = random.Random()
-        self._log = _RateLimitedLog()
+        self._log = RateLimitedLog(logger)
 
     # --- state -----------------------------------------------------------------------
 
