@@ -756,13 +756,17 @@ class Coordinator:
             waited = time.time() - record.first_sent_at
             self.planning.observe_tile(record.planned_device, record.compute_s, waited)
 
-    def _copies_out(self) -> int:
-        """Tiles, over all jobs, with a speculative copy still unanswered."""
+    def _copies_out(self, now: float) -> int:
+        """Tiles, over all jobs, whose latest speculative copy is unanswered but not yet
+        overdue itself. A copy that is overdue too (lost to a broker restart, stuck)
+        no longer counts, or lost copies would hold back the copies that replace them."""
         return sum(
             1
             for job in self._jobs.values()
             for record in job.tiles.values()
-            if record.copies and not record.done
+            if record.copies
+            and not record.done
+            and now - record.sent_at < self._overdue_after(record.expected_s)
         )
 
     def _suspects(self) -> set[str]:
@@ -937,7 +941,7 @@ class Coordinator:
                 continue
             if record.copies >= self.settings.speculative_copies:
                 continue
-            if self._copies_out() >= max(1, len(self.alive_devices())):
+            if self._copies_out(now) >= max(1, len(self.alive_devices())):
                 # Everything is late (an overloaded cluster, predictions too optimistic):
                 # more copies would only add load. The measurements correct the plans.
                 self.statistics.speculation_held += 1
