@@ -30,15 +30,25 @@ once (`calibrate_profile`: the micro-benchmark, then scaled so that it predicts
 the model's measured forward pass), times the same forward pass inside each
 device's quota group (cgroup v1 moves one thread; the nominal quota is used under
 v2), and gives each agent that profile divided by its measured speed, through
-the agent's profile cache in its state folder. Links are
-announced as loopback (`link_mbit_s`, by default 1 Gbit/s: what a quota-limited
-agent serialises and sends, not the raw loopback throughput).
+the agent's profile cache in its state folder.
+
+Links, by `link`: `"loopback"` (default) puts everything on 127.0.0.1 and the agents
+announce `link_mbit_s` (by default 1 Gbit/s: what a quota-limited agent serialises
+and sends, not the raw loopback throughput). `"100mbit"` or `"1gbit"` builds an
+emulated LAN (`edgedi.agent.link_emulation`): the broker and each agent in a network
+namespace of its own, every link shaped both ways at that rate, the launcher's own
+clients (`host:port` from here) through a shaped link of their own. The rate is
+measured once (`Links.measured_mbit`) and announced by the agents. Without root or
+`ip`/`tc` the cluster falls back to loopback and `links.note` says why. With a
+shaped link, the broker runs in its namespace from the start: its fault-injection
+`restart()` would bring it back in the launcher's and is for loopback clusters.
 
 Everything started here is stopped in `stop()` (also from `__exit__`, so on
 Ctrl-C): agents get SIGTERM (they drain and announce `stopped`), then SIGKILL
-after a grace period; the cgroups are removed; the broker is stopped; the log
-folder is deleted unless asked to keep it. Agents run in their own process group,
-so a Ctrl-C in the terminal reaches only the launcher, which stops them in order.
+after a grace period; the cgroups are removed; the broker is stopped; the emulated
+network is removed; the log folder is deleted unless asked to keep it. Agents run
+in their own process group, so a Ctrl-C in the terminal reaches only the launcher,
+which stops them in order.
 """
 
 from __future__ import annotations
@@ -64,6 +74,14 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Final, Literal
 
 from edgedi.agent.cluster_view import ClusterView, subscribe_view
+from edgedi.agent.link_emulation import (
+    LINK_RATES_MBIT,
+    EmulatedNetwork,
+    LinkEmulationError,
+    LinkName,
+    Links,
+    detect,
+)
 from edgedi.broker.connection import MqttSession, SessionSettings
 from edgedi.broker.server import BrokerHandle, Preference, start_broker
 from edgedi.broker.topics import DEFAULT_PREFIX, TopicRoot
@@ -472,6 +490,7 @@ class LocalCluster:
         calibration: Calibration | None = None,
         link_mbit_s: float = 1000.0,
         link_latency_ms: float = 0.2,
+        link: LinkName = "loopback",
         quota_period_us: int = QUOTA_PERIOD_US,
         broker: Preference = "auto",
         log_dir: Path | None = None,
@@ -495,6 +514,9 @@ class LocalCluster:
         """Given: reused (several clusters of one benchmark plan from one measurement)."""
         self.link_mbit_s = link_mbit_s
         self.link_latency_ms = link_latency_ms
+        self.link: LinkName = link
+        self.links: Links | None = None
+        self._network: EmulatedNetwork | None = None
         self.quota_period_us = quota_period_us
         self.broker_preference: Preference = broker
         self.extra_agent_args = tuple(extra_agent_args)
@@ -552,10 +574,36 @@ class LocalCluster:
                     ) from None
         if self.calibrate:
             self._calibrate()
-        self.broker = start_broker("127.0.0.1", 0, self.broker_preference)
+        self.links = self._start_network()
+        if self._network is None:
+            self.broker = start_broker("127.0.0.1", 0, self.broker_preference)
+        else:
+            with self._network.inside("broker"):
+                self.broker = start_broker(
+                    self._network.address("broker"), 0, self.broker_preference
+                )
         logger.info("private %s broker on %s", self.broker.kind, self.broker_address)
         for position, device in enumerate(self.device_ids):
             self.agents.append(self._spawn(position, device))
+
+    def _start_network(self) -> Links:
+        """The emulated LAN of `link`, built and measured, or loopback (and why)."""
+        if self.link == "loopback":
+            return Links("loopback")
+        why = detect()
+        if why:
+            note = f"asked for {self.link} links, but {why}: loopback instead"
+            logger.warning("%s", note)
+            return Links("loopback", note=note)
+        rate = LINK_RATES_MBIT[self.link]
+        self._network = EmulatedNetwork(rate, ("broker", *self.device_ids))
+        try:
+            self._network.create()
+            measured = self._network.measure_mbit(self.device_ids[0], "broker")
+        except LinkEmulationError as error:
+            raise ClusterError(f"cannot build the {self.link} links: {error}") from None
+        logger.info("links: %d Mbit/s configured, %.1f measured", rate, measured)
+        return Links(self.link, rate, measured, self._network.netem)
 
     def _choose_emulation(self) -> Emulation:
         choice = self.emulation_choice
@@ -577,7 +625,9 @@ class LocalCluster:
 
     def _command(self, position: int, device: str) -> list[str]:
         assert self.broker is not None and self.emulation is not None
+        network = self._network
         command = [
+            *(network.exec_prefix(device) if network is not None else ()),
             sys.executable,
             "-m",
             "edgedi.agent.cli",
@@ -600,9 +650,10 @@ class LocalCluster:
             str(self.input_size),
             "--profile-seconds",
             f"{self.profile_seconds:g}",
-            # Loopback, described as the link a quota-limited agent can fill.
+            # Loopback: described as the link a quota-limited agent can fill; shaped:
+            # the configured rate, until agents measure their link themselves.
             "--link-mbit",
-            f"{self.link_mbit_s:g}",
+            f"{self.link_mbit_s if network is None else network.rate_mbit:g}",
             "--link-latency-ms",
             f"{self.link_latency_ms:g}",
             # The fastest device first in rank: it leads, and `single` is it alone.
@@ -794,7 +845,7 @@ class LocalCluster:
         return asyncio.run(self.wait_ready(timeout))
 
     def stop(self, *, keep_logs: bool = False) -> None:
-        """Stop agents, remove their cgroups, stop the broker (idempotent)."""
+        """Stop agents, remove their cgroups, stop the broker, remove the network (idempotent)."""
         if self._stopped:
             return
         self._stopped = True
@@ -803,8 +854,12 @@ class LocalCluster:
         finally:
             if self._quotas is not None:
                 self._quotas.remove_all()
-            if self.broker is not None:
-                self.broker.stop()
+            try:
+                if self.broker is not None:
+                    self.broker.stop()
+            finally:
+                if self._network is not None:
+                    self._network.remove()
             if self._own_log_dir and not keep_logs:
                 shutil.rmtree(self.log_dir, ignore_errors=True)
 

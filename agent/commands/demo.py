@@ -81,6 +81,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--slowdown sleeps, or none",
     )
     parser.add_argument(
+        "--link",
+        choices=("loopback", "100mbit", "1gbit"),
+        default="loopback",
+        help="links between the devices: loopback, or emulated Ethernet shaped with tc "
+        "(network namespaces; needs root, else loopback)",
+    )
+    parser.add_argument(
         "--no-baseline",
         dest="baseline",
         action="store_false",
@@ -223,6 +230,7 @@ def _demo(args: argparse.Namespace) -> int:
         input_size=args.size,
         strategy=args.strategy,
         emulation=args.emulation,
+        link=args.link,
     )
     failed = True
     try:
@@ -230,11 +238,14 @@ def _demo(args: argparse.Namespace) -> int:
         try:
             cluster.start()
             assert cluster.emulation is not None and cluster.broker is not None
+            assert cluster.links is not None
             _say(f"devices: {cluster.emulation.describe()}")
+            _say(f"links: {cluster.links.describe()}")
             if cluster.calibration is not None:
                 _say(f"profile: {cluster.calibration.describe(args.model)}")
             _say(
-                f"broker: {cluster.broker.kind} on {cluster.broker_address} (loopback); "
+                f"broker: {cluster.broker.kind} on {cluster.broker_address} "
+                f"({cluster.links.label}); "
                 f"watch it live with: edgedi watch --broker {cluster.broker_address}"
             )
             view = asyncio.run(cluster.wait_ready(args.ready_timeout))
@@ -422,7 +433,7 @@ def _summary(
     import numpy as np
 
     emulation = cluster.emulation
-    assert emulation is not None
+    assert emulation is not None and cluster.links is not None
     distributed = [item.distributed for item in items if item.distributed is not None]
     single = [item.single for item in items if item.single is not None]
     runs = distributed + single
@@ -503,7 +514,7 @@ def _summary(
     }[emulation.method]
     lines.append(
         f"  honesty: the devices are processes on this one machine ({emulation.method}); "
-        f"the links are loopback, so a transfer costs far less than on a real LAN; {caveat}"
+        f"{cluster.links.caveat}; {caveat}"
     )
     return lines
 
