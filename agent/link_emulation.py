@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import json
 import logging
 import os
@@ -274,10 +275,14 @@ def _tbf(rate_mbit: int) -> list[str]:
 # --- entering a namespace from Python ------------------------------------------------------
 
 
-def _setns(descriptor: int) -> None:
+@functools.cache
+def _libc() -> ctypes.CDLL:
     # os.setns arrives with Python 3.12; until then, libc's.
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.setns(descriptor, _CLONE_NEWNET) != 0:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _setns(descriptor: int) -> None:
+    if _libc().setns(descriptor, _CLONE_NEWNET) != 0:
         code = ctypes.get_errno()
         raise OSError(code, f"setns: {os.strerror(code)}")
 
@@ -479,6 +484,13 @@ class EmulatedNetwork:
         One connection for `seconds` (and at most twice the bytes the rate allows
         in that time), timed at the receiver from its first byte to the end.
         """
+        try:
+            received, elapsed = self._transfer(sender, receiver, seconds)
+        except OSError as error:
+            raise LinkEmulationError(f"measuring {sender} → {receiver}: {error}") from None
+        return received * 8 / max(elapsed, 1e-9) / 1e6
+
+    def _transfer(self, sender: str, receiver: str, seconds: float) -> tuple[int, float]:
         with self.inside(receiver):
             server = socket.create_server((self.address(receiver), 0))
         with self.inside(sender):
@@ -503,8 +515,7 @@ class EmulatedNetwork:
             thread.join(_MEASURE_TIMEOUT_S)
         if not outcome:
             raise LinkEmulationError(f"no rate measured from {sender} to {receiver}")
-        received, elapsed = outcome[0]
-        return received * 8 / max(elapsed, 1e-9) / 1e6
+        return outcome[0]
 
 
 def _receive(server: socket.socket, outcome: list[tuple[int, float]]) -> None:
@@ -515,6 +526,7 @@ def _receive(server: socket.socket, outcome: list[tuple[int, float]]) -> None:
         logger.warning("link measurement: no connection (%s)", error)
         return
     with connection:
+        connection.settimeout(_MEASURE_TIMEOUT_S)
         received = 0
         first = None
         try:
