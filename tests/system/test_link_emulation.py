@@ -119,6 +119,7 @@ def test_the_leftovers_of_a_killed_launcher_are_removed_at_the_next_start() -> N
     assert leftovers(launcher.pid) == []
 
 
+@pytest.mark.slow
 def test_a_cluster_on_100mbit_links_runs_a_job_and_leaves_nothing_behind() -> None:
     cluster = LocalCluster(
         2, model=MODEL, input_size=SIZE, link="100mbit", calibrate=False, profile_seconds=0.3
