@@ -427,11 +427,10 @@ def test_unit_file_parses_and_has_the_essentials() -> None:
     assert one("MemoryMax")
     assert ("Service", "CPUQuota") not in values
     assert "#CPUQuota=" in UNIT.read_text(), "CPUQuota stays documented, commented out"
-    # The watchdog must outlast a few MQTT keepalives (a reconnect) before it fires.
+    # The compute thread's liveness probe queues behind tile steps (edgedi.agent.systemd):
+    # a slow device's longest step must be far from the limit.
     watchdog = one("WatchdogSec")
-    assert watchdog.endswith("s") and int(watchdog[:-1]) >= 3 * _default(
-        BrokerSettings, "keepalive_s"
-    )
+    assert watchdog.endswith("s") and int(watchdog[:-1]) >= 20
 
     command = shlex.split(one("ExecStart"))
     venv = _variables("edgedi_agent")["edgedi_venv"]
