@@ -15,7 +15,8 @@ Tasks in the group (named, none orphaned):
   the coordinator when this device leads and stops it when it no longer does;
 - `plans`: the leader's debounced re-planning and `plans/current` publication;
 - `worker`: the tile executor; `coordinator` (while leading): the jobs;
-- `watchdog`: systemd watchdog pings while connected (returns at once outside systemd).
+- `watchdog`: systemd watchdog pings while the event loop and the compute thread are
+  responsive, with or without the broker (returns at once outside systemd).
 
 Message handlers only update state or hand work to a queue; they never await the
 network, so the receive loop keeps up. Messages between the local coordinator and
@@ -37,6 +38,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from typing import Any, TypeVar
 
 import torch
@@ -168,6 +170,8 @@ class Agent:
         self._plan_dirty = asyncio.Event()
         self._rebirth = False
         self._connected_at: float | None = None
+        # Whether STATUS= already says the broker is gone (once per outage).
+        self._broker_lost_reported = False
         self._reconnected = False
         self._leader_view: tuple[str | None, int] = (None, -1)
         self._coordinator_task: asyncio.Task[None] | None = None
@@ -216,7 +220,7 @@ class Agent:
                     group.create_task(self._plan_loop(), name=f"plans-{self.device_id}"),
                     group.create_task(self.worker.run(), name=f"worker-{self.device_id}"),
                     group.create_task(
-                        watchdog_loop(self.session.connected.is_set, self._environ),
+                        watchdog_loop(self.executor, self._environ),
                         name=f"watchdog-{self.device_id}",
                     ),
                 ]
@@ -347,6 +351,7 @@ class Agent:
         if not self.ready.is_set():
             self.ready.set()
             notify("READY=1", self._environ)
+        self._broker_lost_reported = False
         notify(f"STATUS=connected to {self.settings.broker.host}", self._environ)
         logger.info("%s announced (session %d)", self.device_id, self.session_counter)
 
@@ -535,6 +540,7 @@ class Agent:
         while True:
             await asyncio.sleep(HEARTBEAT_PERIOD_S)
             if not self.session.connected.is_set():
+                self._report_broker_lost()
                 continue
             now = time.monotonic()
             busy = self.worker.statistics.busy_seconds
@@ -555,6 +561,22 @@ class Agent:
                 )
             except BrokerError as error:
                 logger.debug("heartbeat not sent: %s", error)
+
+    def _report_broker_lost(self) -> None:
+        """Show an outage in `systemctl status` (once per outage; `_announce` clears it).
+
+        The watchdog keeps pinging meanwhile: the session reconnects by itself.
+        """
+        if self._broker_lost_reported:
+            return
+        self._broker_lost_reported = True
+        broker = self.settings.broker
+        # Wall clock, not monotonic: an operator reads it next to the journal.
+        since = datetime.now().astimezone().isoformat(timespec="seconds")
+        notify(
+            f"STATUS=broker {broker.host}:{broker.port} unreachable since {since}, reconnecting",
+            self._environ,
+        )
 
     async def _control_loop(self) -> None:
         while True:

@@ -18,7 +18,9 @@ import asyncio
 import logging
 import os
 import socket
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Mapping
+from concurrent.futures import Executor, Future
 
 __all__ = ["notify", "watchdog_interval", "watchdog_loop"]
 
@@ -96,17 +98,24 @@ def watchdog_interval(environ: Mapping[str, str] | None = None) -> float | None:
     return microseconds / 1_000_000
 
 
-async def watchdog_loop(
-    healthy: Callable[[], bool], environ: Mapping[str, str] | None = None
-) -> None:
-    """Ping the systemd watchdog at half its interval while `healthy()` is true.
+def _nothing() -> None:
+    """The compute thread's liveness probe: returns at once."""
 
-    `healthy` should say "connected to the broker and responsive"; while it is
-    false no pings are sent, so an agent that stays unhealthy for `WatchdogSec`
-    is killed and restarted by systemd. Because this coroutine runs on the event
-    loop, a loop blocked by stray synchronous work also stops the pings, which is
-    the point. Returns at once when there is no watchdog (not under systemd, or
-    no `WatchdogSec=`); otherwise runs until cancelled.
+
+async def watchdog_loop(compute: Executor, environ: Mapping[str, str] | None = None) -> None:
+    """Ping the systemd watchdog at half its interval while the agent is alive.
+
+    Alive means two things, neither of which is the broker: this coroutine gets to
+    run (the event loop is not blocked), and `compute`, the agent's single compute
+    thread, has taken the last no-op handed to it within one watchdog interval (it
+    queues behind the tile steps already submitted, each far shorter). A hung loop
+    or thread stops the pings and systemd restarts the agent. A lost broker does
+    not: reconnecting is the connection loop's job, and withholding the pings would
+    make systemd restart every agent of a fleet at the same moment, then have them
+    all reconnect at once when the broker returns. The outage shows in `STATUS=`.
+
+    Returns at once when there is no watchdog (not under systemd, or no
+    `WatchdogSec=`); otherwise runs until cancelled.
     """
     interval = watchdog_interval(environ)
     if interval is None:
@@ -115,18 +124,26 @@ async def watchdog_loop(
     # is then not yet fatal.
     period = interval / 2
     logger.info("systemd watchdog enabled: %.1f s, pinging every %.1f s", interval, period)
-    was_healthy = True
+    probe: Future[None] | None = None
+    probe_sent_at = 0.0
+    was_alive = True
     while True:
-        is_healthy = healthy()
-        if is_healthy:
+        now = time.monotonic()
+        if probe is None or probe.done():
+            probe, probe_sent_at = compute.submit(_nothing), now
+        stalled_s = now - probe_sent_at
+        alive = stalled_s < interval
+        if alive:
             notify("WATCHDOG=1", environ)
-        if is_healthy != was_healthy:
-            if is_healthy:
-                logger.info("healthy again; systemd watchdog pings resumed")
+        if alive != was_alive:
+            if alive:
+                logger.info("compute thread responsive again; systemd watchdog pings resumed")
             else:
-                logger.warning(
-                    "unhealthy; withholding systemd watchdog pings (restart in at most %.1f s)",
+                logger.error(
+                    "compute thread stuck for %.1f s; withholding systemd watchdog pings "
+                    "(restart in at most %.1f s)",
+                    stalled_s,
                     interval,
                 )
-            was_healthy = is_healthy
+            was_alive = alive
         await asyncio.sleep(period)

@@ -6,8 +6,10 @@ import asyncio
 import os
 import socket
 import tempfile
+import threading
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -93,30 +95,36 @@ def test_watchdog_interval(environ: dict[str, str], expected: float | None) -> N
 
 
 async def test_watchdog_loop_returns_at_once_without_a_watchdog() -> None:
-    async with asyncio.timeout(1):
-        await watchdog_loop(lambda: True, {"NOTIFY_SOCKET": "@unused"})
+    with ThreadPoolExecutor(max_workers=1) as compute:
+        async with asyncio.timeout(1):
+            await watchdog_loop(compute, {"NOTIFY_SOCKET": "@unused"})
 
 
-async def test_watchdog_loop_pings_only_while_healthy(
+async def test_watchdog_loop_pings_while_the_compute_thread_answers(
     listener: tuple[socket.socket, str],
 ) -> None:
+    """Pings stop once the compute thread is stuck for the interval, and come back after."""
     sock, path = listener
-    # 20 ms timeout → a ping every 10 ms; healthy, unhealthy twice, healthy.
-    answers = iter([True, False, False, True])
-    done = asyncio.Event()
-
-    def healthy() -> bool:
-        answer = next(answers, None)
-        if answer is None:
-            done.set()
-            return False
-        return answer
-
-    environ = {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "20000"}
-    async with asyncio.timeout(5):
-        task = asyncio.create_task(watchdog_loop(healthy, environ))
-        await done.wait()
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-    assert _drain(sock) == [b"WATCHDOG=1", b"WATCHDOG=1"]
+    interval = 0.4  # a ping every 0.2 s
+    environ = {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": str(int(interval * 1_000_000))}
+    release = threading.Event()
+    with ThreadPoolExecutor(max_workers=1) as compute:
+        task = asyncio.create_task(watchdog_loop(compute, environ))
+        try:
+            await asyncio.sleep(2 * interval)
+            assert len(_drain(sock)) >= 2, "no pings from a healthy agent"
+            compute.submit(release.wait, 10.0)  # a tile step that never ends
+            # The probe queued behind it is at most one period old now; after the
+            # interval (and a margin for a busy machine) the pings must have stopped.
+            await asyncio.sleep(2.5 * interval)
+            _drain(sock)
+            await asyncio.sleep(2 * interval)
+            assert _drain(sock) == [], "pings although the compute thread is stuck"
+            release.set()
+            await asyncio.sleep(2 * interval)
+            assert b"WATCHDOG=1" in _drain(sock), "no pings after the thread recovered"
+        finally:
+            release.set()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
