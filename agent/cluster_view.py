@@ -198,7 +198,7 @@ class ClusterView:
             problems.append(f"the plan is of epoch {plan.epoch}, the leader's is {leader.epoch}")
         elif set(plan.plan.devices) != set(expected):
             problems.append(
-                f"the plan covers {', '.join(plan.plan.devices)}, not all of "
+                f"the plan was made for {', '.join(plan.plan.devices)}, not all of "
                 f"{', '.join(sorted(expected))}"
             )
         return problems

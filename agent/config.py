@@ -49,12 +49,22 @@ class BrokerSettings(_Section):
     keepalive_s: int = Field(5, ge=2, le=600, description="MQTT keepalive in seconds")
     topic_root: str = Field("edgedi/v1", description="topic prefix shared by the fleet")
     cluster: str = Field("default", pattern=r"^[A-Za-z0-9_-]+$", description="cluster name")
-    # Announced in the birth for the planner's transfer model; not measured (yet).
+    # The planner's transfer model: measured through the broker at start
+    # (`agent.link_probe`) unless set here, which overrides the measurement.
+    measure_link: bool = Field(
+        True, description="measure latency and bandwidth through the broker at start"
+    )
     link_mbit_s: float = Field(
-        100.0, gt=0, le=1_000_000, description="this device's link to the broker, Mbit/s"
+        100.0,
+        gt=0,
+        le=1_000_000,
+        description="this device's link to the broker, Mbit/s (set: overrides the measurement)",
     )
     link_latency_ms: float = Field(
-        1.0, ge=0, le=10_000, description="one-way latency of that link, milliseconds"
+        1.0,
+        ge=0,
+        le=10_000,
+        description="one-way latency per message, milliseconds (set: overrides the measurement)",
     )
 
 
@@ -68,6 +78,11 @@ class ComputeSettings(_Section):
         None, description="folder of trained checkpoints; the shipped ones are used otherwise"
     )
     input_size: int = Field(200, ge=16, le=1024, description="image side length in pixels")
+    measure_tiles: bool = Field(
+        True,
+        description="time real tiles of every held model at start (cached): the planner's "
+        "per-unit compute model; off: only the micro-benchmark profile is announced",
+    )
     profile_seconds: float = Field(
         5.0, gt=0, le=60, description="time budget of the start-up micro-benchmark"
     )
@@ -76,6 +91,11 @@ class ComputeSettings(_Section):
         ge=1.0,
         le=100.0,
         description="emulate a slower device: sleep so each tile takes this many times longer",
+    )
+    cgroup_tasks: Path | None = Field(
+        None,
+        description="emulation only: a cgroup v1 `tasks` file the compute thread joins at "
+        "start, so a CPU quota limits the computing and not the messaging (local clusters)",
     )
     max_active_tiles: int = Field(
         8, ge=1, le=1024, description="tiles in progress at once (they interleave at gates)"
@@ -90,7 +110,11 @@ class PlannerSettings(_Section):
     priority: int = Field(
         0, description="election order among candidates (lower wins, then device id)"
     )
-    strategy: str = Field("edgeci", description="partitioning strategy for new plans")
+    strategy: str = Field(
+        "auto",
+        description="partitioning strategy for new plans (auto: the fastest replayed plan "
+        "of every row strategy on 1..N devices, one device included)",
+    )
     model: str | None = Field(
         None, description="model of the plan published on plans/current (default: the first held)"
     )
@@ -128,6 +152,12 @@ class JobSettings(_Section):
     )
     speculative_copies: int = Field(
         2, ge=0, le=5, description="extra copies of an overdue tile (first result wins)"
+    )
+    direct: bool = Field(
+        True,
+        description="direct data plane: devices send rows and gate partials to each other "
+        "(the leader only scatters the input and runs the tail); off: every segment "
+        "boundary and gate round goes through the leader",
     )
     journal_size: int = Field(
         256,

@@ -64,6 +64,7 @@ import numpy.typing as npt
 import torch
 
 from edgedi.agent.config import JobSettings
+from edgedi.agent.direct import direct_tasks, supports_direct
 from edgedi.agent.journal import remember_result
 from edgedi.agent.layout import (
     LayoutError,
@@ -164,6 +165,8 @@ class TileRecord:
     failures: int = 0
     copies: int = 0
     done: bool = False
+    first_attempt: int = 0
+    """The plan's own copy (1 when the job fell back from the direct plane)."""
 
     @property
     def device(self) -> str:
@@ -223,6 +226,12 @@ class _Job:
     abandoned: bool = False
     gate_values: dict[tuple[int, int], GateValue] = field(default_factory=dict)
     """Combined gates of finished segments, for copies that reach them late."""
+    attempt_base: int = 0
+    """First attempt of the relayed tiles: 1 after the direct plane gave up."""
+    direct_devices: set[str] = field(default_factory=set)
+    """Devices holding direct tasks of the job while the direct plane runs."""
+    direct_failed: set[str] = field(default_factory=set)
+    """Devices that got direct tasks of a run that gave up: cancelled at the end."""
 
     @property
     def job_id(self) -> JobId:
@@ -244,6 +253,7 @@ class CoordinatorStatistics:
     speculation_held: int = 0
     dropped_messages: int = 0
     inbox_overflow: int = 0
+    direct_fallbacks: int = 0
 
 
 class Coordinator:
@@ -471,6 +481,7 @@ class Coordinator:
         """
         self._jobs.pop(job.job_id, None)
         devices = {d for record in job.tiles.values() for d in record.sent.values()}
+        devices |= job.direct_failed | job.direct_devices
         for device in sorted(devices):
             cancel = CancelJob(
                 sender=self.device_id, job_id=job.job_id, epoch=self.epoch, reason=reason
@@ -538,9 +549,19 @@ class Coordinator:
         tail = held.spec.tail_units
         pooled_tail = bool(tail) and tail[0].kind == "gap"
         logits: npt.NDArray[Any] | None = None
+        direct: dict[int, npt.NDArray[np.float32]] | None = None
+        if plan.mode == "rows" and self.settings.direct and supports_direct(segments):
+            direct = await self._run_direct(job, held, plan, segments, x)
+            if direct is None:
+                job.attempt_base = 1  # the relayed copies supersede the direct tasks
         for position, (layout, assignments) in enumerate(segments):
+            if direct is not None and position < len(segments) - 1:
+                continue
             segment_started = time.time()
-            outputs = await self._run_segment(job, held, position, layout, assignments, x)
+            if direct is not None:
+                outputs = direct
+            else:
+                outputs = await self._run_segment(job, held, position, layout, assignments, x)
             started = time.time()
             if position == len(segments) - 1 and pooled_tail:
                 pooled = _pooled_mean(outputs, held.spec.tail_units[0].in_shape)
@@ -563,6 +584,83 @@ class Coordinator:
         assert logits is not None
         return self._success(job, held, plan, logits)
 
+    async def _run_direct(
+        self,
+        job: _Job,
+        held: HeldModel,
+        plan: Plan,
+        segments: list[tuple[SegmentLayout, tuple[TileAssignment, ...]]],
+        x: npt.NDArray[np.float32],
+    ) -> dict[int, npt.NDArray[np.float32]] | None:
+        """Run the job on the direct data plane (see `edgedi.agent.direct`).
+
+        Returns the last segment's outputs, or None when the job must be run again
+        through the leader: a device of the plan is gone or suspect, a tile failed,
+        a device left, or the job is overdue (a straggler, lost messages). The
+        relayed path then re-sends what is needed, with copies and re-dispatch.
+        """
+        used = {a.device for _, assignments in segments for a in assignments}
+        alive = set(self.alive_devices())
+        unusable = sorted((used - alive) | (used & self._suspects()))
+        if unusable:
+            logger.info("job %s: not direct, %s gone or not answering", job.job_id, unusable)
+            return None
+        started = time.time()
+        template = self._tile_task(
+            job, held, plan, 0, segments[0][0], segments[0][1][0], x
+        ).model_copy(update={"tensor": None})
+        tasks = [
+            task.model_copy(update={"message_id": new_message_id()})
+            for task in direct_tasks(template, segments, x, self.settings.wire_dtype)
+        ]
+        # The first segment's remote tiles first: they are on the critical path; the
+        # later segments' tasks are small and only needed when their rows arrive.
+        tasks.sort(key=lambda t: (t.segment > 0, t.device == self.device_id))
+        job.direct_devices = used
+        job.devices |= used
+        if not await self._send_tasks(job, tasks):
+            return None
+        job.add_time("scatter", time.time() - started)
+        last_layout, last_assignments = segments[-1]
+        owners = {a.index: a.device for a in last_assignments}
+        overdue_s = self._overdue_after(plan.predicted_latency_s)
+        outputs: dict[int, npt.NDArray[np.float32]] = {}
+        worker_compute = 0.0
+        reason = ""
+        while len(outputs) < last_layout.count:
+            left = started + overdue_s - time.time()
+            try:
+                item = await asyncio.wait_for(job.inbox.get(), timeout=max(0.0, left))
+            except TimeoutError:
+                reason = f"overdue after {overdue_s:.2f} s"
+                break
+            if isinstance(item, _DeviceLost):
+                reason = f"device {item.device} left"
+                break
+            if isinstance(item, ReductionPartial) or item.attempt != 0:
+                continue
+            if isinstance(item, TileFailed):
+                reason = f"tile {item.tile} of segment {item.segment} failed: {item.reason}"
+                break
+            if item.segment != len(segments) - 1 or owners.get(item.tile) != item.device:
+                self.statistics.dropped_messages += 1
+                continue
+            problem = _check_output(last_layout, item)
+            if problem is not None:
+                reason = f"bad result from {item.device}: {problem}"
+                break
+            outputs[item.tile] = item.tensor.array.astype(np.float32, copy=False)
+            worker_compute = max(worker_compute, item.compute_seconds)
+        job.direct_devices = set()
+        if reason:
+            self.statistics.direct_fallbacks += 1
+            job.direct_failed = used
+            logger.warning("job %s: direct plane gave up (%s); relaying", job.job_id, reason)
+            return None
+        job.add_time("compute", time.time() - started - job.timings.get("scatter", 0.0) / 1000)
+        job.add_time("worker_compute", worker_compute)
+        return outputs
+
     def _success(
         self, job: _Job, held: HeldModel, plan: Plan, logits: npt.NDArray[Any]
     ) -> JobResult:
@@ -574,7 +672,9 @@ class Coordinator:
         label = int(np.argmax(probabilities))
         names = CLASSES if held.spec.num_classes == len(CLASSES) else None
         job.devices.add(self.device_id)  # the tail ran here
-        job.timings["total"] = (time.time() - job.received_at) * 1000.0
+        total_s = time.time() - job.received_at
+        job.timings["total"] = total_s * 1000.0
+        self.planning.observe_job(held.name, plan, total_s)
         return JobResult(
             sender=self.device_id,
             job_id=job.submit.job_id,
@@ -634,6 +734,8 @@ class Coordinator:
         records: list[TileRecord] = []
         for assignment in assignments:
             task = self._tile_task(job, held, plan, position, layout, assignment, x)
+            if job.attempt_base:
+                task = task.model_copy(update={"attempt": job.attempt_base})
             if task.device not in alive or task.device in self._suspects():
                 # The plan names a device that left since it was made, or that is not
                 # answering: send its tile elsewhere.
@@ -661,8 +763,10 @@ class Coordinator:
                 first_sent_at=started,
                 sent_at=started,
                 overdue_at=started + self._overdue_after(assignment.expected_s),
-                running={0: task.device},
-                sent={0: task.device},
+                attempt=job.attempt_base,
+                running={job.attempt_base: task.device},
+                sent={job.attempt_base: task.device},
+                first_attempt=job.attempt_base,
             )
             job.tiles[(position, task.tile)] = record
             job.devices.add(task.device)
@@ -689,6 +793,8 @@ class Coordinator:
                 await self._late_message(job, item)
                 continue
             record = records[item.tile]
+            if not isinstance(item, ReductionPartial) and item.attempt < job.attempt_base:
+                continue  # the direct plane's, which gave up on this job
             if not _from_a_copy(record, item):
                 self.statistics.dropped_messages += 1
                 logger.warning(
@@ -750,9 +856,10 @@ class Coordinator:
         """
         if record.compute_s <= 0:
             return
-        if result.attempt == 0 and result.compute_seconds > 0:
+        first = record.first_attempt
+        if result.attempt == first and result.compute_seconds > 0:
             self.planning.observe_tile(result.device, record.compute_s, result.compute_seconds)
-        elif 0 in record.running and record.running[0] == record.planned_device:
+        elif record.running.get(first) == record.planned_device:
             waited = time.time() - record.first_sent_at
             self.planning.observe_tile(record.planned_device, record.compute_s, waited)
 
@@ -1067,7 +1174,8 @@ def _from_a_copy(record: TileRecord, item: ReductionPartial | TileResult | TileF
 
 def _unfinished_devices(job: _Job) -> set[str]:
     """Devices that hold a copy of an unfinished tile of the job."""
-    return {device for record in job.tiles.values() for device in record.devices}
+    relayed = {device for record in job.tiles.values() for device in record.devices}
+    return relayed | job.direct_devices
 
 
 def _check_image(image: Tensor, size: int) -> npt.NDArray[Any]:

@@ -24,15 +24,18 @@ from typing import Any
 import torch
 
 import edgedi.models.profiling as profiling
-from edgedi.agent.model_store import TORCH_RNG_LOCK
-from edgedi.broker.messages import DeviceCapabilities
+from edgedi.agent.model_store import TORCH_RNG_LOCK, ModelStore
+from edgedi.broker.messages import DeviceCapabilities, UnitProfile
+from edgedi.models.calibration import time_model_tiles
 from edgedi.planner.profiles import fit_profile
+from edgedi.planner.unit_costs import fit_unit_times
 
 __all__ = [
     "ProfileTable",
     "available_memory_bytes",
     "capabilities",
     "measure_profile",
+    "measure_unit_profiles",
     "software_version",
 ]
 
@@ -162,3 +165,86 @@ def measure_profile(
         if cache is not None:
             _write_cache(cache, key, table)
     return {name: (a * slowdown, b * slowdown) for name, (a, b) in table.items()}
+
+
+def _unit_cache_key(threads: int, digest: str) -> str:
+    return f"{_cache_key(threads)}-{digest}"
+
+
+def _read_unit_cache(path: Path) -> dict[str, Any]:
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return document if isinstance(document, dict) else {}
+
+
+def measure_unit_profiles(
+    store: ModelStore,
+    threads: int,
+    *,
+    state_dir: Path | None = None,
+    slowdown: float = 1.0,
+) -> dict[str, UnitProfile]:
+    """Per held model, what its tiles cost on this device (blocking: compute thread).
+
+    Cached in the state directory per model, keyed by the architecture digest and
+    the thread count, torch version and machine, so a restart re-announces at once.
+    `slowdown` scales the times as the emulated device runs them.
+    """
+    cache = state_dir / "unit-profiles.json" if state_dir is not None else None
+    document = _read_unit_cache(cache) if cache is not None else {}
+    changed = False
+    result: dict[str, UnitProfile] = {}
+    for name in store.held:
+        held = store.get(name)
+        key = _unit_cache_key(threads, held.digest)
+        entry = document.get(name)
+        profile: UnitProfile | None = None
+        if (
+            isinstance(entry, dict)
+            and entry.get("key") == key
+            and isinstance(entry.get("measured_at"), int | float)
+            and time.time() - entry["measured_at"] <= PROFILE_CACHE_MAX_AGE_S
+        ):
+            try:
+                profile = UnitProfile.model_validate(entry.get("profile"), strict=False)
+            except ValueError:
+                profile = None
+        if profile is None:
+            started = time.perf_counter()
+            with TORCH_RNG_LOCK:
+                timing = time_model_tiles(held.model)
+            fitted = fit_unit_times(held.spec, timing.tiles, timing.tail_seconds)
+            profile = UnitProfile(
+                digest=held.digest,
+                units=tuple((m.seconds_per_mac, m.seconds_fixed) for m in fitted.units),
+                tail_seconds=fitted.tail_s,
+            )
+            logger.info(
+                "timed %d tiles of %s in %.1f s",
+                len(timing.tiles),
+                name,
+                time.perf_counter() - started,
+            )
+            document[name] = {
+                "key": key,
+                "measured_at": time.time(),
+                "profile": profile.model_dump(mode="json"),
+            }
+            changed = True
+        result[name] = profile.model_copy(
+            update={
+                "units": tuple((a * slowdown, b * slowdown) for a, b in profile.units),
+                "tail_seconds": profile.tail_seconds * slowdown,
+            }
+        )
+    if changed and cache is not None:
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            temporary = cache.with_suffix(".tmp")
+            temporary.write_text(json.dumps(document, indent=1))
+            temporary.replace(cache)
+        except OSError as error:
+            logger.warning("could not cache the tile timings in %s: %s", cache, error)
+    return result

@@ -249,6 +249,12 @@ class CpuQuotas:
                 control = directory / "cgroup.subtree_control"
                 if "cpu" not in _read(control).split():
                     control.write_text("+cpu")
+        # A quota caps a device's speed but does not guarantee it: other work on the
+        # machine (a test run, a build) would slow the emulated devices below their
+        # quotas. A high weight lets the devices take their quotas first.
+        weight = ("cpu.shares", "8192") if self.version == 1 else ("cpu.weight", "800")
+        with contextlib.suppress(OSError):
+            (self.parent / weight[0]).write_text(weight[1])
         self._remove_stale()
         probe = self.create(f"probe-{uuid.uuid4().hex[:8]}", 0.5)
         self.remove(probe)
@@ -526,6 +532,7 @@ class LocalCluster:
         self.emulation: Emulation | None = None
         self._quotas: CpuQuotas | None = None
         self._groups: dict[str, Path] = {}
+        self._loop_groups: dict[str, Path] = {}
         self._own_log_dir = log_dir is None
         # Only a name until `start()` creates it: constructing starts nothing.
         self.log_dir = log_dir or Path(tempfile.gettempdir()) / (
@@ -568,6 +575,12 @@ class LocalCluster:
             for device, speed in zip(self.device_ids, self.speeds, strict=True):
                 try:
                     self._groups[device] = self._quotas.create(device, speed, self.quota_period_us)
+                    if self._quotas.version == 1:
+                        # The agent's own threads (event loop, planning) get a group of
+                        # the same speed; its compute thread joins the device's group.
+                        self._loop_groups[device] = self._quotas.create(
+                            f"{device}-loop", speed, self.quota_period_us
+                        )
                 except OSError as error:
                     raise ClusterError(
                         f"cannot create the CPU quota group of {device}: {error}"
@@ -724,6 +737,7 @@ class LocalCluster:
                 },
             )
         group = self._groups.get(device)
+        loop_group = self._loop_groups.get(device)
         environment = dict(os.environ)
         # One thread per library pool too: a device here is a single core's worth.
         environment.update(
@@ -731,6 +745,8 @@ class LocalCluster:
             MKL_NUM_THREADS="1",
             PYTHONUNBUFFERED="1",
         )
+        if group is not None and loop_group is not None:
+            environment["EDGEDI_COMPUTE__CGROUP_TASKS"] = str(group / "tasks")
         log_path = self.log_dir / f"{device}.log"
         with log_path.open("ab") as log:
             process = subprocess.Popen(
@@ -744,7 +760,7 @@ class LocalCluster:
         if group is not None and self._quotas is not None:
             try:
                 # Within milliseconds of the start: the interpreter is still loading.
-                self._quotas.add(group, process.pid)
+                self._quotas.add(loop_group or group, process.pid)
             except OSError as error:
                 process.kill()
                 process.wait()

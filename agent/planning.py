@@ -26,8 +26,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import statistics
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -35,8 +37,10 @@ from edgedi.broker.messages import DeviceBirth
 from edgedi.broker.plan import Plan
 from edgedi.models.specs import get_spec
 from edgedi.planner.errors import InfeasiblePlanError, PlannerError
-from edgedi.planner.profiles import COST_CLASSES, DeviceProfile, TimeModel
+from edgedi.planner.profiles import COST_CLASSES, DeviceProfile, TimeModel, UnitTimes
+from edgedi.planner.replay import replay_plan, supports_replay
 from edgedi.planner.strategies import get_strategy
+from edgedi.planner.strategies.auto import candidates, choose, labelled
 
 __all__ = ["Planning", "PlanningError", "profile_from_birth"]
 
@@ -60,6 +64,10 @@ _FACTOR_BOUNDS = (0.05, 20.0)
 # Measurements re-plan at most this often: during an outage every tile is late, and
 # a plan per late tile would only churn (the factors still learn in between).
 REPLAN_MIN_INTERVAL_S = 2.0
+# An `auto` plan is judged on this many jobs in a row ...
+MEASURED_JOBS = 5
+# ... each slower than its prediction by this factor, before its measurement counts.
+MEASURED_SLOWER = 1.2
 
 
 class PlanningError(Exception):
@@ -83,6 +91,14 @@ def profile_from_birth(birth: DeviceBirth) -> DeviceProfile:
         bandwidth=link.bandwidth_bytes_per_second if link is not None else _FALLBACK_BANDWIDTH,
         latency_s=link.latency_seconds if link is not None else 0.0,
         cores=birth.capabilities.cores,
+        unit_times={
+            unit.digest: UnitTimes(
+                digest=unit.digest,
+                units=tuple(TimeModel(seconds_per_mac=a, seconds_fixed=b) for a, b in unit.units),
+                tail_s=unit.tail_seconds,
+            )
+            for unit in birth.unit_profiles.values()
+        },
     )
 
 
@@ -90,6 +106,17 @@ def profile_from_birth(birth: DeviceBirth) -> DeviceProfile:
 class _Member:
     device: str
     session: int
+    link: tuple[float, float] | None = None
+    """The announced link: a device announces its measured link after its first birth."""
+
+
+def _member(birth: DeviceBirth) -> _Member:
+    link = birth.link
+    return _Member(
+        birth.device,
+        birth.session,
+        None if link is None else (link.bandwidth_bytes_per_second, link.latency_seconds),
+    )
 
 
 class Planning:
@@ -102,6 +129,7 @@ class Planning:
         default_strategy: str,
         *,
         on_change: Callable[[], None] | None = None,
+        direct: bool = True,
     ) -> None:
         self.leader = leader
         self.input_size = input_size
@@ -117,11 +145,15 @@ class Planning:
         self._factors: dict[_Member, float] = {}
         self._planned: dict[_Member, float] = {}
         self._learnt_replan_at = -math.inf
+        self.direct = direct
+        # Measured job latencies per (model, auto candidate); medians that disappointed.
+        self._job_times: dict[tuple[str, str], deque[float]] = {}
+        self._measured: dict[str, dict[str, float]] = {}
 
     def update(self, births: Mapping[str, DeviceBirth], alive: Iterable[str], epoch: int) -> bool:
         """Take the current membership; True when it differs from the last one."""
         alive_births = {device: births[device] for device in alive if device in births}
-        members = frozenset(_Member(b.device, b.session) for b in alive_births.values())
+        members = frozenset(_member(b) for b in alive_births.values())
         if members == self._members and epoch == self.epoch:
             return False
         self._births = alive_births
@@ -134,6 +166,8 @@ class Planning:
 
     def _new_generation(self) -> None:
         self._cache.clear()
+        self._job_times.clear()
+        self._measured.clear()  # another cluster: measured plans tell nothing about it
         self._planned = dict(self._factors)
         self.generation += 1
 
@@ -142,7 +176,7 @@ class Planning:
         birth = self._births.get(device)
         if birth is None:
             return 1.0
-        return self._factors.get(_Member(device, birth.session), 1.0)
+        return self._factors.get(_member(birth), 1.0)
 
     def observe_tile(
         self, device: str, predicted_s: float, measured_s: float, *, now: float | None = None
@@ -154,7 +188,7 @@ class Planning:
         birth = self._births.get(device)
         if birth is None or predicted_s < _MIN_PREDICTED_S or not measured_s > 0:
             return False
-        member = _Member(device, birth.session)
+        member = _member(birth)
         ratio = min(max(measured_s / predicted_s, _RATIO_BOUNDS[0]), _RATIO_BOUNDS[1])
         # `predicted_s` came from a plan made with the planned factor.
         planned = self._planned.get(member, 1.0)
@@ -179,6 +213,44 @@ class Planning:
         if self.on_change is not None:
             self.on_change()
         return True
+
+    def observe_job(self, model: str, plan: Plan, seconds: float) -> bool:
+        """A finished job's latency on the leader; True when it caused a re-plan.
+
+        Only `auto` plans are judged: when the plan in force measures slower than
+        predicted `MEASURED_JOBS` times in a row, its measured median goes into the
+        next choice (`planner.strategies.auto.choose`) and the plans are remade.
+        """
+        if not plan.strategy.startswith("auto:"):
+            return False
+        name = plan.strategy.removeprefix("auto:")
+        recent = self._job_times.setdefault((model, name), deque(maxlen=MEASURED_JOBS))
+        recent.append(seconds)
+        if len(recent) < MEASURED_JOBS:
+            return False
+        median = statistics.median(recent)
+        if min(recent) <= plan.predicted_latency_s * MEASURED_SLOWER:
+            return False
+        known = self._measured.setdefault(model, {})
+        if abs(known.get(name, 0.0) - median) <= 0.05 * median:
+            return False  # already taken into account
+        known[name] = median
+        recent.clear()
+        logger.info(
+            "%s measures %.0f ms against %.0f ms predicted: re-planning %s",
+            plan.strategy,
+            median * 1000,
+            plan.predicted_latency_s * 1000,
+            model,
+        )
+        for key in [key for key in self._cache if key[0] == model]:
+            del self._cache[key]
+        if self.on_change is not None:
+            self.on_change()
+        return True
+
+    def _measured_medians(self, model: str) -> dict[str, float]:
+        return dict(self._measured.get(model, {}))
 
     def devices_for(self, model: str) -> list[DeviceBirth]:
         """Alive devices that hold `model`, in device-id order (stable plans)."""
@@ -208,9 +280,7 @@ class Planning:
                     f"the leader {self.leader} does not hold model {model!r}; it runs the tail"
                 )
             profiles = [
-                profile_from_birth(birth).scaled(
-                    self._planned.get(_Member(birth.device, birth.session), 1.0)
-                )
+                profile_from_birth(birth).scaled(self._planned.get(_member(birth), 1.0))
                 for birth in devices
             ]
             plan = await asyncio.to_thread(self._make_plan, model, strategy, profiles, self.epoch)
@@ -223,10 +293,26 @@ class Planning:
     ) -> Plan:
         try:
             spec = get_spec(model, self.input_size)
-            planner = get_strategy(strategy)
-            plan = planner.plan(
-                spec, profiles, epoch=epoch, leader=self.leader, plan_id=uuid.uuid4().hex
-            )
+            if strategy == "auto" and self.direct:
+                found = candidates(spec, profiles, leader=self.leader, epoch=epoch)
+                best = choose(found, self._measured_medians(model))
+                plan = labelled(best, uuid.uuid4().hex, profiles)
+                logger.info(
+                    "auto: %s",
+                    ", ".join(
+                        f"{c.name} {c.predicted_s * 1000:.0f} ms"
+                        for c in sorted(found, key=lambda c: c.predicted_s)[:6]
+                    ),
+                )
+            else:
+                planner = get_strategy(strategy)
+                plan = planner.plan(
+                    spec, profiles, epoch=epoch, leader=self.leader, plan_id=uuid.uuid4().hex
+                )
+                if self.direct and supports_replay(plan):
+                    # What the client will measure: the direct plane, step by step.
+                    replayed = replay_plan(plan, spec, profiles).latency_s
+                    plan = plan.model_copy(update={"predicted_latency_s": replayed})
         except InfeasiblePlanError as error:
             raise PlanningError(f"no plan for {model} with {strategy}: {error}") from error
         except (PlannerError, ValueError, KeyError) as error:

@@ -34,22 +34,30 @@ import asyncio
 import logging
 import os
 import ssl
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 
 from edgedi.agent.config import AgentSettings
 from edgedi.agent.coordinator import Coordinator
-from edgedi.agent.device import ProfileTable, capabilities, measure_profile
+from edgedi.agent.device import (
+    ProfileTable,
+    capabilities,
+    measure_profile,
+    measure_unit_profiles,
+)
 from edgedi.agent.election import Decision, Election, LeaderClaim
 from edgedi.agent.journal import JobJournal, remember_result
+from edgedi.agent.link_probe import LinkMeasurement, LinkProber
 from edgedi.agent.membership import HEARTBEAT_PERIOD_S, SILENT_AFTER_S, Membership
-from edgedi.agent.model_store import ModelStore
+from edgedi.agent.model_store import HeldModel, ModelStore
 from edgedi.agent.planning import Planning, PlanningError
 from edgedi.agent.systemd import notify, watchdog_loop
 from edgedi.agent.worker import Worker
@@ -66,12 +74,15 @@ from edgedi.broker.messages import (
     JobSubmit,
     LeaderRecord,
     LinkEstimate,
+    LinkProbe,
     PlanAnnouncement,
     RebirthRequest,
     ReductionPartial,
     TileFailed,
     TileResult,
+    TileRows,
     TileTask,
+    UnitProfile,
 )
 from edgedi.broker.plan import Plan
 from edgedi.broker.ratelimit import RateLimitedLog
@@ -79,6 +90,8 @@ from edgedi.broker.topics import (
     CONTROL_REBIRTH,
     DEVICE_BIRTH,
     DEVICE_HEARTBEAT,
+    DEVICE_PEER,
+    DEVICE_PROBE,
     DEVICE_STATE,
     DEVICE_TASKS,
     JOB_GATES,
@@ -108,6 +121,25 @@ _ANNOUNCE_TIMEOUT_S = 5.0
 _STOPPED_TIMEOUT_S = 3.0
 
 
+def _keep_busy(held: HeldModel, stop: threading.Event) -> None:
+    """Compute thread: run the model's first unit until `stop` (a loaded device)."""
+    unit = held.spec.units[0]
+    x = torch.zeros((1, *unit.in_shape))
+    with torch.inference_mode():
+        while not stop.is_set():
+            held.model.run_units(x, 0, 1)
+
+
+def _join_cgroup(tasks: Path | None) -> None:
+    """Compute thread start: join the emulated device's CPU quota group, if any."""
+    if tasks is None:
+        return
+    try:
+        tasks.write_text(str(threading.get_native_id()))
+    except OSError as error:
+        logger.warning("compute thread could not join %s: %s", tasks, error)
+
+
 class Agent:
     """An edgedi device: worker always, planner and coordinator while elected leader."""
 
@@ -129,7 +161,10 @@ class Agent:
             settings.compute.models, settings.compute.input_size, settings.compute.checkpoint_dir
         )
         self.executor = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix=f"compute-{self.device_id}"
+            max_workers=1,
+            thread_name_prefix=f"compute-{self.device_id}",
+            initializer=_join_cgroup,
+            initargs=(settings.compute.cgroup_tasks,),
         )
         self.membership = Membership()
         self.election = Election(
@@ -143,12 +178,19 @@ class Agent:
             settings.compute.input_size,
             settings.planner.strategy,
             on_change=lambda: self._plan_dirty.set(),
+            direct=settings.jobs.direct,
         )
         self.journal = JobJournal(settings.jobs.journal_size, settings.jobs.deadline_s)
         self.births: dict[str, DeviceBirth] = {}
         self.current_plan: PlanAnnouncement | None = None
         self.coordinator: Coordinator | None = None
         self.profile: ProfileTable | None = profile
+        self.unit_profiles: dict[str, UnitProfile] = {}
+        self.measured_link: LinkMeasurement | None = None
+        self.link_prober = LinkProber(
+            self.device_id,
+            lambda probe: self.session.publish(DEVICE_PROBE, probe, device=self.device_id),
+        )
         self.worker = Worker(
             self.device_id,
             self.store,
@@ -256,6 +298,17 @@ class Agent:
                     slowdown=compute.slowdown,
                 ),
             )
+        threads = compute.threads or torch.get_num_threads()
+        if compute.measure_tiles:
+            self.unit_profiles = await loop.run_in_executor(
+                self.executor,
+                lambda: measure_unit_profiles(
+                    self.store,
+                    threads,
+                    state_dir=self.settings.state_dir,
+                    slowdown=compute.slowdown,
+                ),
+            )
         logger.info(
             "%s ready to connect after %.1f s: models %s, session %d",
             self.device_id,
@@ -294,7 +347,6 @@ class Agent:
         )
 
     def _birth(self) -> DeviceBirth:
-        broker = self.settings.broker
         return DeviceBirth(
             sender=self.device_id,
             device=self.device_id,
@@ -303,11 +355,55 @@ class Agent:
             priority=self.settings.planner.priority,
             capabilities=capabilities(self.store.held, self.settings.compute.threads),
             profile=dict(self.profile or {}),
-            link=LinkEstimate(
-                bandwidth_bytes_per_second=broker.link_mbit_s * 1e6 / 8,
-                latency_seconds=broker.link_latency_ms / 1000.0,
-            ),
+            unit_profiles=dict(self.unit_profiles),
+            link=self._link_estimate(),
         )
+
+    def _link_estimate(self) -> LinkEstimate:
+        """What the birth announces: the measurement, unless the settings name a link."""
+        broker = self.settings.broker
+        announced = {"link_mbit_s", "link_latency_ms"} & broker.model_fields_set
+        measured = self.measured_link
+        bandwidth = broker.link_mbit_s * 1e6 / 8
+        latency = broker.link_latency_ms / 1000.0
+        if measured is not None and "link_mbit_s" not in announced:
+            bandwidth = measured.bandwidth
+        if measured is not None and "link_latency_ms" not in announced:
+            latency = measured.latency_s
+        return LinkEstimate(bandwidth_bytes_per_second=bandwidth, latency_seconds=latency)
+
+    async def _measure_link(self) -> None:
+        """Round trips through the broker while the compute thread is busy (see
+        `agent.link_probe`); then the birth announces them."""
+        stop = threading.Event()
+        held = self.store.get(self.store.held[0]) if self.store.held else None
+        loop = asyncio.get_running_loop()
+        load = (
+            loop.run_in_executor(self.executor, _keep_busy, held, stop)
+            if held is not None
+            else None
+        )
+        try:
+            measured = await self.link_prober.measure()
+        except (TimeoutError, BrokerError) as error:
+            logger.warning("could not measure the link through the broker: %s", error)
+            return
+        finally:
+            stop.set()
+            if load is not None:
+                await load
+        self.measured_link = measured
+        logger.info("link through the broker: %s", measured.describe())
+        try:
+            await self.session.publish(DEVICE_BIRTH, self._birth(), device=self.device_id)
+        except BrokerError as error:
+            logger.warning("could not announce the measured link: %s", error)
+
+    async def _on_probe(self, received: Received) -> None:
+        message = received.message
+        assert isinstance(message, LinkProbe)
+        if message.device == self.device_id:
+            self.link_prober.received(message)
 
     async def _on_connect(self) -> None:
         """On every (re)connect: announce, and settle again before the next election step.
@@ -323,6 +419,9 @@ class Agent:
         first = self._connected_at is None
         await self._announce()
         if first:
+            group = self._group
+            if self.settings.broker.measure_link and group is not None:
+                group.create_task(self._measure_link(), name=f"link-{self.device_id}")
             return
         now = time.monotonic()
         self._connected_at = now
@@ -385,6 +484,8 @@ class Agent:
         await session.subscribe(PLAN_CURRENT, self._on_plan)
         await session.subscribe(DEVICE_TASKS, self._on_task, device=self.device_id)
         await session.subscribe(JOB_GATES, self._on_gate)
+        await session.subscribe(DEVICE_PEER, self._on_peer, target=self.device_id)
+        await session.subscribe(DEVICE_PROBE, self._on_probe, device=self.device_id)
         await session.subscribe(CONTROL_REBIRTH, self._on_rebirth)
         if self.settings.planner.candidate:
             # Every candidate keeps the journal, so whoever leads next can answer the
@@ -463,6 +564,18 @@ class Agent:
         assert isinstance(message, GateValue)
         self.worker.on_gate(message)
 
+    async def _on_peer(self, received: Received) -> None:
+        message = received.message
+        assert isinstance(message, TileRows | ReductionPartial)
+        if received.topic.parameters.get("device") != message.device:
+            # The topic names the sender (the broker's ACL binds it to the login).
+            self.worker.statistics.refused += 1
+            return
+        if isinstance(message, TileRows):
+            self.worker.on_rows(message)
+        else:
+            self.worker.on_peer_partial(message)
+
     async def _on_submit(self, received: Received) -> None:
         message = received.message
         assert isinstance(message, JobSubmit)
@@ -524,6 +637,15 @@ class Agent:
             coordinator.route(message)
         else:
             await self.session.publish(JOB_PARTIALS, message, job_id=message.job_id)
+
+    async def send_peer(self, device: str, message: TileRows | ReductionPartial) -> None:
+        if device == self.device_id:
+            if isinstance(message, TileRows):
+                self.worker.on_rows(message)
+            else:
+                self.worker.on_peer_partial(message)
+            return
+        await self.session.publish(DEVICE_PEER, message, device=self.device_id, target=device)
 
     async def send_tile_outcome(self, message: TileResult | TileFailed) -> None:
         coordinator = self.coordinator

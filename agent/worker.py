@@ -47,6 +47,7 @@ from edgedi.broker.messages import (
     ReductionPartial,
     TileFailed,
     TileResult,
+    TileRows,
     TileTask,
 )
 from edgedi.broker.ratelimit import RateLimitedLog
@@ -64,6 +65,11 @@ _GATE_DTYPES = ("float32", "float64", "float16")
 _REFUSAL_LOG_INTERVAL_S = 10.0
 # Remember this many cancelled job ids, so late tasks of a cancelled job are dropped.
 _CANCELLED_MEMORY = 1024
+# Direct data plane: rows that arrive before their task, and peers' gate partials, are
+# kept this many (oldest dropped first): enough for every job in flight, bounded
+# against a flood.
+_EARLY_ROWS_MEMORY = 512
+_PARTIALS_MEMORY = 2048
 
 
 class WorkerLinks(Protocol):
@@ -72,6 +78,10 @@ class WorkerLinks(Protocol):
     async def send_partial(self, message: ReductionPartial) -> None: ...
 
     async def send_tile_outcome(self, message: TileResult | TileFailed) -> None: ...
+
+    async def send_peer(self, device: str, message: TileRows | ReductionPartial) -> None:
+        """Direct data plane: to another device, or to this one's own worker."""
+        ...
 
 
 class _TileRefused(Exception):
@@ -100,6 +110,15 @@ class _Tile:
     runner: asyncio.Task[None] | None = None
     compute_seconds: float = 0.0
     gates: dict[tuple[int, int], asyncio.Future[npt.NDArray[Any]]] = field(default_factory=dict)
+    input: npt.NDArray[Any] | None = None
+    """Direct task: the input assembled from the peers' `TileRows`."""
+    received: npt.NDArray[np.bool_] | None = None
+    """Direct task: which input rows have arrived (None: the task carried them)."""
+    queued: bool = False
+
+    @property
+    def waiting_for_rows(self) -> bool:
+        return self.received is not None and not bool(self.received.all())
 
 
 def _key(task: TileTask) -> tuple[str, int, int]:
@@ -135,6 +154,10 @@ class Worker:
         self._refusals: asyncio.Queue[TileFailed] = asyncio.Queue(maxsize=max(64, max_queued))
         self._tiles: dict[tuple[str, int, int], _Tile] = {}
         self._gate_values: dict[tuple[str, int, int], npt.NDArray[Any]] = {}
+        self._early_rows: OrderedDict[tuple[str, int, int], list[TileRows]] = OrderedDict()
+        self._partials: OrderedDict[tuple[str, int, int], dict[int, ReductionPartial]] = (
+            OrderedDict()
+        )
         # job id -> (epoch, leader) of the newest cancel: tasks of older epochs and that
         # leader's own are dropped; a later leader's, which took the job over, are not,
         # nor those of a rival that claimed the same epoch and won.
@@ -196,13 +219,16 @@ class Worker:
         except _TileRefused as refusal:
             self._refuse(task, str(refusal))
             return
-        try:
-            self._queue.put_nowait(tile)
-        except asyncio.QueueFull:
-            self._refuse(
-                task, f"the device is overloaded ({self._queue.maxsize} tiles already queued)"
-            )
-            return
+        self._expire_waiting()
+        if not tile.waiting_for_rows:
+            try:
+                self._queue.put_nowait(tile)
+            except asyncio.QueueFull:
+                self._refuse(
+                    task, f"the device is overloaded ({self._queue.maxsize} tiles already queued)"
+                )
+                return
+            tile.queued = True
         # Only a valid newer attempt replaces the tile in hand: a refused one must not
         # cancel work the leader is still waiting for. (A queued one is skipped.)
         if existing is not None and existing.runner is not None:
@@ -210,6 +236,9 @@ class Worker:
         self._tiles[key] = tile
         self._idle.clear()
         self.statistics.accepted += 1
+        if tile.waiting_for_rows:
+            for rows in self._early_rows.pop(key, []):
+                self.on_rows(rows)
 
     def _prepare(self, task: TileTask) -> _Tile:
         try:
@@ -235,12 +264,14 @@ class Worker:
                 "that is the whole map may compute its gates alone"
             )
         expected_shape = layout.input_shape(task.tile)
-        if task.tensor.shape != expected_shape:
+        if task.direct and (layout.column_parts is not None):
+            raise _TileRefused("the direct data plane takes row strips only")
+        if task.tensor is not None and task.tensor.shape != expected_shape:
             raise _TileRefused(
                 f"input tensor has shape {list(task.tensor.shape)}, the tile needs "
                 f"{list(expected_shape)}"
             )
-        if task.tensor.dtype not in _TILE_DTYPES:
+        if task.tensor is not None and task.tensor.dtype not in _TILE_DTYPES:
             raise _TileRefused(
                 f"input tensor dtype {task.tensor.dtype} is not one of {', '.join(_TILE_DTYPES)}"
             )
@@ -257,7 +288,16 @@ class Worker:
             raise _TileRefused(
                 f"output rows {task.output_rows} disagree with the geometry {rows.out_rows}"
             )
-        return _Tile(task, held, layout, rows, columns)
+        for forward in task.forward:
+            if not rows.out_rows.start <= forward.rows[0] < forward.rows[1] <= rows.out_rows.stop:
+                raise _TileRefused(
+                    f"forwards rows {forward.rows} that the tile does not produce ({rows.out_rows})"
+                )
+        tile = _Tile(task, held, layout, rows, columns)
+        if task.tensor is None:
+            tile.input = np.zeros(expected_shape, dtype=np.float32)
+            tile.received = np.zeros(expected_shape[2], dtype=np.bool_)
+        return tile
 
     def on_gate(self, message: GateValue) -> None:
         """A combined gate value; only tiles of that job and segment on this device care.
@@ -292,6 +332,134 @@ class Worker:
         if not delivered:
             # Arrived before the tile asked (e.g. the coordinator re-sent it): keep it.
             self._gate_values[key] = value
+
+    def on_rows(self, message: TileRows) -> None:
+        """Direct data plane: input rows of a tile here, from the device that made them.
+
+        Rows that come before their task are kept (bounded) until it arrives; rows
+        that do not fit the tile (other rows, shape, dtype, NaN) are dropped with a
+        warning: the tile then never starts and the leader's deadline handles it.
+        """
+        if not self.accepts_epoch(message.epoch):
+            return
+        key = (message.job_id, message.segment, message.tile)
+        tile = self._tiles.get(key)
+        if tile is None:
+            if self._is_cancelled_job(message.job_id, message.epoch):
+                return
+            self._early_rows.setdefault(key, []).append(message)
+            self._early_rows.move_to_end(key)
+            while len(self._early_rows) > _EARLY_ROWS_MEMORY:
+                self._early_rows.popitem(last=False)
+            return
+        if tile.received is None or tile.input is None or message.attempt != tile.task.attempt:
+            return  # the task carried its input, or the rows are of another attempt
+        problem = _rows_problem(tile, message)
+        if problem is not None:
+            self._log.warning(
+                "rows", "dropped rows for tile %s from %s: %s", key, message.device, problem
+            )
+            return
+        start = message.rows[0] - tile.rows.in_rows.start
+        stop = message.rows[1] - tile.rows.in_rows.start
+        columns = tile.columns.in_rows
+        tile.input[:, :, start:stop, :] = message.tensor.array[
+            :, :, :, columns.start : columns.stop
+        ]
+        tile.received[start:stop] = True
+        if tile.waiting_for_rows or tile.queued:
+            return
+        try:
+            self._queue.put_nowait(tile)
+        except asyncio.QueueFull:
+            self._drop(key, tile)
+            self._refuse(
+                tile.task, f"the device is overloaded ({self._queue.maxsize} tiles already queued)"
+            )
+            return
+        tile.queued = True
+
+    def _expire_waiting(self) -> None:
+        """Direct tiles whose rows never came (their job moved on): gone at the deadline."""
+        now = time.time()
+        for key, tile in list(self._tiles.items()):
+            if tile.waiting_for_rows and tile.task.deadline <= now:
+                logger.info("tile %s: its input rows did not come before the deadline", key)
+                self._drop(key, tile)
+
+    def on_peer_partial(self, message: ReductionPartial) -> None:
+        """Direct data plane: a peer's (or a local tile's) partial sums for a gate.
+
+        Every holder of the segment gets every tile's partial and combines them in
+        tile order, so all holders compute bit-identical gate values.
+        """
+        if not self.accepts_epoch(message.epoch):
+            return
+        key = (message.job_id, message.segment, message.gate)
+        collected = self._partials.get(key)
+        if collected is None:
+            if self._is_cancelled_job(message.job_id, message.epoch):
+                return
+            collected = self._partials[key] = {}
+            while len(self._partials) > _PARTIALS_MEMORY:
+                self._partials.popitem(last=False)
+        collected.setdefault(message.tile, message)  # copies of one tile sum alike
+        self._combine(key)
+
+    def _combine(self, key: tuple[str, int, int]) -> None:
+        """Deliver the gate's mean to the tiles here once every tile's partial is in."""
+        job_id, segment, gate = key
+        waiting = [
+            tile
+            for tile in self._tiles.values()
+            if tile.task.job_id == job_id and tile.task.segment == segment and tile.task.direct
+        ]
+        collected = self._partials.get(key)
+        if not waiting or collected is None:
+            return
+        layout = waiting[0].layout
+        if gate >= len(layout.gates) or len(collected) < layout.count:
+            return
+        channels = layout.gates[gate].out_channels
+        total = np.zeros((1, channels), dtype=np.float64)
+        positions = 0
+        for index in range(layout.count):
+            partial = collected.get(index)
+            if (
+                partial is None
+                or partial.sums.shape != (1, channels)
+                or (partial.positions != layout.gate_positions(index, gate))
+                or not partial.sums.is_finite()
+            ):
+                bad = collected.pop(index, None)
+                if bad is not None:
+                    self._log.warning(
+                        "partial",
+                        "dropped a malformed partial of tile %d of job %s from %s",
+                        index,
+                        job_id,
+                        bad.device,
+                    )
+                return
+            total += partial.sums.array
+            positions += partial.positions
+        if positions != layout.gates[gate].out_height * layout.gates[gate].out_width:
+            self._log.warning("partial", "partials of job %s cover the wrong area", job_id)
+            return
+        value = total / positions
+        del self._partials[key]
+        delivered = False
+        for tile in waiting:
+            future = tile.gates.get((segment, gate))
+            if future is not None and not future.done():
+                future.set_result(value)
+                delivered = True
+        if not delivered:
+            self._gate_values[key] = value
+
+    def _is_cancelled_job(self, job_id: str, epoch: int) -> bool:
+        cancel = self._cancelled.get(job_id)
+        return cancel is not None and epoch <= cancel[0]
 
     def cancel_job(self, message: CancelJob) -> None:
         if not self.accepts_epoch(message.epoch):
@@ -334,8 +502,13 @@ class Worker:
                 self._drop(key, tile)
         if any(k[0] == job_id and not self._is_cancelled(t.task) for k, t in self._tiles.items()):
             return  # a rival leader's tiles of the job still need their gate values
-        for gate_key in [k for k in self._gate_values if k[0] == job_id]:
-            del self._gate_values[gate_key]
+        self._forget_job(job_id)
+
+    def _forget_job(self, job_id: str) -> None:
+        """Gate values, partials and early rows of a job with no tile here any more."""
+        for store in (self._gate_values, self._partials, self._early_rows):
+            for key in [k for k in store if k[0] == job_id]:
+                del store[key]
 
     def _is_cancelled(self, task: TileTask) -> bool:
         cancel = self._cancelled.get(task.job_id)
@@ -349,9 +522,12 @@ class Worker:
             del self._tiles[key]
         job_id = key[0]
         if not any(other[0] == job_id for other in self._tiles):
-            # Copies of gate values that arrived twice (direct and via the broker).
-            for gate_key in [k for k in self._gate_values if k[0] == job_id]:
-                del self._gate_values[gate_key]
+            # Gate values that arrived twice (direct and via the broker), partials of
+            # gates passed: nothing here needs them any more. (Direct rows for a later
+            # segment are kept: their task may still be on its way.)
+            for store in (self._gate_values, self._partials):
+                for gate_key in [k for k in store if k[0] == job_id]:
+                    del store[gate_key]
         if not self._tiles:
             self._idle.set()
 
@@ -414,10 +590,12 @@ class Worker:
         finally:
             self._drop(key, tile)
             self._slots.release()
-        if isinstance(outcome, TileResult):
-            self.statistics.completed += 1
-        else:
+        if isinstance(outcome, TileFailed):
             self.statistics.failed += 1
+        else:
+            self.statistics.completed += 1
+        if outcome is None:
+            return  # its rows went to the next segment's devices
         try:
             await self.links.send_tile_outcome(outcome)
         except BrokerError as error:
@@ -448,12 +626,14 @@ class Worker:
             time.sleep((self.slowdown - 1.0) * elapsed)
         return result, time.perf_counter() - started
 
-    async def _compute(self, tile: _Tile) -> TileResult | TileFailed:
+    async def _compute(self, tile: _Tile) -> TileResult | TileFailed | None:
+        """The tile's outcome for the leader; None when its rows went to its peers."""
         task = tile.task
         runner_holder: list[TileRunner] = []
 
         def start() -> GatePartial | npt.NDArray[Any]:
-            array = task.tensor.array
+            array = tile.input if task.tensor is None else task.tensor.array
+            assert array is not None
             if not np.isfinite(array).all():
                 raise _TileRefused("input tensor holds NaN or infinite values")
             x = torch.from_numpy(array.astype(np.float32, copy=True))
@@ -484,6 +664,9 @@ class Worker:
             tile.compute_seconds += seconds
             self.statistics.busy_seconds += seconds
         output = step
+        if task.forward:
+            await self._forward(tile, output)
+            return None
         columns = tile.columns.out_rows
         return TileResult(
             sender=self.device_id,
@@ -499,6 +682,34 @@ class Worker:
             attempt=task.attempt,
         )
 
+    async def _forward(self, tile: _Tile, output: npt.NDArray[Any]) -> None:
+        """Direct data plane: each next-segment tile gets the rows it needs, from here."""
+        task = tile.task
+        first = tile.rows.out_rows.start
+        messages = [
+            (
+                forward.device,
+                TileRows(
+                    sender=self.device_id,
+                    job_id=task.job_id,
+                    epoch=task.epoch,
+                    segment=task.segment + 1,
+                    tile=forward.tile,
+                    device=self.device_id,
+                    rows=forward.rows,
+                    tensor=Tensor(
+                        np.ascontiguousarray(
+                            output[:, :, forward.rows[0] - first : forward.rows[1] - first, :]
+                        )
+                    ),
+                    attempt=task.attempt,
+                ),
+            )
+            for forward in task.forward
+        ]
+        for device, message in messages:
+            self._send_soon(device, message)
+
     async def _publish_partial(self, tile: _Tile, partial: GatePartial) -> None:
         task = tile.task
         message = ReductionPartial(
@@ -512,7 +723,37 @@ class Worker:
             sums=Tensor(np.ascontiguousarray(partial.sums, dtype=np.float64)),
             positions=partial.count,
         )
-        await self.links.send_partial(message)
+        if task.peers is None:
+            await self.links.send_partial(message)
+            return
+        others = sorted(set(task.peers) - {self.device_id})
+        for device in others:
+            self._send_soon(device, message)
+        self.on_peer_partial(message)  # the tiles here, this one included
+
+    def _send_soon(self, device: str, message: TileRows | ReductionPartial) -> None:
+        """Send to a peer without holding the tile up for the broker's acknowledgement.
+
+        The session re-sends an unacknowledged QoS 1 message itself; a send that fails
+        for good leaves its receiver waiting, which the leader's deadline handles.
+        """
+        group = self._group
+        if group is None:
+            raise RuntimeError("the worker is not running")
+        group.create_task(self._send_peer(device, message), name=f"peer-{device}")
+
+    async def _send_peer(self, device: str, message: TileRows | ReductionPartial) -> None:
+        try:
+            await self.links.send_peer(device, message)
+        except BrokerError as error:
+            self._log.warning(
+                "peer",
+                "could not send a %s of job %s to %s: %s",
+                message.kind,
+                message.job_id,
+                device,
+                error,
+            )
 
     async def _gate_value(self, tile: _Tile, gate: int) -> npt.NDArray[Any]:
         task = tile.task
@@ -526,6 +767,24 @@ class Worker:
             return await future  # bounded by the tile's deadline (see _run_tile)
         finally:
             tile.gates.pop((task.segment, gate), None)
+
+
+def _rows_problem(tile: _Tile, message: TileRows) -> str | None:
+    """Why `message` cannot be input rows of `tile`, or None when it can."""
+    in_rows = tile.rows.in_rows
+    start, stop = message.rows
+    if not in_rows.start <= start < stop <= in_rows.stop:
+        return f"rows {list(message.rows)} are not within the tile's input {in_rows}"
+    expected = tile.layout.input_shape(tile.task.tile)
+    # Rows come at the map's full width; a tile may read fewer columns (a 2x2 pool
+    # leaves an odd last column unread).
+    width = tile.columns.units[0].unit.in_shape[2]
+    shape = (expected[0], expected[1], stop - start, width)
+    if message.tensor.shape != shape:
+        return f"shape {list(message.tensor.shape)}, expected {list(shape)}"
+    if message.tensor.dtype not in _TILE_DTYPES:
+        return f"dtype {message.tensor.dtype}"
+    return None
 
 
 def _gate_problem(layout: SegmentLayout, message: GateValue) -> str | None:

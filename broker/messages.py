@@ -64,12 +64,16 @@ __all__ = [
     "JobSubmit",
     "LeaderRecord",
     "LinkEstimate",
+    "LinkProbe",
     "PlanAnnouncement",
     "RebirthRequest",
     "ReductionPartial",
+    "RowsForward",
     "TileFailed",
     "TileResult",
+    "TileRows",
     "TileTask",
+    "UnitProfile",
     "WireMessage",
     "decode",
     "decode_as",
@@ -78,7 +82,7 @@ __all__ = [
     "new_message_id",
 ]
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 """The wire schema version this code speaks; bump it on any incompatible change."""
 
 WIRE_INT_MAX: Final = 2**53 - 1
@@ -127,8 +131,8 @@ class WireMessage(BaseModel):
     wire_encoding: ClassVar[Encoding] = "json"
     """How this kind is encoded on the wire (fixed per kind, matched by its topics)."""
 
-    version: Literal[1] = Field(
-        default=SCHEMA_VERSION, description="wire schema version (currently 1)"
+    version: Literal[2] = Field(
+        default=SCHEMA_VERSION, description="wire schema version (2: the direct data plane)"
     )
     kind: str = Field(description="message type tag, a stable string")
     sender: str = Field(pattern=ID_PATTERN, description="id of the device or client that sent it")
@@ -178,6 +182,20 @@ class LinkEstimate(BaseModel):
     latency_seconds: NonNegativeFloat = Field(description="one-way latency, seconds")
 
 
+class UnitProfile(BaseModel):
+    """Measured tile costs of one model on the device (see `edgedi.models.calibration`)."""
+
+    model_config = _FROZEN_STRICT
+
+    digest: Name = Field(description="architecture digest of the model at the device's input size")
+    units: tuple[tuple[NonNegativeFloat, NonNegativeFloat], ...] = Field(
+        min_length=1,
+        max_length=1024,
+        description="per spatial unit (seconds per MAC, seconds per op invocation)",
+    )
+    tail_seconds: NonNegativeFloat = Field(description="the tail (pooling and head), seconds")
+
+
 class DeviceBirth(WireMessage):
     """A device announces itself (retained): capabilities, fitted profile, session."""
 
@@ -199,6 +217,11 @@ class DeviceBirth(WireMessage):
         description="fitted time model per unit kind: (a, b) with seconds ≈ a·FLOPs + b",
     )
     link: LinkEstimate | None = Field(default=None, description="measured link, if known")
+    unit_profiles: dict[Name, UnitProfile] = Field(
+        default_factory=dict,
+        max_length=64,
+        description="per model held: tile costs measured on the device (preferred by planners)",
+    )
 
 
 class DeviceState(WireMessage):
@@ -317,6 +340,16 @@ class JobSubmit(_TensorMessage):
     )
 
 
+class RowsForward(BaseModel):
+    """Where some of a tile's output rows go next: one tile of the next segment."""
+
+    model_config = _FROZEN_STRICT
+
+    tile: NonNegativeInt = Field(description="tile index in the next segment")
+    device: DeviceIdField = Field(description="the device that computes that tile")
+    rows: RowInterval = Field(description="rows of this segment's output it needs")
+
+
 class TileTask(_TensorMessage):
     """The leader asks a device to run one segment on one tile of rows (× columns).
 
@@ -355,7 +388,10 @@ class TileTask(_TensorMessage):
     output_columns: RowInterval | None = Field(
         default=None, description="columns of the segment output to produce"
     )
-    tensor: Tensor = Field(description="segment input rows, halo included")
+    tensor: Tensor | None = Field(
+        description="segment input rows, halo included; null in a direct task whose rows "
+        "come from the devices of the previous segment (`TileRows`)"
+    )
     deadline: FiniteFloat = Field(description="unix time after which the result is useless")
     attempt: NonNegativeInt = Field(default=0, description="0, then +1 per re-dispatch")
     local_gates: bool = Field(
@@ -363,6 +399,35 @@ class TileTask(_TensorMessage):
         description="the tile is the whole map: compute each gate's mean locally "
         "(exact) instead of sending partials and waiting for the combined value",
     )
+    peers: tuple[DeviceIdField, ...] | None = Field(
+        default=None,
+        description="direct data plane: the device of every tile of the segment, by tile "
+        "index. Gate partials go straight to them and every holder combines them itself; "
+        "null: partials go to the leader, which sends the gate values",
+    )
+    forward: tuple[RowsForward, ...] = Field(
+        default=(),
+        description="direct data plane: the next segment's tiles that need rows of this "
+        "tile's output; they get them straight from this device and no `TileResult` "
+        "goes to the leader. Empty: the output goes to the leader",
+    )
+
+    @model_validator(mode="after")
+    def _direct(self) -> TileTask:
+        if self.forward and self.peers is None:
+            raise ValueError("a task that forwards its rows must name its segment's peers")
+        if self.peers is not None and len(self.peers) != len(self.row_parts) * len(
+            self.column_parts or (None,)
+        ):
+            raise ValueError("peers must name one device per tile of the segment")
+        if self.tensor is None and self.peers is None:
+            raise ValueError("only a direct task may leave its input to its peers")
+        return self
+
+    @property
+    def direct(self) -> bool:
+        """Runs on the direct data plane (see `peers`)."""
+        return self.peers is not None
 
 
 class CancelJob(_TensorMessage):
@@ -417,6 +482,33 @@ class TileResult(_TensorMessage):
     tensor: Tensor = Field(description="the output rows")
     compute_seconds: NonNegativeFloat = Field(description="time spent computing, seconds")
     attempt: NonNegativeInt = Field(default=0, description="the task's attempt number")
+
+
+class TileRows(_TensorMessage):
+    """Rows of one tile's output, sent straight to a device that needs them as input.
+
+    Direct data plane: the producer of segment `segment - 1` sends the rows that tile
+    `tile` of segment `segment` needs (halo included) to that tile's device.
+    """
+
+    kind: Literal["tile_rows"] = "tile_rows"
+    job_id: JobIdField = Field(description="the job")
+    epoch: NonNegativeInt = Field(description="epoch of the task's leader")
+    segment: NonNegativeInt = Field(description="the receiving tile's segment")
+    tile: NonNegativeInt = Field(description="the receiving tile's index")
+    device: DeviceIdField = Field(description="the sender (also in the topic)")
+    rows: RowInterval = Field(description="rows of the receiving segment's input in `tensor`")
+    tensor: Tensor = Field(description="the rows, full width")
+    attempt: NonNegativeInt = Field(default=0, description="attempt of the tasks involved")
+
+
+class LinkProbe(_TensorMessage):
+    """A device's message to itself through the broker: it measures its own link."""
+
+    kind: Literal["link_probe"] = "link_probe"
+    device: DeviceIdField = Field(description="the device (also in the topic)")
+    probe: NonNegativeInt = Field(description="counts up per probe of this measurement")
+    padding: bytes = Field(max_length=4 * 1024 * 1024, description="payload of the probe's size")
 
 
 class TileFailed(_TensorMessage):
@@ -479,7 +571,7 @@ def decode(
     if not isinstance(raw, Mapping):
         raise DecodeError(f"a message is a {encoding} object, not {type(raw).__name__}")
     version = raw.get("version")
-    # `true` and `1.0` equal 1 in Python, and pydantic's Literal[1] takes them too.
+    # `2.0` equals 2 in Python, and pydantic would take it for the Literal too.
     if type(version) is not int or version != SCHEMA_VERSION:
         raise SchemaVersionError(
             f"message schema version {clip(version)}; this code speaks {SCHEMA_VERSION}"

@@ -38,11 +38,13 @@ from .messages import (
     JobSubmit,
     LeaderRecord,
     LinkEstimate,
+    LinkProbe,
     PlanAnnouncement,
     RebirthRequest,
     ReductionPartial,
     TileFailed,
     TileResult,
+    TileRows,
     TileTask,
     WireMessage,
     decode,
@@ -56,6 +58,8 @@ __all__ = [
     "DEFAULT_PREFIX",
     "DEVICE_BIRTH",
     "DEVICE_HEARTBEAT",
+    "DEVICE_PEER",
+    "DEVICE_PROBE",
     "DEVICE_STATE",
     "DEVICE_TASKS",
     "JOB_GATES",
@@ -252,6 +256,25 @@ DEVICE_TASKS: Final = TopicSpec(
     kinds=(TileTask, CancelJob),
     description="The leader's work for one device: tile tasks, and job cancellations.",
 )
+DEVICE_PEER: Final = TopicSpec(
+    name="device_peer",
+    pattern="devices/{device}/peer/{target}",
+    qos=1,
+    retain=False,
+    kinds=(TileRows, ReductionPartial),
+    description="The direct data plane, from device `device` to device `target`: rows of "
+    "a tile's output that a tile of the next segment needs, and gate partial sums for "
+    "the other holders of a segment (each combines them itself, in tile order).",
+)
+DEVICE_PROBE: Final = TopicSpec(
+    name="device_probe",
+    pattern="devices/{device}/probe",
+    qos=1,
+    retain=False,
+    kinds=(LinkProbe,),
+    description="A device's own round trips through the broker, at start: the latency "
+    "per message and the bandwidth it announces for the planner.",
+)
 JOB_PARTIALS: Final = TopicSpec(
     name="job_partials",
     pattern="jobs/{job_id}/partials",
@@ -302,6 +325,8 @@ CATALOGUE: Final[tuple[TopicSpec, ...]] = (
     PLAN_CURRENT,
     JOB_SUBMIT,
     DEVICE_TASKS,
+    DEVICE_PEER,
+    DEVICE_PROBE,
     JOB_PARTIALS,
     JOB_GATES,
     JOB_TILES,

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from edgedi.models.units import CostClass, ModelSpec, Op, Unit
+from edgedi.models.units import ModelSpec, Op, Unit
 from edgedi.planner.errors import InfeasiblePlanError
 from edgedi.planner.profiles import COST_CLASSES
 
@@ -133,7 +133,8 @@ class BlockTable:
     """
 
     spec: ModelSpec
-    classes: tuple[CostClass, ...]
+    classes: tuple[str, ...]
+    """Cost classes; in a seconds table (`seconds_table`), the devices instead."""
     first: IntArray  # (NB,)
     last: IntArray
     height: IntArray  # output rows of the block
@@ -155,6 +156,15 @@ class BlockTable:
     tail_ops: tuple[Op, ...]
     digest: str  # ModelSpec.digest(), computed once (it serialises the whole spec)
     tracks: list[list[list[OpTrack]]] = field(repr=False)  # per j: per unit <= j: tracks
+    unit_rate: FloatArray | None = None
+    """Seconds table only: (D, units) seconds per MAC of each unit on each device."""
+    unit_fixed: FloatArray | None = None
+    """Seconds table only: (D, units) seconds per op invocation of each unit."""
+
+    @property
+    def in_seconds(self) -> bool:
+        """The sums are seconds per device (classes are devices), not MACs per class."""
+        return self.unit_rate is not None
 
     @property
     def units(self) -> int:
@@ -169,12 +179,12 @@ class BlockTable:
     def block_tracks(self, first: int, last: int) -> list[OpTrack]:
         return [t for unit in self.tracks[last][first:] for t in unit]
 
-    def tile_macs(self, block: int, start: int, stop: int) -> dict[CostClass, int]:
+    def tile_macs(self, block: int, start: int, stop: int) -> dict[str, int]:
         """MACs by cost class of the tile with output rows [start, stop) (for tests)."""
         if stop <= start:
             return {}
         gates = int(self.gates[block])
-        totals: dict[CostClass, int] = {}
+        totals: dict[str, int] = {}
         for c, cost_class in enumerate(self.classes):
             value = 0.0
             for q in range(gates + 1):
@@ -185,7 +195,7 @@ class BlockTable:
         return totals
 
 
-def _class_index(classes: Sequence[CostClass]) -> dict[CostClass, int]:
+def _class_index(classes: Sequence[str]) -> dict[str, int]:
     return {c: i for i, c in enumerate(classes)}
 
 
@@ -193,11 +203,43 @@ def _class_index(classes: Sequence[CostClass]) -> dict[CostClass, int]:
 def block_table(spec: ModelSpec) -> BlockTable:
     """The tables of `spec` (cached: specs are frozen and hashable)."""
     spatial = spec.spatial_units
-    n = len(spatial)
-    if n == 0:
+    if not spatial:
         raise InfeasiblePlanError(f"{spec.name}: no spatial units to partition")
     present = {op.cost_class for unit in spatial for op in unit.ops}
     classes = tuple(c for c in COST_CLASSES if c in present)
+    return _build(spec, classes, None, None)
+
+
+@functools.lru_cache(maxsize=16)
+def seconds_table(
+    spec: ModelSpec,
+    devices: tuple[str, ...],
+    unit_rate: tuple[tuple[float, ...], ...],
+    unit_fixed: tuple[tuple[float, ...], ...],
+) -> BlockTable:
+    """Tables in *seconds per device*: measured per-unit costs folded in.
+
+    Each device is one "class": a tile's sum for class `d` is what it costs on device
+    `d`, each op weighted by its unit's measured seconds per MAC, plus the unit's
+    per-invocation overhead in `fixed`. A fleet over this table has the identity as
+    its rate (`Fleet.build`), so every strategy prices tiles unchanged.
+    """
+    spatial = spec.spatial_units
+    if not spatial:
+        raise InfeasiblePlanError(f"{spec.name}: no spatial units to partition")
+    rate = np.array(unit_rate, dtype=np.float64).reshape(len(devices), len(spatial))
+    fixed = np.array(unit_fixed, dtype=np.float64).reshape(len(devices), len(spatial))
+    return _build(spec, devices, rate, fixed)
+
+
+def _build(
+    spec: ModelSpec,
+    classes: tuple[str, ...],
+    unit_rate: FloatArray | None,
+    unit_fixed: FloatArray | None,
+) -> BlockTable:
+    spatial = spec.spatial_units
+    n = len(spatial)
     cindex = _class_index(classes)
     C = len(classes)
     heights = [u.out_shape[1] for u in spatial]
@@ -233,12 +275,20 @@ def block_table(spec: ModelSpec) -> BlockTable:
         u_gate = np.zeros((j + 1, Q))
         for u, tracks in enumerate(per_unit):
             for track in tracks:
-                op, q, c = track.op, track.phase_from_end, cindex[track.op.cost_class]
+                op, q = track.op, track.phase_from_end
                 per_row = float(op.macs_per_row)
-                u_stop[u, q, c] += per_row * pad(track.out_stop)
-                u_start[u, q, c] += per_row * pad(track.out_start)
-                u_fixed[u, q, c] += op.fixed_macs
-                u_count[u, q, c] += 1
+                if unit_rate is not None and unit_fixed is not None:
+                    # Seconds per device: every class (device) at once.
+                    rate = unit_rate[:, u]
+                    u_stop[u, q] += rate[:, None] * per_row * pad(track.out_stop)[None, :]
+                    u_start[u, q] += rate[:, None] * per_row * pad(track.out_start)[None, :]
+                    u_fixed[u, q] += rate * op.fixed_macs + unit_fixed[:, u]
+                else:
+                    c = cindex[op.cost_class]
+                    u_stop[u, q, c] += per_row * pad(track.out_stop)
+                    u_start[u, q, c] += per_row * pad(track.out_start)
+                    u_fixed[u, q, c] += op.fixed_macs
+                    u_count[u, q, c] += 1
                 if op.kind == "gate":
                     u_gate[u, q] = op.out_channels
         for arrays in (u_stop, u_start, u_fixed, u_count, u_gate):
@@ -284,6 +334,8 @@ def block_table(spec: ModelSpec) -> BlockTable:
         tail_ops=tuple(op for unit in spec.tail_units for op in unit.ops),
         digest=spec.digest(),
         tracks=all_tracks,
+        unit_rate=unit_rate,
+        unit_fixed=unit_fixed,
     )
 
 

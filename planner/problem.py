@@ -16,7 +16,7 @@ import numpy as np
 
 from edgedi.broker.plan import ImageShare, Part, Plan, Segment, StepTimes
 from edgedi.models.units import ModelSpec
-from edgedi.planner.blocks import BlockTable, block_table
+from edgedi.planner.blocks import BlockTable, block_table, seconds_table
 from edgedi.planner.cost import NetworkModel, message_parts
 from edgedi.planner.errors import InfeasiblePlanError
 from edgedi.planner.profiles import DeviceProfile
@@ -58,6 +58,21 @@ class PricedSegment:
     bytes_moved: float
 
 
+def _table(spec: ModelSpec, devices: Sequence[DeviceProfile]) -> BlockTable:
+    """Measured per-unit costs when every device has them for this model, else the
+    per-cost-class micro-benchmark model."""
+    digest = block_table(spec).digest  # cached: the digest serialises the whole spec
+    units = [d.units_for(digest) for d in devices]
+    if any(u is None or len(u.units) != len(spec.spatial_units) for u in units):
+        return block_table(spec)
+    return seconds_table(
+        spec,
+        tuple(d.device for d in devices),
+        tuple(tuple(m.seconds_per_mac for m in u.units) for u in units if u is not None),
+        tuple(tuple(m.seconds_fixed for m in u.units) for u in units if u is not None),
+    )
+
+
 class PlanningProblem:
     """Everything a strategy needs, precomputed once per plan request."""
 
@@ -84,7 +99,7 @@ class PlanningProblem:
         # transfer back); runtimes that always finish on the leader set this.
         self.tail_on_leader = tail_on_leader
         self.network = network or NetworkModel()
-        self.table: BlockTable = block_table(spec)
+        self.table: BlockTable = _table(spec, devices)
         weights = spec.params * 4
         need = weights + ACTIVATION_COPIES * spec.largest_activation_bytes
         enabled = [d.memory_bytes >= need for d in devices]

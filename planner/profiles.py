@@ -48,6 +48,27 @@ class TimeModel(_Frozen):
         )
 
 
+class UnitTimes(_Frozen):
+    """Measured compute model of one model's units on one device (`planner.unit_costs`).
+
+    `units[i]` prices unit `i`'s ops: `seconds_per_mac` per MAC and `seconds_fixed`
+    per op invocation (the unit's fitted per-tile overhead spread over its ops), so
+    a fused tile costs the sum over its ops at the rows each really computes.
+    """
+
+    digest: str = Field(min_length=1, description="architecture digest the units belong to")
+    units: tuple[TimeModel, ...] = Field(min_length=1, description="one model per spatial unit")
+    tail_s: NonNegative = Field(default=0.0, description="measured tail (pool + head) seconds")
+
+    def scaled(self, factor: float) -> UnitTimes:
+        return self.model_copy(
+            update={
+                "units": tuple(m.scaled(factor) for m in self.units),
+                "tail_s": self.tail_s * factor,
+            }
+        )
+
+
 class DeviceProfile(_Frozen):
     """A device as the planner sees it."""
 
@@ -63,6 +84,13 @@ class DeviceProfile(_Frozen):
     bandwidth: Positive = Field(description="link bandwidth to the broker, bytes/s")
     latency_s: NonNegative = Field(default=0.0, description="one-way link latency to the broker")
     cores: int = Field(default=1, ge=1, description="CPU cores used for inference")
+    unit_times: dict[str, UnitTimes] = Field(
+        default_factory=dict,
+        description="measured per-unit tile costs by model digest; preferred where present",
+    )
+
+    def units_for(self, digest: str) -> UnitTimes | None:
+        return self.unit_times.get(digest)
 
     @model_validator(mode="after")
     def _has_models(self) -> DeviceProfile:
@@ -101,6 +129,7 @@ class DeviceProfile(_Frozen):
             update={
                 "time_models": {k: m.scaled(factor) for k, m in self.time_models.items()},
                 "default": None if self.default is None else self.default.scaled(factor),
+                "unit_times": {k: u.scaled(factor) for k, u in self.unit_times.items()},
             }
         )
 

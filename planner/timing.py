@@ -16,11 +16,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import numpy.typing as npt
 
-from edgedi.planner.blocks import BlockTable, column_inputs, column_tracks
+from edgedi.models.units import CostClass
+from edgedi.planner.blocks import BlockTable, block_table, column_inputs, column_tracks
 from edgedi.planner.cost import (
     GATE_BYTES_PER_CHANNEL,
     PARTIAL_BYTES_PER_CHANNEL,
@@ -61,12 +63,32 @@ class Fleet:
         leader: int,
         enabled: Sequence[bool] | None = None,
     ) -> Fleet:
-        rate = np.array(
-            [[d.time_model(c).seconds_per_mac for c in table.classes] for d in devices]
-        ).reshape(len(devices), len(table.classes))
-        fixed = np.array(
-            [[d.time_model(c).seconds_fixed for c in table.classes] for d in devices]
-        ).reshape(len(devices), len(table.classes))
+        tail = np.array([tail_seconds(d, table.tail_ops) for d in devices])
+        capability = np.array(
+            [1.0 / max(d.time_model("conv3x3").seconds_per_mac, 1e-18) for d in devices]
+        )
+        if table.in_seconds:
+            # Classes are the devices: a table sum is already each device's seconds.
+            if table.classes != tuple(d.device for d in devices):
+                raise ValueError("a seconds table must list the fleet's devices in order")
+            rate = np.eye(len(devices))
+            fixed = np.zeros((len(devices), len(devices)))
+            units = [d.units_for(table.digest) for d in devices]
+            tail = np.array(
+                [u.tail_s if u is not None else t for u, t in zip(units, tail, strict=True)]
+            )
+            whole = table.block(0, table.units - 1)
+            seconds = table.full_macs[whole]
+            macs = float(block_table(table.spec).full_macs[whole].sum())
+            capability = macs / np.maximum(seconds, 1e-12)
+        else:
+            classes = [cast(CostClass, c) for c in table.classes]
+            rate = np.array(
+                [[d.time_model(c).seconds_per_mac for c in classes] for d in devices]
+            ).reshape(len(devices), len(classes))
+            fixed = np.array(
+                [[d.time_model(c).seconds_fixed for c in classes] for d in devices]
+            ).reshape(len(devices), len(classes))
         return cls(
             ids=tuple(d.device for d in devices),
             profiles=tuple(devices),
@@ -77,10 +99,8 @@ class Fleet:
             enabled=np.array(
                 [True] * len(devices) if enabled is None else list(enabled), dtype=np.bool_
             ),
-            capability=np.array(
-                [1.0 / max(d.time_model("conv3x3").seconds_per_mac, 1e-18) for d in devices]
-            ),
-            tail=np.array([tail_seconds(d, table.tail_ops) for d in devices]),
+            capability=capability,
+            tail=tail,
             leader=leader,
             network=network,
         )
@@ -355,7 +375,6 @@ class TileCosts:
         self.table, self.fleet = table, fleet
         self.block = table.block(first, last)
         tracks = table.block_tracks(first, last)
-        classes = {c: i for i, c in enumerate(table.classes)}
         self.width = int(table.width[self.block])
         self.height = int(table.height[self.block])
         self.row_start = np.stack([t.out_start for t in tracks])
@@ -363,8 +382,15 @@ class TileCosts:
         self.per_row = np.array([t.op.macs_per_row for t in tracks], dtype=np.int64)
         self.out_width = np.array([t.op.out_width for t in tracks], dtype=np.int64)
         self.fixed_macs = np.array([t.op.fixed_macs for t in tracks], dtype=np.int64)
-        self.classes = np.array([classes[t.op.cost_class] for t in tracks], dtype=np.int64)
-        self.counts = np.bincount(self.classes, minlength=len(table.classes)).astype(np.float64)
+        if table.unit_rate is not None:
+            # A seconds table: price each op by its unit's measured rate per device.
+            self.class_count = table.units
+            self.classes = np.array([t.unit for t in tracks], dtype=np.int64)
+        else:
+            index = {c: i for i, c in enumerate(table.classes)}
+            self.class_count = len(table.classes)
+            self.classes = np.array([index[t.op.cost_class] for t in tracks], dtype=np.int64)
+        self.counts = np.bincount(self.classes, minlength=self.class_count).astype(np.float64)
         self.first, self.last = first, last
         self._cols: tuple[IntArray, IntArray, IntArray, IntArray] | None = None
         unit = table.spec.spatial_units[first]
@@ -388,7 +414,7 @@ class TileCosts:
         s, e = tile.rows
         cs, ce = tile.cols if tile.cols is not None else (0, self.width)
         if e <= s or ce <= cs:
-            return np.zeros(len(self.table.classes)), 0.0, 0.0
+            return np.zeros(self.class_count), 0.0, 0.0
         rows = self.row_stop[:, e] - self.row_start[:, s]
         rows_in = float(self.table.in_stop[self.block, e] - self.table.in_start[self.block, s])
         if (cs, ce) == (0, self.width):
@@ -400,13 +426,17 @@ class TileCosts:
             macs = self.per_row * rows * cols // self.out_width + self.fixed_macs
             bytes_in = rows_in * float(in_stop[ce] - in_start[cs]) * self.in_element_bytes
         by_class: FloatArray = np.bincount(
-            self.classes, weights=macs.astype(np.float64), minlength=len(self.table.classes)
+            self.classes, weights=macs.astype(np.float64), minlength=self.class_count
         ).astype(np.float64)
         bytes_out = (e - s) * float(self.table.out_row_bytes[self.block]) * (ce - cs) / self.width
         return by_class, bytes_in, bytes_out
 
     def seconds(self, macs: FloatArray) -> FloatArray:
         """(D,) seconds of a tile with `macs` by class on every device."""
+        table = self.table
+        if table.unit_rate is not None and table.unit_fixed is not None:
+            by_unit: FloatArray = table.unit_rate @ macs + table.unit_fixed @ self.counts
+            return by_unit
         result: FloatArray = self.fleet.rate @ macs + self.fleet.fixed @ self.counts
         return result
 

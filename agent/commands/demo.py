@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import math
 import signal
 import statistics
@@ -65,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--model", default="vgg16-edgedi", help="zoo model (default vgg16-edgedi)")
     parser.add_argument(
-        "--strategy", help="partitioning strategy of the plan (default: the agents' edgeci)"
+        "--strategy", help="partitioning strategy of the plan (default: the agents' auto)"
     )
     parser.add_argument(
         "--size", type=int, default=200, metavar="PX", help="image side length (default 200)"
@@ -106,6 +107,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--keep-logs", action="store_true", help="keep the agents' logs (the folder is printed)"
     )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object with the run's figures on stdout at the end (the "
+        "progress and the human summary go to stderr)",
+    )
 
 
 @dataclass
@@ -138,10 +145,14 @@ class _Weights:
     data_seeds: set[int] = field(default_factory=set)
 
 
+_HUMAN = sys.stdout
+"""Where the human-readable lines go: stderr when --json owns stdout."""
+
+
 def _say(*lines: str) -> None:
     for line in lines:
-        print(line)
-    sys.stdout.flush()
+        print(line, file=_HUMAN)
+    _HUMAN.flush()
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
@@ -177,6 +188,8 @@ def run(args: argparse.Namespace) -> int:
             known = ", ".join(strategy_names())
             print(f"unknown strategy {args.strategy!r}; known: {known}", file=sys.stderr)
             return 2
+    global _HUMAN
+    _HUMAN = sys.stderr if args.json else sys.stdout
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return _demo(args)
@@ -322,7 +335,7 @@ async def _stream(
         _say("warm-up done (1 job per strategy, not counted)")
         width = max(len(item.name) for item in items)
         class_width = max(len(name) for name in CLASSES)
-        with ProgressBar(len(items), label="images") as bar:
+        with ProgressBar(len(items), label="images", stream=_HUMAN) as bar:
             for position, item in enumerate(items):
                 order: list[str | None] = [None, "single"] if args.baseline else [None]
                 if position % 2:
@@ -335,9 +348,15 @@ async def _stream(
                         item.single = outcome
                 bar.write(_result_line(position, len(items), item, width, class_width, weights))
                 bar.advance()
+        announcement = await client.current_plan()
+        final = announcement.plan if announcement is not None else plan
     reference = await asyncio.to_thread(_reference_probabilities, network, items)
-    for line in _summary(args, cluster, items, weights, reference):
+    lines, figures = _summary(args, cluster, items, weights, reference, final)
+    for line in lines:
         _say(line)
+    if args.json:
+        print(json.dumps(figures, sort_keys=True))
+        sys.stdout.flush()
     runs = [run for item in items for run in (item.distributed, item.single) if run is not None]
     failures = sum(1 for run in runs if not run.ok) + sum(1 for run in warm_runs if not run.ok)
     return 1 if failures else 0
@@ -423,13 +442,29 @@ def _latency_row(name: str, runs: list[_Run], width: int) -> str:
     )
 
 
+def _median_ms(runs: list[_Run]) -> float | None:
+    values = [run.seconds * 1000.0 for run in runs if run.ok]
+    return statistics.median(values) if values else None
+
+
+def _spread(runs: list[_Run]) -> float | None:
+    """Interquartile range / median of the successful runs: how noisy they were."""
+    values = sorted(run.seconds for run in runs if run.ok)
+    if len(values) < 4:
+        return None
+    quartiles = statistics.quantiles(values, n=4)
+    return (quartiles[2] - quartiles[0]) / statistics.median(values)
+
+
 def _summary(
     args: argparse.Namespace,
     cluster: LocalCluster,
     items: list[_Image],
     weights: _Weights,
     reference: list[npt.NDArray[np.float64]],
-) -> list[str]:
+    final: Plan,
+) -> tuple[list[str], dict[str, Any]]:
+    """The summary's lines, and the same figures for `--json`."""
     import numpy as np
 
     emulation = cluster.emulation
@@ -456,11 +491,27 @@ def _summary(
     ok_distributed = [run.seconds for run in distributed if run.ok]
     ok_single = [run.seconds for run in single if run.ok]
     speeds = "+".join(f"{speed:.2f}" for speed in emulation.effective)
+    speedup = None
     if ok_distributed and ok_single:
         speedup = statistics.median(ok_single) / statistics.median(ok_distributed)
         lines.append(
             f"  measured speedup over one device: {speedup:.2f}x (median one-device latency / "
             "median distributed latency, same images, same run, this machine)"
+        )
+    # The plan in force at the end, against the jobs that ran with it.
+    with_final = [
+        run for run in distributed if run.ok and run.result and run.result.plan_id == final.plan_id
+    ]
+    measured_final = _median_ms(with_final)
+    predicted_ms = final.predicted_latency_s * 1000.0
+    error = None
+    if measured_final is not None:
+        error = predicted_ms / measured_final - 1.0
+        lines.append(
+            f"  plan in force at the end ({final.strategy}, {len(final.devices_used)} of "
+            f"{len(final.devices)} devices): predicted {predicted_ms:.1f} ms, measured median "
+            f"{measured_final:.1f} ms over its {len(with_final)} jobs "
+            f"(prediction {error:+.0%})"
         )
     lines.append(
         f"  ideal speedup for these speeds: {emulation.ideal_speedup:.2f}x "
@@ -504,8 +555,10 @@ def _summary(
             f"max |difference| {worst:.1e} over {len(results)} images: {verdict}"
         )
     caveat = {
-        "cgroup-v1": "CPU quotas add throttling stalls (a few ms per 5 ms period) that a "
-        "really slow device does not have",
+        "cgroup-v1": "each device's compute thread and its event loop have quota groups of "
+        "its speed (the loop's CPU use is small; the loop is not stalled by the compute's "
+        "quota), and a quota still stalls a busy thread for a few ms per 5 ms period, which "
+        "a really slow device does not do",
         "cgroup-v2": "CPU quotas add throttling stalls (a few ms per 5 ms period) that a "
         "really slow device does not have",
         "slowdown": f"the agents share this machine's {emulation.cores} cores and only their "
@@ -516,7 +569,44 @@ def _summary(
         f"  honesty: the devices are processes on this one machine ({emulation.method}); "
         f"{cluster.links.caveat}; {caveat}"
     )
-    return lines
+    spread_distributed, spread_single = _spread(distributed), _spread(single)
+    if spread_distributed is not None:
+        noise = f"  noise: interquartile range / median {spread_distributed:.0%} distributed"
+        if spread_single is not None:
+            noise += f", {spread_single:.0%} one device"
+        lines.append(noise)
+    figures: dict[str, Any] = {
+        "model": args.model,
+        "size": args.size,
+        "devices": args.devices,
+        "speeds": list(emulation.effective),
+        "emulation": emulation.method,
+        "link": cluster.links.name,
+        "link_measured_mbit": cluster.links.measured_mbit,
+        "images": len(items),
+        "jobs_ok": len(runs) - failed,
+        "jobs_failed": failed,
+        "strategy": final.strategy,
+        "devices_used": list(final.devices_used),
+        "ideal_speedup": emulation.ideal_speedup,
+        "measured_speedup": speedup,
+        "median_ms": {"distributed": _median_ms(distributed), "single": _median_ms(single)},
+        "p90_ms": {
+            "distributed": _percentile(ok_distributed, 0.9) * 1000 if ok_distributed else None,
+            "single": _percentile(ok_single, 0.9) * 1000 if ok_single else None,
+        },
+        "spread": {"distributed": spread_distributed, "single": spread_single},
+        "predicted_ms": predicted_ms,
+        "measured_ms_with_final_plan": measured_final,
+        "prediction_error": error,
+        "accuracy": None,
+        "max_abs_difference": None,
+    }
+    if weights.trained and results:
+        figures["accuracy"] = sum(1 for i, r in results if r.label == i.label) / len(results)
+    if results:
+        figures["max_abs_difference"] = worst
+    return lines, figures
 
 
 def _single_devices(runs: list[_Run]) -> str:

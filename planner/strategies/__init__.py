@@ -2,10 +2,13 @@
 
     get_strategy("edgeci").plan(spec, devices, epoch=3, leader="pi4-a", network=...)
 
-`edgeci` is the default; the others are the published baselines it is compared with.
+`auto` is the default: the fastest replayed plan of the row strategies (`edgeci`, our
+own auction + fusion DP, among them) on the fastest 1..N devices; the others are
+the published baselines, each usable alone.
 """
 
 from edgedi.planner.strategies import (  # noqa: F401  (imported to register)
+    auto,
     deepthings,
     edgeci,
     edgedi,
@@ -24,7 +27,7 @@ from edgedi.planner.strategies.base import (
     strategy_names,
 )
 
-DEFAULT_STRATEGY = "edgeci"
+DEFAULT_STRATEGY = "auto"
 
 __all__ = [
     "DEFAULT_STRATEGY",

@@ -81,6 +81,7 @@ DISPLAY_ORDER = (
     "deepthings",
     "edgeld",
     "edgeci",
+    "auto",
     "images",
 )
 

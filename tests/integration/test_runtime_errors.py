@@ -24,7 +24,14 @@ from edgedi.agent.client import connect
 from edgedi.agent.layout import segment_layout
 from edgedi.agent.runtime import Agent
 from edgedi.broker.connection import MqttSession, Received
-from edgedi.broker.messages import JobResult, JobSubmit, TileFailed, TileResult, TileTask
+from edgedi.broker.messages import (
+    SCHEMA_VERSION,
+    JobResult,
+    JobSubmit,
+    TileFailed,
+    TileResult,
+    TileTask,
+)
 from edgedi.broker.server import BrokerHandle
 from edgedi.broker.tensors import Tensor
 from edgedi.broker.topics import DEVICE_TASKS, JOB_RESULT, JOB_SUBMIT, JOB_TILES, TopicRoot
@@ -49,7 +56,7 @@ def garbage(root: TopicRoot, device: str) -> list[tuple[str, bytes]]:
     huge = b"\x92" + b"\x00" * (2 * 1024 * 1024)
     bad_tensor = msgpack.packb(
         {
-            "version": 1,
+            "version": SCHEMA_VERSION,
             "kind": "job_submit",
             "sender": "raw",
             "message_id": uuid.uuid4().hex,
@@ -65,7 +72,7 @@ def garbage(root: TopicRoot, device: str) -> list[tuple[str, bytes]]:
         b"\x00\x01\x02 not msgpack at all",
         b"{not json",
         msgpack.packb({"version": 99, "kind": "job_submit"}),
-        msgpack.packb({"version": 1, "kind": "no_such_kind"}),
+        msgpack.packb({"version": SCHEMA_VERSION, "kind": "no_such_kind"}),
         msgpack.packb([1, 2, 3]),
         huge,
     ]

@@ -180,7 +180,7 @@ def test_malformed_messages_do_not_stop_an_agent(system_cluster: SystemCluster) 
     client.loop_start()
     try:
         for topic in (f"{base}/jobs/submit", f"{base}/devices/sys-2/tasks"):
-            for payload in (b"\xc1garbage", b"{}", b'{"version": 1, "kind": "job_submit"}'):
+            for payload in (b"\xc1garbage", b"{}", b'{"version": 2, "kind": "job_submit"}'):
                 client.publish(topic, payload, qos=1).wait_for_publish(timeout=5)
     finally:
         client.disconnect()

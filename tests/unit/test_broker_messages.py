@@ -37,11 +37,13 @@ from edgedi.broker.messages import (
     JobSubmit,
     LeaderRecord,
     LinkEstimate,
+    LinkProbe,
     PlanAnnouncement,
     RebirthRequest,
     ReductionPartial,
     TileFailed,
     TileResult,
+    TileRows,
     TileTask,
     WireMessage,
     decode,
@@ -184,6 +186,17 @@ def samples() -> dict[str, WireMessage]:
             compute_seconds=0.0125,
             attempt=1,
         ),
+        "link_probe": LinkProbe(**_COMMON, device="pi-2", probe=3, padding=b"probe"),
+        "tile_rows": TileRows(
+            **_COMMON,
+            job_id="job-42",
+            epoch=4,
+            segment=2,
+            tile=1,
+            device="pi-2",
+            rows=(3, 5),
+            tensor=rows,
+        ),
         "tile_failed": TileFailed(
             **_COMMON,
             job_id="job-42",
@@ -271,7 +284,7 @@ def _msgpack(message: WireMessage, **changes: Any) -> bytes:
     return msgpack.packb(document)
 
 
-@pytest.mark.parametrize("version", [0, 2, "1", None])
+@pytest.mark.parametrize("version", [0, 1, 3, "2", 2.0, None])
 def test_wrong_version_is_refused(version: object) -> None:
     state = samples()["device_state"]
     with pytest.raises(SchemaVersionError):
@@ -357,7 +370,7 @@ def test_messages_are_frozen_and_validated_on_construction() -> None:
     with pytest.raises(ValidationError):
         JobResult(sender="x", job_id="j", status="ok", probabilities=(float("nan"),))
     with pytest.raises(ValidationError):
-        DeviceState(sender="x", device="x", session=1, status="online", version=2)  # type: ignore[arg-type]
+        DeviceState(sender="x", device="x", session=1, status="online", version=1)  # type: ignore[arg-type]
 
 
 def test_defaults_fill_in_identity_and_time() -> None:

@@ -654,6 +654,10 @@ CATALOGUE: dict[str, tuple[set[str], set[str]]] = {
     "devices/{device}/state": ({"owner"}, {"device", "owner"}),
     "devices/{device}/heartbeat": ({"owner"}, {"candidate", "owner"}),
     "devices/{device}/tasks": ({"candidate", "owner"}, {"owner"}),
+    # The direct data plane: only the sender writes, only the target (and the sender,
+    # under its own prefix) reads.
+    "devices/{device}/peer/{target}": ({"owner"}, {"owner", "target"}),
+    "devices/{device}/probe": ({"owner"}, {"owner"}),
     "planner/leader": ({"candidate"}, {"device"}),
     "plans/current": ({"candidate"}, {"device"}),
     "jobs/submit": ({"submitter"}, {"candidate"}),
@@ -665,7 +669,9 @@ CATALOGUE: dict[str, tuple[set[str], set[str]]] = {
 }
 
 
-def _roles_of(identity: Mapping[str, Any], owner: str | None) -> set[str]:
+def _roles_of(
+    identity: Mapping[str, Any], owner: str | None, target: str | None = None
+) -> set[str]:
     if "username" in identity:
         return {"submitter"} | ({"monitor"} if identity.get("monitor") else set())
     roles = {"device"}
@@ -675,6 +681,8 @@ def _roles_of(identity: Mapping[str, Any], owner: str | None) -> set[str]:
         roles.add("submitter")
     if identity["id"] == owner:
         roles.add("owner")
+    if identity["id"] == target:
+        roles.add("target")
     return roles
 
 
@@ -685,8 +693,9 @@ def _placeholder(level: str) -> bool:
 def _normalise(topic: str) -> str:
     """`devices/<id>/birth`, `devices/+/birth`, `devices/{device}/birth` → one spelling."""
     levels = topic.split("/")
+    names = {"devices": "{device}", "peer": "{target}"}
     return "/".join(
-        ("{device}" if levels[i - 1] == "devices" else "{job}") if _placeholder(level) else level
+        names.get(levels[i - 1], "{job}") if _placeholder(level) else level
         for i, level in enumerate(levels)
     )
 
@@ -760,10 +769,15 @@ def test_acl_gives_every_identity_exactly_what_the_protocol_needs() -> None:
     owners = [str(device["id"]) for device in DEVICES]
     wrong = []
     for pattern, (writers, readers) in CATALOGUE.items():
-        for owner in owners if "{device}" in pattern else [None]:
-            topic = f"{ROOT_TOPIC}/" + pattern.format(device=owner, job="job-42")
+        pairs = [
+            (owner, target)
+            for owner in (owners if "{device}" in pattern else [None])
+            for target in (owners if "{target}" in pattern else [None])
+        ]
+        for owner, target in pairs:
+            topic = f"{ROOT_TOPIC}/" + pattern.format(device=owner, target=target, job="job-42")
             for name, identity in identities:
-                roles = _roles_of(identity, owner)
+                roles = _roles_of(identity, owner, target)
                 for access, allowed_roles in (("write", writers), ("read", readers)):
                     expected = bool(roles & allowed_roles) or (
                         access == "read" and "monitor" in roles

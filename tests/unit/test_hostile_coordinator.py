@@ -240,7 +240,8 @@ async def cluster(store: ModelStore, executor: ThreadPoolExecutor) -> AsyncItera
         store,
         planning,
         cluster,
-        JobSettings(deadline_s=RESULT_TIMEOUT_S),
+        # The relayed path: these tests forge what workers send the leader on it.
+        JobSettings(deadline_s=RESULT_TIMEOUT_S, direct=False),
         alive_devices=lambda: DEVICES,
     )
     cluster.coordinator = coordinator

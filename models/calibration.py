@@ -1,0 +1,133 @@
+"""What tiles of each unit really cost on this device: the planner's compute model.
+
+Micro-benchmarks of single ops (`edgedi.models.profiling`) miss what the runtime adds
+around them: a strip's poorer cache use, the per-op overhead that dominates small
+maps, the crop and padding of each op, converting the output for the wire. So each
+device also times *real tiles*, through the same `run_tile` the worker runs: for
+every spatial unit, a tile of that unit alone at a few row counts (one row, a
+quarter and half of the map, the whole map), and the tail (global pooling and head). The
+planner fits `seconds ≈ a·MACs + b` per unit from these (`fit_unit_times`), so a
+fused segment's tile is priced as the sum of its units' costs at the rows each
+unit really computes (halo included).
+
+Gates run in `local` mode here: the same arithmetic as `exact`, without waiting
+for other tiles. Blocking: run it on the compute thread.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from edgedi.models.tiling import GatePartial, run_tail, run_tile
+from edgedi.models.units import Rows, segment_tiles
+from edgedi.models.zoo import ZooModel
+
+__all__ = ["SUSTAIN_WINDOW_S", "ModelTiming", "TileTiming", "row_counts", "time_model_tiles"]
+
+SUSTAIN_WINDOW_S = 0.03
+"""Each timing sample runs at least this long (several 5 ms CPU-quota periods)."""
+
+
+@dataclass(frozen=True)
+class TileTiming:
+    """A tile of unit `unit` alone with `rows` output rows took `seconds` (median)."""
+
+    unit: int
+    rows: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class ModelTiming:
+    tiles: tuple[TileTiming, ...]
+    tail_seconds: float
+    """The tail (pooling and head) from the last spatial unit's output."""
+
+
+def row_counts(height: int) -> tuple[int, ...]:
+    """The tile heights timed for a unit whose output has `height` rows."""
+    return tuple(sorted({1, max(1, math.ceil(height / 4)), max(1, height // 2), height}))
+
+
+def _median_seconds(run: Callable[[], object], repeats: int, window_s: float) -> float:
+    """Median over `repeats` samples of the *sustained* seconds per run.
+
+    Each sample runs back to back for at least `window_s` and divides: a device
+    that bursts faster than it can sustain (a CPU quota refills every few
+    milliseconds, a board throttles when hot) is priced at what it sustains,
+    which is what a busy device running a job's tiles gets.
+    """
+    started = time.perf_counter()
+    run()  # warm-up: allocations, first-call dispatch
+    estimate = max(time.perf_counter() - started, 1e-6)
+    count = max(1, math.ceil(window_s / estimate))
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for _ in range(count):
+            run()
+        times.append((time.perf_counter() - started) / count)
+    return statistics.median(times)
+
+
+def _drive(runner: object) -> torch.Tensor:
+    """Run a tile generator to its end (local gates never yield, but be safe)."""
+    assert hasattr(runner, "send")
+    try:
+        step = next(runner)  # type: ignore[call-overload]
+        while True:
+            assert isinstance(step, GatePartial)
+            step = runner.send(step.sums / max(1, step.count))
+    except StopIteration as done:
+        output: torch.Tensor = done.value
+        return output
+
+
+def time_model_tiles(
+    model: ZooModel, repeats: int = 3, window_s: float = SUSTAIN_WINDOW_S
+) -> ModelTiming:
+    """Time every spatial unit's tiles and the tail of `model` (blocking)."""
+    spec = model.spec
+    generator = torch.Generator().manual_seed(0)
+    tiles = []
+    last_output: torch.Tensor | None = None
+    with torch.inference_mode():
+        for index, unit in enumerate(spec.spatial_units):
+            height = unit.out_shape[1]
+            for rows in row_counts(height):
+                start = (height - rows) // 2
+                parts = [Rows(0, start), Rows(start, start + rows), Rows(start + rows, height)]
+                geometry = segment_tiles([unit], parts)[1]
+                channels, _, width = unit.in_shape
+                shape = (1, channels, len(geometry.in_rows), width)
+                array = torch.randn(shape, generator=generator).numpy()
+
+                def run(array: np.ndarray = array, geometry: object = geometry) -> object:
+                    # As the worker does: numpy in, tile, numpy out in the wire layout.
+                    x = torch.from_numpy(array.astype(np.float32, copy=True))
+                    output = _drive(run_tile(model, geometry, x, gate_mode="local"))  # type: ignore[arg-type]
+                    return np.ascontiguousarray(output.numpy(), dtype=np.float32)
+
+                tiles.append(TileTiming(index, rows, _median_seconds(run, repeats, window_s)))
+        last = spec.spatial_units[-1]
+        last_output = torch.randn((1, *last.out_shape), generator=generator)
+        first_tail = len(spec.spatial_units)
+        tail = spec.tail_units
+        if tail and tail[0].kind == "gap":
+            pooled = last_output.double().mean(dim=(2, 3)).numpy()
+            tail_s = _median_seconds(
+                lambda: run_tail(model, first_tail, pooled=pooled), repeats, window_s
+            )
+        elif tail:
+            map_ = last_output
+            tail_s = _median_seconds(lambda: run_tail(model, first_tail, map_), repeats, window_s)
+        else:
+            tail_s = 0.0
+    return ModelTiming(tuple(tiles), tail_s)

@@ -1,0 +1,238 @@
+"""Replay a plan as the direct data plane runs it: the latency a client will measure.
+
+The strategies search with fast, vectorised cost models; this module prices one
+finished plan step by step, the way `edgedi.agent.direct` and the worker execute
+it, with the costs each device measured on itself:
+
+1. the image reaches the leader (one hop);
+2. the leader sends the first segment's tiles, remote ones first, one after another
+   on its own link;
+3. every device computes its tiles phase by phase on its one compute thread; at an
+   attention gate each tile sends its partial sums straight to the segment's other
+   devices, and a device goes on once every partial has reached it;
+4. at a segment's end each tile sends the rows each next-segment tile needs straight
+   to that tile's device (rows kept on the same device cost nothing);
+5. the last segment's tiles send their output to the leader, which runs the tail;
+6. the result reaches the client (one hop).
+
+Compute comes from the per-unit tile costs (`DeviceProfile.unit_times`, measured
+with real tiles) or, for devices without them, the per-class micro-benchmark model.
+A message from device `a` to `b` costs `(latency_a + latency_b) / 2` plus its bytes
+over the slower of the two links, and holds the sender's link while it is sent;
+`latency` is what a device measured for one message through the broker.
+
+Pure: no I/O, no torch.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from edgedi.broker.plan import Plan
+from edgedi.models.units import ModelSpec, Rows, TileGeometry, segment_tiles
+from edgedi.planner.cost import (
+    PARTIAL_BYTES_PER_CHANNEL,
+    NetworkModel,
+    op_macs,
+    phase_seconds,
+)
+from edgedi.planner.errors import InfeasiblePlanError
+from edgedi.planner.profiles import DeviceProfile
+
+__all__ = ["Replay", "ReplayEvent", "replay_plan", "supports_replay", "tile_phases"]
+
+# What a client's image and a result add to the leader's message latency.
+_IMAGE_BYTES_PER_PIXEL = 1  # the demo and `edgedi infer` send uint8 images
+
+
+@dataclass(frozen=True)
+class ReplayEvent:
+    """One step of the replayed job on one device (for Gantt charts)."""
+
+    device: str
+    kind: str  # "compute", "send", "tail"
+    label: str
+    start: float
+    end: float
+
+
+@dataclass(frozen=True)
+class Replay:
+    """The replayed job: latency as the client sees it, and where the time went."""
+
+    latency_s: float
+    steps: dict[str, float]
+    """scatter (image in + first tiles out), compute (segments, gates and boundaries
+    included), tail and result (back to the client)."""
+    events: tuple[ReplayEvent, ...] = field(repr=False)
+
+
+def supports_replay(plan: Plan) -> bool:
+    """Row strips only: the direct data plane's plans (grids are relayed)."""
+    if plan.mode != "rows":
+        return False
+    return all(
+        part.cols is None or tuple(part.cols) == (0, segment.out_width)
+        for segment in plan.segments
+        for part in segment.parts
+    )
+
+
+def tile_phases(profile: DeviceProfile, digest: str, geometry: TileGeometry) -> list[float]:
+    """Seconds per phase (split at attention gates) of a tile on `profile`'s device."""
+    units = profile.units_for(digest)
+    if units is None:
+        return phase_seconds(profile, geometry)
+    phases = [0.0]
+    for unit_rows in geometry.units:
+        model = units.units[unit_rows.unit.index]
+        for item in (*unit_rows.main, *(unit_rows.shortcut or ())):
+            if not geometry.empty:
+                phases[-1] += model.seconds(op_macs(item.op, len(item.out_rows)))
+            if item.op.kind == "gate":
+                phases.append(0.0)
+    return phases
+
+
+class _Links:
+    """Each device's link: messages leave one after another; hops add latencies."""
+
+    def __init__(self, profiles: dict[str, DeviceProfile], network: NetworkModel) -> None:
+        self.profiles = profiles
+        self.network = network
+        self.free: dict[str, float] = defaultdict(float)
+        self.events: list[ReplayEvent] = []
+
+    def send(self, now: float, sender: str, receiver: str, size: float, label: str) -> float:
+        """When a message of `size` bytes sent at `now` reaches `receiver`."""
+        if sender == receiver:
+            return now
+        a, b = self.profiles[sender], self.profiles[receiver]
+        size += self.network.message_overhead_bytes
+        start = max(now, self.free[sender])
+        hold = size / min(a.bandwidth, b.bandwidth)
+        self.free[sender] = start + hold
+        arrival = start + hold + (a.latency_s + b.latency_s) / 2
+        arrival += self.network.broker_per_message_s
+        self.events.append(ReplayEvent(sender, "send", f"{label} → {receiver}", start, arrival))
+        return arrival
+
+
+def replay_plan(
+    plan: Plan,
+    spec: ModelSpec,
+    devices: Sequence[DeviceProfile],
+    network: NetworkModel | None = None,
+) -> Replay:
+    """The client-side latency of one job run with `plan` on the direct data plane."""
+    network = network or NetworkModel()
+    if not supports_replay(plan):
+        raise InfeasiblePlanError("only row-strip plans run on the direct data plane")
+    profiles = {d.device: d for d in devices}
+    missing = sorted(set(plan.devices_used) - set(profiles))
+    if missing:
+        raise InfeasiblePlanError(f"no profile for devices {', '.join(missing)}")
+    digest = plan.model_digest
+    leader = plan.leader
+    links = _Links(profiles, network)
+    cpu: dict[str, float] = defaultdict(float)
+    events: list[ReplayEvent] = []
+
+    def compute(device: str, ready: float, seconds: float, label: str) -> float:
+        start = max(ready, cpu[device])
+        cpu[device] = start + seconds
+        events.append(ReplayEvent(device, "compute", label, start, start + seconds))
+        return start + seconds
+
+    lead = profiles[leader]
+    height, width = spec.input_shape[1], spec.input_shape[2]
+    arrived = lead.latency_s + height * width * _IMAGE_BYTES_PER_PIXEL / lead.bandwidth
+    cpu[leader] = arrived
+
+    spatial = spec.spatial_units
+    geometries = []
+    for segment in plan.segments:
+        units = spatial[segment.first_unit : segment.last_unit + 1]
+        parts = sorted((p for p in segment.parts if not p.empty), key=lambda p: p.rows)
+        strips = segment_tiles(units, [Rows(*p.rows) for p in parts])
+        geometries.append([(p.device, strip) for p, strip in zip(parts, strips, strict=True)])
+
+    # The first segment's tiles, remote ones first, from the leader's link.
+    ready: dict[int, float] = {}
+    first = geometries[0]
+    order = sorted(range(len(first)), key=lambda k: first[k][0] == leader)
+    for k in order:
+        device, tile = first[k]
+        ready[k] = links.send(arrived, leader, device, float(tile.in_bytes), f"s0 tile {k}")
+    scatter = max(ready.values())
+
+    outputs: list[float] = []
+    for number, (segment, tiles) in enumerate(zip(plan.segments, geometries, strict=True)):
+        phases = [tile_phases(profiles[d], digest, tile) for d, tile in tiles]
+        count = len(tiles)
+        rounds = max(len(p) for p in phases) - 1
+        finish = dict(ready)
+        for phase in range(rounds + 1):
+            for k in sorted(range(count), key=lambda k: finish[k]):
+                device = tiles[k][0]
+                seconds = phases[k][phase] if phase < len(phases[k]) else 0.0
+                finish[k] = compute(device, finish[k], seconds, f"s{number} tile {k} p{phase}")
+            if phase == rounds or count == 1:
+                continue
+            gate = [
+                op
+                for unit in spatial[segment.first_unit : segment.last_unit + 1]
+                for op in unit.main
+                if op.kind == "gate"
+            ][phase]
+            size = gate.out_channels * PARTIAL_BYTES_PER_CHANNEL
+            holders = sorted({d for d, _ in tiles})
+            at = {
+                d: max(
+                    links.send(finish[k], tiles[k][0], d, size, f"s{number} partial {phase}")
+                    for k in range(count)
+                )
+                for d in holders
+            }
+            finish = {k: at[tiles[k][0]] for k in range(count)}
+        if number == len(plan.segments) - 1:
+            row_bytes = float(spatial[segment.last_unit].out_row_bytes)
+            for k, (device, tile) in enumerate(tiles):
+                out_bytes = len(tile.out_rows) * row_bytes
+                outputs.append(
+                    links.send(finish[k], device, leader, out_bytes, f"s{number} output")
+                )
+            break
+        consumers = geometries[number + 1]
+        row_bytes = float(spatial[segment.last_unit].out_row_bytes)
+        needs: dict[int, float] = {}
+        for k, (device, tile) in enumerate(tiles):
+            made = tile.out_rows
+            for j, (target, other) in enumerate(consumers):
+                wanted = other.in_rows
+                shared = min(made.stop, wanted.stop) - max(made.start, wanted.start)
+                if shared <= 0:
+                    continue
+                reached = links.send(
+                    finish[k], device, target, shared * row_bytes, f"s{number + 1} rows"
+                )
+                needs[j] = max(needs.get(j, 0.0), reached)
+        ready = needs
+
+    tail_ready = max(outputs)
+    measured = lead.units_for(digest)
+    tail_s = measured.tail_s if measured is not None else plan.tail_s
+    done = compute(leader, tail_ready, tail_s, "tail")
+    latency = done + lead.latency_s
+    return Replay(
+        latency_s=latency,
+        steps={
+            "scatter": scatter,
+            "compute": tail_ready - scatter,
+            "tail": done - tail_ready,
+            "result": lead.latency_s,
+        },
+        events=tuple(sorted([*events, *links.events], key=lambda e: e.start)),
+    )

@@ -1,0 +1,149 @@
+"""`auto`: every strategy's plan on the fastest 1..N devices, replayed; the fastest wins.
+
+The strategies search with their own cost models, which price the leader-relayed
+runtime. What a client measures is the direct data plane, which
+`edgedi.planner.replay` replays step by step with each device's measured costs.
+So `auto` asks the row strategies for plans on growing sets of the fastest devices
+(always with the leader, which takes the image and runs the tail), replays each,
+and keeps the one with the lowest replayed latency — `single` included, so a plan
+is only ever used when it is predicted faster than one device.
+
+`measured` (candidate name → measured median latency, seconds) lets the leader
+feed back what plans really did: a candidate is then judged by the worse of its
+prediction and its measurement, so a plan that disappoints in practice loses to
+the next best one, which is tried and measured in turn.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from edgedi.broker.plan import Plan
+from edgedi.models.units import ModelSpec
+from edgedi.planner.cost import NetworkModel
+from edgedi.planner.errors import InfeasiblePlanError
+from edgedi.planner.problem import PlanningProblem
+from edgedi.planner.profiles import DeviceProfile
+from edgedi.planner.replay import replay_plan, supports_replay
+from edgedi.planner.strategies.base import Decision, Strategy, get_strategy, register
+
+__all__ = ["Auto", "Candidate", "candidates"]
+
+# Row strategies whose plans run on the direct data plane (grids are relayed).
+ROW_STRATEGIES = ("edgeci", "edgedi", "edgeld", "proportional")
+
+
+class Candidate:
+    """One plan `auto` considered: its name, the plan, and its replayed latency."""
+
+    def __init__(self, name: str, plan: Plan, predicted_s: float) -> None:
+        self.name = name
+        self.plan = plan
+        self.predicted_s = predicted_s
+
+
+def _set_sizes(count: int) -> list[int]:
+    """1, 2, 3, 4, 6, 8, 12, 16, ... up to `count` (and `count` itself)."""
+    sizes, size = [], 1
+    while size < count:
+        sizes.append(size)
+        size = size + 1 if size < 4 else size + size // 2
+    sizes.append(count)
+    return sorted(set(sizes))
+
+
+def candidates(
+    spec: ModelSpec,
+    devices: Sequence[DeviceProfile],
+    *,
+    leader: str,
+    network: NetworkModel | None = None,
+    epoch: int = 0,
+    created_at: float | None = None,
+) -> list[Candidate]:
+    """Every row strategy's plan on the fastest k devices, with replayed latencies."""
+    network = network or NetworkModel()
+    problem = PlanningProblem(spec, devices, network, leader)
+    speed = {d: float(c) for d, c in zip(problem.fleet.ids, problem.fleet.capability, strict=True)}
+    ranked = sorted((d.device for d in devices), key=lambda d: (-speed[d], d))
+    found: list[Candidate] = []
+    for size in _set_sizes(len(ranked)):
+        chosen = set(ranked[:size]) | {leader}
+        subset = [d for d in devices if d.device in chosen]
+        names = ("single",) if size == 1 else ROW_STRATEGIES
+        for name in names:
+            try:
+                plan = get_strategy(name).plan(
+                    spec,
+                    subset,
+                    epoch=epoch,
+                    leader=leader,
+                    network=network,
+                    created_at=created_at,
+                )
+            except InfeasiblePlanError:
+                continue
+            if not supports_replay(plan):
+                continue
+            replayed = replay_plan(plan, spec, devices, network)
+            found.append(Candidate(f"{name}/{size}", plan, replayed.latency_s))
+    if not found:
+        raise InfeasiblePlanError(f"no strategy found a row plan for {spec.name}")
+    return found
+
+
+def choose(found: Sequence[Candidate], measured: Mapping[str, float] | None = None) -> Candidate:
+    """The candidate with the lowest expected latency (see the module docstring)."""
+    measured = measured or {}
+    return min(found, key=lambda c: (max(c.predicted_s, measured.get(c.name, 0.0)), c.name))
+
+
+@register
+class Auto(Strategy):
+    """See the module docstring."""
+
+    name = "auto"
+    summary = "fastest replayed plan of every strategy"
+
+    def plan(
+        self,
+        spec: ModelSpec,
+        devices: Sequence[DeviceProfile],
+        *,
+        epoch: int = 0,
+        leader: str | None = None,
+        network: NetworkModel | None = None,
+        plan_id: str | None = None,
+        created_at: float | None = None,
+        tail_on_leader: bool = False,
+    ) -> Plan:
+        leader = leader or devices[0].device
+        found = candidates(
+            spec, devices, leader=leader, network=network, epoch=epoch, created_at=created_at
+        )
+        best = choose(found)
+        return labelled(best, plan_id, devices)
+
+    def decide(self, problem: PlanningProblem) -> Decision:
+        raise InfeasiblePlanError("auto chooses among whole plans; call plan()")
+
+
+def labelled(
+    candidate: Candidate, plan_id: str | None = None, devices: Sequence[DeviceProfile] = ()
+) -> Plan:
+    """The candidate's plan, named after it and predicting its replayed latency.
+
+    It lists every device `auto` planned for (`devices`), used or not: the plan was
+    made for all of them.
+    """
+    listed = [*candidate.plan.devices]
+    listed += [d.device for d in devices if d.device not in listed]
+    update: dict[str, object] = {
+        "devices": tuple(listed),
+        "strategy": f"auto:{candidate.name}",
+        "predicted_latency_s": candidate.predicted_s,
+        "predicted_throughput": 1.0 / candidate.predicted_s if candidate.predicted_s else 0.0,
+    }
+    if plan_id is not None:
+        update["plan_id"] = plan_id
+    return candidate.plan.model_copy(update=update)

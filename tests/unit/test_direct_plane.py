@@ -1,0 +1,345 @@
+"""The direct data plane at a real coordinator and real workers, wired in one process.
+
+Three workers (a, b, c) and the coordinator on device a, linked the way an agent
+links them (`Agent.send_peer` and friends) but without a broker: tasks go to the
+workers, rows and gate partials go straight from worker to worker, results back to
+`Coordinator.route`. Checked: the result equals one plain forward pass for every
+zoo-like model shape we ship tiny versions of; no segment boundary or gate goes
+through the leader; a successful job sends no message to any device at its end;
+a device that leaves mid-job, or a peer message that never arrives, makes the job
+fall back to the relayed path and it still completes exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Callable, Collection
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+import pytest_asyncio
+import torch
+
+from edgedi.agent.config import JobSettings
+from edgedi.agent.coordinator import Coordinator
+from edgedi.agent.direct import forwards
+from edgedi.agent.layout import segment_layout
+from edgedi.agent.model_store import TORCH_RNG_LOCK, ModelStore
+from edgedi.agent.planning import Planning
+from edgedi.agent.worker import Worker
+from edgedi.broker.messages import (
+    CancelJob,
+    DeviceBirth,
+    DeviceCapabilities,
+    GateValue,
+    JobResult,
+    JobSubmit,
+    LinkEstimate,
+    ReductionPartial,
+    TileFailed,
+    TileResult,
+    TileRows,
+    TileTask,
+)
+from edgedi.broker.tensors import Tensor
+from edgedi.models.checkpoints import load_model
+from edgedi.models.data import generate_image
+from edgedi.models.specs import get_spec
+from edgedi.models.training import normalize
+
+T = TypeVar("T")
+
+SIZE = 48
+EPOCH = 3
+MODELS = ("tiny", "tiny-edgedi")
+DEVICES = ("a", "b", "c")
+RESULT_TIMEOUT_S = 60.0  # bounds a hang only
+_NUMBERS = itertools.count()
+
+
+def birth(device: str) -> DeviceBirth:
+    profile = {
+        name: (1e-10, 3e-6)
+        for name in ("conv1x1", "conv3x3", "convkxk", "depthwise", "pool", "gate", "fc")
+    }
+    return DeviceBirth(
+        sender=device,
+        device=device,
+        session=1,
+        candidate=True,
+        capabilities=DeviceCapabilities(
+            cores=1, memory_bytes=2**30, machine="test", software_version="test", models=MODELS
+        ),
+        profile=profile,
+        link=LinkEstimate(bandwidth_bytes_per_second=1.25e8, latency_seconds=1e-4),
+    )
+
+
+@dataclass
+class Links:
+    """What an agent's links do locally, recording every message by kind."""
+
+    executor: ThreadPoolExecutor
+    workers: dict[str, Worker] = field(default_factory=dict)
+    coordinator: Coordinator | None = None
+    results: list[JobResult] = field(default_factory=list)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    tasks: list[TileTask] = field(default_factory=list)
+    cancels: list[tuple[str, CancelJob]] = field(default_factory=list)
+    gates: list[GateValue] = field(default_factory=list)
+    peer: list[tuple[str, TileRows | ReductionPartial]] = field(default_factory=list)
+    to_leader: list[ReductionPartial | TileResult | TileFailed] = field(default_factory=list)
+    gone: set[str] = field(default_factory=set)
+    drop_peer: Callable[[TileRows | ReductionPartial], bool] = lambda message: False
+
+    async def send_task(self, task: TileTask) -> None:
+        self.tasks.append(task)
+        if task.device in self.workers and task.device not in self.gone:
+            self.workers[task.device].accept(task)
+
+    async def send_gate(self, message: GateValue, devices: Collection[str]) -> None:
+        self.gates.append(message)
+        for device in devices:
+            if device in self.workers and device not in self.gone:
+                self.workers[device].on_gate(message)
+
+    async def send_cancel(self, device: str, message: CancelJob) -> None:
+        self.cancels.append((device, message))
+        if device in self.workers:
+            self.workers[device].cancel_job(message)
+
+    async def send_result(self, result: JobResult) -> None:
+        self.results.append(result)
+        self.arrived.set()
+
+    async def compute(self, function: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, function)
+
+    async def send_partial(self, message: ReductionPartial) -> None:
+        await self._to_leader(message)
+
+    async def send_tile_outcome(self, message: TileResult | TileFailed) -> None:
+        await self._to_leader(message)
+
+    async def _to_leader(self, message: ReductionPartial | TileResult | TileFailed) -> None:
+        if message.device in self.gone:
+            return
+        self.to_leader.append(message)
+        assert self.coordinator is not None
+        self.coordinator.route(message)
+
+    def peer_link(self, sender: str) -> Callable[[str, TileRows | ReductionPartial], Any]:
+        async def send_peer(device: str, message: TileRows | ReductionPartial) -> None:
+            if sender in self.gone or device in self.gone or self.drop_peer(message):
+                return
+            if device != sender:
+                self.peer.append((device, message))
+            worker = self.workers[device]
+            if isinstance(message, TileRows):
+                worker.on_rows(message)
+            else:
+                worker.on_peer_partial(message)
+
+        return send_peer
+
+    async def result_of(self, job_id: str) -> JobResult:
+        async with asyncio.timeout(RESULT_TIMEOUT_S):
+            while True:
+                for result in self.results:
+                    if result.job_id == job_id:
+                        return result
+                self.arrived.clear()
+                await self.arrived.wait()
+
+
+class _WorkerLinks:
+    """A worker's own view of the links: peer messages leave as that device."""
+
+    def __init__(self, links: Links, device: str) -> None:
+        self.links = links
+        self.send_peer = links.peer_link(device)
+
+    async def send_partial(self, message: ReductionPartial) -> None:
+        await self.links.send_partial(message)
+
+    async def send_tile_outcome(self, message: TileResult | TileFailed) -> None:
+        await self.links.send_tile_outcome(message)
+
+
+@pytest.fixture(scope="module")
+def store() -> ModelStore:
+    store = ModelStore(list(MODELS), SIZE)
+    store.load_all()
+    return store
+
+
+@pytest.fixture(scope="module")
+def image() -> npt.NDArray[np.uint8]:
+    return generate_image(2, 5, SIZE, 0)
+
+
+def reference(model_name: str, image: npt.NDArray[np.uint8]) -> npt.NDArray[np.float64]:
+    with TORCH_RNG_LOCK:
+        model, _ = load_model(model_name, SIZE)
+    with torch.inference_mode():
+        logits = model(normalize(np.array(image)[None])).double()
+    probabilities: npt.NDArray[np.float64] = torch.softmax(logits, dim=1).numpy().reshape(-1)
+    return probabilities
+
+
+@pytest_asyncio.fixture
+async def links(store: ModelStore) -> AsyncIterator[Links]:
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="direct-test") as executor:
+        links = Links(executor)
+        planning = Planning("a", SIZE, "equal")
+        planning.update({device: birth(device) for device in DEVICES}, DEVICES, EPOCH)
+        for device in DEVICES:
+            links.workers[device] = Worker(
+                device,
+                store,
+                executor,
+                _WorkerLinks(links, device),
+                accepts_epoch=lambda epoch: epoch >= EPOCH,
+            )
+        coordinator = Coordinator(
+            "a",
+            EPOCH,
+            store,
+            planning,
+            links,
+            JobSettings(deadline_s=RESULT_TIMEOUT_S, straggler_min_s=2.0),
+            alive_devices=lambda: [d for d in DEVICES if d not in links.gone],
+        )
+        links.coordinator = coordinator
+        tasks = [asyncio.create_task(w.run()) for w in links.workers.values()]
+        tasks.append(asyncio.create_task(coordinator.run()))
+        try:
+            yield links
+        finally:
+            coordinator.stop()
+            async with asyncio.timeout(RESULT_TIMEOUT_S):
+                await tasks[-1]
+            for task in tasks[:-1]:
+                task.cancel()
+            await asyncio.gather(*tasks[:-1], return_exceptions=True)
+
+
+def submit(links: Links, model: str, image: npt.NDArray[np.uint8], strategy: str) -> str:
+    job_id = f"direct-{next(_NUMBERS)}"
+    assert links.coordinator is not None
+    links.coordinator.submit(
+        JobSubmit(
+            sender="client",
+            job_id=job_id,
+            model=model,
+            image=Tensor(np.array(image)),
+            client="client",
+            submitted_at=0.0,
+            strategy=strategy,
+        )
+    )
+    return job_id
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("strategy", ["equal", "edgeld", "single"])
+async def test_direct_jobs_equal_the_whole_forward_pass(
+    links: Links, image: npt.NDArray[np.uint8], model: str, strategy: str
+) -> None:
+    job_id = submit(links, model, image, strategy)
+    result = await links.result_of(job_id)
+    assert result.status == "ok", result.error
+    np.testing.assert_allclose(result.probabilities, reference(model, image), atol=1e-5)
+    # Every task went out at the start, and none twice: the job never fell back.
+    assert links.coordinator is not None
+    assert links.coordinator.statistics.direct_fallbacks == 0
+    assert all(task.direct and task.attempt == 0 for task in links.tasks)
+    # The leader relayed nothing: no gate values, and the only worker messages it got
+    # are the last segment's results.
+    last = max(task.segment for task in links.tasks)
+    assert not links.gates
+    assert all(isinstance(m, TileResult) and m.segment == last for m in links.to_leader)
+    # A successful job ends without a message to any device.
+    assert not links.cancels
+
+
+async def test_gates_and_rows_travel_between_devices(
+    links: Links, image: npt.NDArray[np.uint8]
+) -> None:
+    job_id = submit(links, "tiny-edgedi", image, "equal")
+    result = await links.result_of(job_id)
+    assert result.status == "ok", result.error
+    kinds = {type(message).__name__ for _, message in links.peer}
+    assert "ReductionPartial" in kinds  # gates all-gathered among the holders
+    plan_segments = max(task.segment for task in links.tasks) + 1
+    if plan_segments > 1:
+        assert "TileRows" in kinds  # segment boundaries device to device
+    # Every holder combined the same partials, so every tile of a segment got the
+    # same gate value: the result is exact (checked above in general).
+    np.testing.assert_allclose(result.probabilities, reference("tiny-edgedi", image), atol=1e-5)
+
+
+async def test_a_lost_peer_message_falls_back_to_the_relayed_path(
+    links: Links, image: npt.NDArray[np.uint8]
+) -> None:
+    # Rows sent to device b never arrive (a broker that lost them): the direct run
+    # is overdue, and the relayed path recomputes the job.
+    links.drop_peer = lambda message: isinstance(message, TileRows | ReductionPartial)
+    job_id = submit(links, "tiny-edgedi", image, "equal")
+    result = await links.result_of(job_id)
+    assert result.status == "ok", result.error
+    np.testing.assert_allclose(result.probabilities, reference("tiny-edgedi", image), atol=1e-5)
+    assert links.coordinator is not None
+    assert links.coordinator.statistics.direct_fallbacks == 1
+    assert any(task.attempt >= 1 and not task.direct for task in links.tasks)
+    assert [r.job_id for r in links.results].count(job_id) == 1
+    # The devices that held direct tasks of the run that gave up are told to stop.
+    assert {device for device, _ in links.cancels} >= {"b", "c"}
+
+
+async def test_a_device_that_leaves_mid_job_is_worked_around(
+    links: Links, image: npt.NDArray[np.uint8]
+) -> None:
+    # Device c stops answering anything once the job is under way, then leaves.
+    job_id = submit(links, "tiny", image, "equal")
+    await asyncio.sleep(0)
+    links.gone.add("c")
+    assert links.coordinator is not None
+    links.coordinator.devices_left(["c"])
+    result = await links.result_of(job_id)
+    assert result.status == "ok", result.error
+    np.testing.assert_allclose(result.probabilities, reference("tiny", image), atol=1e-5)
+    assert [r.job_id for r in links.results].count(job_id) == 1
+
+
+@pytest.mark.parametrize("model", ["vgg16-edgedi", "resnet34", "resnet18-edgedi"])
+def test_forwards_cover_every_input_row_of_the_next_segment_exactly(model: str) -> None:
+    spec = get_spec(model, 200)
+    spatial = spec.spatial_units
+    rng = np.random.default_rng(len(model))
+    for _ in range(20):
+        cut = int(rng.integers(0, len(spatial) - 1))
+        first = segment_layout(spec, 0, cut, _parts(rng, spatial[cut].out_shape[1]))
+        second = segment_layout(
+            spec, cut + 1, len(spatial) - 1, _parts(rng, spatial[-1].out_shape[1])
+        )
+        devices = [f"d{j}" for j in range(second.count)]
+        sent = forwards(first, second, devices)
+        for target in range(second.count):
+            wanted = second.row_tiles[target].in_rows
+            got = sorted(f.rows for per_tile in sent for f in per_tile if f.tile == target)
+            covered = [row for start, stop in got for row in range(start, stop)]
+            assert covered == list(range(wanted.start, wanted.stop))
+            assert all(f.device == devices[f.tile] for per_tile in sent for f in per_tile)
+
+
+def _parts(rng: np.random.Generator, height: int) -> list[tuple[int, int]]:
+    count = int(rng.integers(1, min(4, height) + 1))
+    edges = sorted(rng.choice(np.arange(1, height), size=count - 1, replace=False).tolist())
+    bounds = [0, *edges, height]
+    return [(int(a), int(b)) for a, b in itertools.pairwise(bounds)]

@@ -1,0 +1,159 @@
+"""Measured per-unit costs, the seconds table, the direct-plane replay and `auto`.
+
+Checked against hand-built numbers: the per-unit fit recovers the rates it was
+given; a seconds table prices every tile as the sum of its ops at their units'
+rates, as the replay does; the replay of a one-device plan is the hops plus the
+compute plus the tail; `auto` never picks a plan predicted slower than one device,
+picks one device when links are slow, spreads the work when they are fast, and
+lets a measurement overrule a prediction.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgedi.models.specs import get_spec
+from edgedi.models.units import Rows, segment_tiles
+from edgedi.planner.blocks import block_table, seconds_table
+from edgedi.planner.cost import NetworkModel
+from edgedi.planner.profiles import DeviceProfile, TimeModel, UnitTimes
+from edgedi.planner.replay import replay_plan, tile_phases
+from edgedi.planner.strategies import get_strategy
+from edgedi.planner.strategies.auto import Candidate, candidates, choose
+from edgedi.planner.timing import Fleet
+from edgedi.planner.unit_costs import centred_rows, fit_unit_times
+
+MODEL = "vgg16-edgedi"
+
+
+def unit_times(model: str, speed: float, fixed_s: float = 2e-5) -> UnitTimes:
+    """Made-up but plausible per-unit costs: 1 ns per MAC at speed 1."""
+    table = block_table(get_spec(model, 200))
+    return UnitTimes(
+        digest=table.digest,
+        units=tuple(
+            TimeModel(seconds_per_mac=1e-9 / speed, seconds_fixed=fixed_s / speed)
+            for _ in range(table.units)
+        ),
+        tail_s=1e-3 / speed,
+    )
+
+
+def device(
+    name: str, speed: float, *, latency_s: float = 5e-4, bandwidth: float = 1e8, model: str = MODEL
+) -> DeviceProfile:
+    units = unit_times(model, speed)
+    return DeviceProfile(
+        device=name,
+        time_models={"conv3x3": TimeModel(seconds_per_mac=1e-9 / speed)},
+        memory_bytes=2**32,
+        bandwidth=bandwidth,
+        latency_s=latency_s,
+        unit_times={units.digest: units},
+    )
+
+
+class _Sample:
+    def __init__(self, unit: int, rows: int, seconds: float) -> None:
+        self.unit, self.rows, self.seconds = unit, rows, seconds
+
+
+def test_the_unit_fit_recovers_rates_and_overheads() -> None:
+    spec = get_spec("tiny-edgedi", 48)
+    table = block_table(spec)
+    samples = []
+    for unit in range(table.units):
+        block = table.block(unit, unit)
+        height = int(table.height[block])
+        ops = float(table.count[block].sum())
+        for rows in sorted({1, max(1, height // 4), height}):
+            start, stop = centred_rows(height, rows)
+            macs = sum(table.tile_macs(block, start, stop).values())
+            samples.append(_Sample(unit, rows, 3e-9 * (unit + 1) * macs + 1e-4 * ops))
+    fitted = fit_unit_times(spec, samples, tail_s=0.002)
+    for unit, model in enumerate(fitted.units):
+        assert model.seconds_per_mac == pytest.approx(3e-9 * (unit + 1), rel=1e-6)
+        assert model.seconds_fixed == pytest.approx(1e-4, rel=1e-6)
+    assert fitted.tail_s == 0.002
+    assert fitted.digest == table.digest
+
+
+def test_the_seconds_table_prices_tiles_as_the_replay_does() -> None:
+    spec = get_spec(MODEL, 200)
+    devices = [device("a", 1.0), device("b", 0.5)]
+    digest = block_table(spec).digest
+    units = [d.units_for(digest) for d in devices]
+    assert all(u is not None for u in units)
+    table = seconds_table(
+        spec,
+        ("a", "b"),
+        tuple(tuple(m.seconds_per_mac for m in u.units) for u in units if u is not None),
+        tuple(tuple(m.seconds_fixed for m in u.units) for u in units if u is not None),
+    )
+    fleet = Fleet.build(devices, table, NetworkModel(), 0)
+    assert np.allclose(fleet.rate, np.eye(2))
+    spatial = spec.spatial_units
+    first, last = 2, 9
+    height = spatial[last].out_shape[1]
+    tiles = segment_tiles(spatial[first : last + 1], [Rows(0, 10), Rows(10, height)])
+    block = table.block(first, last)
+    gates = int(table.gates[block])
+    for index, (start, stop) in enumerate([(0, 10), (10, height)]):
+        for d, profile in enumerate(devices):
+            expected = sum(tile_phases(profile, digest, tiles[index]))
+            priced = sum(
+                table.stop_sum[block, q, stop, d]
+                - table.start_sum[block, q, start, d]
+                + table.fixed[block, q, d]
+                for q in range(gates + 1)
+            )
+            assert priced == pytest.approx(expected, rel=1e-9)
+
+
+def test_the_replay_of_one_device_is_its_hops_compute_and_tail() -> None:
+    spec = get_spec(MODEL, 200)
+    leader = device("a", 1.0, latency_s=1e-3, bandwidth=1e7)
+    plan = get_strategy("single").plan(spec, [leader], leader="a")
+    replay = replay_plan(plan, spec, [leader])
+    tile = segment_tiles(spec.spatial_units, [Rows(0, spec.spatial_units[-1].out_shape[1])])[0]
+    compute = sum(tile_phases(leader, plan.model_digest, tile))
+    image_in = 1e-3 + 200 * 200 / 1e7
+    units = leader.units_for(plan.model_digest)
+    assert units is not None
+    expected = image_in + compute + units.tail_s + 1e-3
+    assert replay.latency_s == pytest.approx(expected, rel=1e-9)
+    assert replay.steps["tail"] == pytest.approx(units.tail_s)
+
+
+def test_auto_never_predicts_worse_than_one_device_and_takes_it_on_slow_links() -> None:
+    spec = get_spec(MODEL, 200)
+    slow_links = [
+        device(n, s, latency_s=0.05, bandwidth=1e5)
+        for n, s in zip("abcd", (1, 1, 0.6, 0.6), strict=True)
+    ]
+    found = candidates(spec, slow_links, leader="a")
+    best = choose(found)
+    single = min(c.predicted_s for c in found if c.name.startswith("single"))
+    assert best.predicted_s <= single
+    assert len(best.plan.devices_used) == 1  # `single`, or a plan that is single in effect
+
+
+def test_auto_spreads_a_big_model_over_fast_links() -> None:
+    spec = get_spec("vgg16", 200)
+    fast = [
+        device(n, s, latency_s=2e-4, bandwidth=1e9, model="vgg16")
+        for n, s in zip("abcd", (1, 1, 0.6, 0.6), strict=True)
+    ]
+    best = choose(candidates(spec, fast, leader="a"))
+    assert len(best.plan.devices_used) >= 3
+    single = get_strategy("single").plan(spec, fast, leader="a")
+    assert best.predicted_s < replay_plan(single, spec, fast).latency_s / 2
+
+
+def test_a_measurement_overrules_a_prediction() -> None:
+    spec = get_spec(MODEL, 200)
+    plan = get_strategy("single").plan(spec, [device("a", 1.0)], leader="a")
+    fast, slow = Candidate("x/4", plan, 0.05), Candidate("y/2", plan, 0.08)
+    assert choose([fast, slow]).name == "x/4"
+    assert choose([fast, slow], {"x/4": 0.12}).name == "y/2"
