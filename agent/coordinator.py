@@ -674,6 +674,8 @@ class Coordinator:
         job.devices.add(self.device_id)  # the tail ran here
         total_s = time.time() - job.received_at
         job.timings["total"] = total_s * 1000.0
+        # What the plan predicted for the client's round trip, beside what happened.
+        job.timings["predicted"] = plan.predicted_latency_s * 1000.0
         self.planning.observe_job(held.name, plan, total_s)
         return JobResult(
             sender=self.device_id,

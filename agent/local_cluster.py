@@ -32,13 +32,16 @@ device's quota group (cgroup v1 moves one thread; the nominal quota is used unde
 v2), and gives each agent that profile divided by its measured speed, through
 the agent's profile cache in its state folder.
 
-Links, by `link`: `"loopback"` (default) puts everything on 127.0.0.1 and the agents
-announce `link_mbit_s` (by default 1 Gbit/s: what a quota-limited agent serialises
-and sends, not the raw loopback throughput). `"100mbit"` or `"1gbit"` builds an
-emulated LAN (`edgedi.agent.link_emulation`): the broker and each agent in a network
-namespace of its own, every link shaped both ways at that rate, the launcher's own
-clients (`host:port` from here) through a shaped link of their own. The rate is
-measured once (`Links.measured_mbit`) and announced by the agents. Without root or
+Links, by `link`: `"loopback"` (default) puts everything on 127.0.0.1. `"100mbit"` or
+`"1gbit"` builds an emulated LAN (`edgedi.agent.link_emulation`): the broker and each
+agent in a network namespace of its own, every link shaped both ways at that rate,
+the launcher's own clients (`host:port` from here) through a shaped link of their
+own. The rate is measured once (`Links.measured_mbit`) for the output; the agents
+measure their own link through the broker (`edgedi.agent.link_probe`) and announce
+that, unless `link_mbit_s` / `link_latency_ms` are given, which they announce
+instead. Each device's compute thread joins its quota group; the rest of the agent
+(event loop, planning) runs in a second group of the same speed, so a busy compute
+thread does not stall the device's messages for milliseconds. Without root or
 `ip`/`tc` the cluster falls back to loopback and `links.note` says why. With a
 shaped link, the broker runs in its namespace from the start: its fault-injection
 `restart()` would bring it back in the launcher's and is for loopback clusters.
@@ -494,8 +497,8 @@ class LocalCluster:
         profile_seconds: float = 2.0,
         calibrate: bool = True,
         calibration: Calibration | None = None,
-        link_mbit_s: float = 1000.0,
-        link_latency_ms: float = 0.2,
+        link_mbit_s: float | None = None,
+        link_latency_ms: float | None = None,
         link: LinkName = "loopback",
         quota_period_us: int = QUOTA_PERIOD_US,
         broker: Preference = "auto",
@@ -663,12 +666,12 @@ class LocalCluster:
             str(self.input_size),
             "--profile-seconds",
             f"{self.profile_seconds:g}",
-            # Loopback: described as the link a quota-limited agent can fill; shaped:
-            # the configured rate, until agents measure their link themselves.
-            "--link-mbit",
-            f"{self.link_mbit_s if network is None else network.rate_mbit:g}",
-            "--link-latency-ms",
-            f"{self.link_latency_ms:g}",
+            *(() if self.link_mbit_s is None else ("--link-mbit", f"{self.link_mbit_s:g}")),
+            *(
+                ()
+                if self.link_latency_ms is None
+                else ("--link-latency-ms", f"{self.link_latency_ms:g}")
+            ),
             # The fastest device first in rank: it leads, and `single` is it alone.
             "--priority",
             str(position),

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from edgedi.broker.messages import DeviceBirth
 from edgedi.broker.plan import Plan
 from edgedi.models.specs import get_spec
+from edgedi.models.units import ModelSpec
 from edgedi.planner.errors import InfeasiblePlanError, PlannerError
 from edgedi.planner.profiles import COST_CLASSES, DeviceProfile, TimeModel, UnitTimes
 from edgedi.planner.replay import replay_plan, supports_replay
@@ -64,10 +65,12 @@ _FACTOR_BOUNDS = (0.05, 20.0)
 # Measurements re-plan at most this often: during an outage every tile is late, and
 # a plan per late tile would only churn (the factors still learn in between).
 REPLAN_MIN_INTERVAL_S = 2.0
-# An `auto` plan is judged on this many jobs in a row ...
+# An `auto` plan is judged on the median of this many jobs ...
 MEASURED_JOBS = 5
-# ... each slower than its prediction by this factor, before its measurement counts.
-MEASURED_SLOWER = 1.2
+# ... and re-planned with fitted message costs when it is off its prediction by more.
+PREDICTION_TOLERANCE = 0.15
+# Fits per model and membership: a cluster that never settles keeps its last one.
+MAX_LATENCY_FITS = 4
 
 
 class PlanningError(Exception):
@@ -146,9 +149,13 @@ class Planning:
         self._planned: dict[_Member, float] = {}
         self._learnt_replan_at = -math.inf
         self.direct = direct
-        # Measured job latencies per (model, auto candidate); medians that disappointed.
+        # Measured client-side latencies per (model, plan); candidates' slow medians;
+        # per model, the fitted per-message latency scale and the fit asked for.
         self._job_times: dict[tuple[str, str], deque[float]] = {}
         self._measured: dict[str, dict[str, float]] = {}
+        self._latency_scale: dict[str, float] = {}
+        self._pending_fit: dict[str, tuple[Plan, float]] = {}
+        self._fits: dict[str, int] = {}
 
     def update(self, births: Mapping[str, DeviceBirth], alive: Iterable[str], epoch: int) -> bool:
         """Take the current membership; True when it differs from the last one."""
@@ -166,8 +173,9 @@ class Planning:
 
     def _new_generation(self) -> None:
         self._cache.clear()
-        self._job_times.clear()
-        self._measured.clear()  # another cluster: measured plans tell nothing about it
+        # Another cluster: what was measured on this one says nothing about it.
+        for memory in (self._job_times, self._measured, self._pending_fit, self._fits):
+            memory.clear()
         self._planned = dict(self._factors)
         self.generation += 1
 
@@ -215,29 +223,39 @@ class Planning:
         return True
 
     def observe_job(self, model: str, plan: Plan, seconds: float) -> bool:
-        """A finished job's latency on the leader; True when it caused a re-plan.
+        """A finished job's time on the leader; True when it caused a re-plan.
 
-        Only `auto` plans are judged: when the plan in force measures slower than
-        predicted `MEASURED_JOBS` times in a row, its measured median goes into the
-        next choice (`planner.strategies.auto.choose`) and the plans are remade.
+        Only `auto` plans are judged, over `MEASURED_JOBS` jobs of the plan in force
+        (the client's round trip is the leader's time plus the image's and the
+        result's hop). When their median is off the prediction by more than
+        `PREDICTION_TOLERANCE`, the next planning run fits the devices' per-message
+        latency to it (`_fit_latency`: the part of the model the start-up probes
+        know least, since they run while the other devices are idle) and, when
+        slower, the median also bounds that candidate in the next choice
+        (`planner.strategies.auto.choose`).
         """
         if not plan.strategy.startswith("auto:"):
             return False
         name = plan.strategy.removeprefix("auto:")
-        recent = self._job_times.setdefault((model, name), deque(maxlen=MEASURED_JOBS))
-        recent.append(seconds)
+        recent = self._job_times.setdefault((model, plan.plan_id), deque(maxlen=MEASURED_JOBS))
+        recent.append(seconds + self._client_hops(model))
         if len(recent) < MEASURED_JOBS:
             return False
         median = statistics.median(recent)
-        if min(recent) <= plan.predicted_latency_s * MEASURED_SLOWER:
-            return False
-        known = self._measured.setdefault(model, {})
-        if abs(known.get(name, 0.0) - median) <= 0.05 * median:
-            return False  # already taken into account
-        known[name] = median
         recent.clear()
+        ratio = median / max(plan.predicted_latency_s, 1e-6)
+        if abs(math.log(ratio)) <= math.log(1 + PREDICTION_TOLERANCE):
+            return False
+        fits = self._fits.get(model, 0)
+        if fits >= MAX_LATENCY_FITS:
+            return False
+        self._fits[model] = fits + 1
+        self._pending_fit[model] = (plan, median)
+        if ratio > 1:
+            self._measured.setdefault(model, {})[name] = median
         logger.info(
-            "%s measures %.0f ms against %.0f ms predicted: re-planning %s",
+            "%s measures %.0f ms against %.0f ms predicted: re-planning %s with the "
+            "per-message latency fitted to it",
             plan.strategy,
             median * 1000,
             plan.predicted_latency_s * 1000,
@@ -248,6 +266,48 @@ class Planning:
         if self.on_change is not None:
             self.on_change()
         return True
+
+    def _client_hops(self, model: str) -> float:
+        """The image's hop to the leader and the result's back, as the replay prices them."""
+        birth = self._births.get(self.leader)
+        if birth is None or birth.link is None:
+            return 0.0
+        latency = birth.link.latency_seconds * self._latency_scale.get(model, 1.0)
+        pixels = self.input_size * self.input_size
+        return 2 * latency + pixels / birth.link.bandwidth_bytes_per_second
+
+    def _fit_latency(self, model: str, spec: ModelSpec, profiles: list[DeviceProfile]) -> None:
+        """Scale every device's per-message latency so the replay of the plan that
+        was measured predicts what it measured (bisection; latency only moves it up)."""
+        pending = self._pending_fit.pop(model, None)
+        if pending is None:
+            return
+        plan, measured = pending
+        if not supports_replay(plan):
+            return
+        current = self._latency_scale.get(model, 1.0)
+
+        def replayed(scale: float) -> float:
+            scaled = [p.model_copy(update={"latency_s": p.latency_s * scale}) for p in profiles]
+            return replay_plan(plan, spec, scaled).latency_s
+
+        low, high = 0.25, 50.0
+        if replayed(low) >= measured:
+            factor = low
+        elif replayed(high) <= measured:
+            factor = high
+        else:
+            for _ in range(30):
+                middle = math.sqrt(low * high)
+                low, high = (middle, high) if replayed(middle) < measured else (low, middle)
+            factor = math.sqrt(low * high)
+        self._latency_scale[model] = current * factor
+        logger.info(
+            "per-message latency for %s plans: x%.2f of the probes' (fitted to %.0f ms measured)",
+            model,
+            current * factor,
+            measured * 1000,
+        )
 
     def _measured_medians(self, model: str) -> dict[str, float]:
         return dict(self._measured.get(model, {}))
@@ -294,6 +354,12 @@ class Planning:
         try:
             spec = get_spec(model, self.input_size)
             if strategy == "auto" and self.direct:
+                self._fit_latency(model, spec, profiles)
+                scale = self._latency_scale.get(model, 1.0)
+                if scale != 1.0:
+                    profiles = [
+                        p.model_copy(update={"latency_s": p.latency_s * scale}) for p in profiles
+                    ]
                 found = candidates(spec, profiles, leader=self.leader, epoch=epoch)
                 best = choose(found, self._measured_medians(model))
                 plan = labelled(best, uuid.uuid4().hex, profiles)

@@ -121,13 +121,9 @@ _ANNOUNCE_TIMEOUT_S = 5.0
 _STOPPED_TIMEOUT_S = 3.0
 
 
-def _keep_busy(held: HeldModel, stop: threading.Event) -> None:
-    """Compute thread: run the model's first unit until `stop` (a loaded device)."""
-    unit = held.spec.units[0]
-    x = torch.zeros((1, *unit.in_shape))
+def _first_unit(held: HeldModel, x: torch.Tensor) -> None:
     with torch.inference_mode():
-        while not stop.is_set():
-            held.model.run_units(x, 0, 1)
+        held.model.run_units(x, 0, 1)
 
 
 def _join_cgroup(tasks: Path | None) -> None:
@@ -375,11 +371,10 @@ class Agent:
     async def _measure_link(self) -> None:
         """Round trips through the broker while the compute thread is busy (see
         `agent.link_probe`); then the birth announces them."""
-        stop = threading.Event()
+        stop = asyncio.Event()
         held = self.store.get(self.store.held[0]) if self.store.held else None
-        loop = asyncio.get_running_loop()
         load = (
-            loop.run_in_executor(self.executor, _keep_busy, held, stop)
+            asyncio.get_running_loop().create_task(self._keep_busy(held, stop))
             if held is not None
             else None
         )
@@ -398,6 +393,14 @@ class Agent:
             await self.session.publish(DEVICE_BIRTH, self._birth(), device=self.device_id)
         except BrokerError as error:
             logger.warning("could not announce the measured link: %s", error)
+
+    async def _keep_busy(self, held: HeldModel, stop: asyncio.Event) -> None:
+        """Keep the compute thread busy with the model's first unit until `stop`, one
+        short step at a time (the watchdog's probe of the thread gets in between)."""
+        x = torch.zeros((1, *held.spec.units[0].in_shape))
+        loop = asyncio.get_running_loop()
+        while not stop.is_set():
+            await loop.run_in_executor(self.executor, _first_unit, held, x)
 
     async def _on_probe(self, received: Received) -> None:
         message = received.message
