@@ -168,7 +168,8 @@ def measure_profile(
 
 
 def _unit_cache_key(threads: int, digest: str) -> str:
-    return f"{_cache_key(threads)}-{digest}"
+    # v2: units timed without the per-tile conversion, which is timed apart.
+    return f"{_cache_key(threads)}-{digest}-v2"
 
 
 def _read_unit_cache(path: Path) -> dict[str, Any]:
@@ -215,11 +216,14 @@ def measure_unit_profiles(
             started = time.perf_counter()
             with TORCH_RNG_LOCK:
                 timing = time_model_tiles(held.model)
-            fitted = fit_unit_times(held.spec, timing.tiles, timing.tail_seconds)
+            fitted = fit_unit_times(
+                held.spec, timing.tiles, timing.tail_seconds, timing.copy_seconds_per_byte
+            )
             profile = UnitProfile(
                 digest=held.digest,
                 units=tuple((m.seconds_per_mac, m.seconds_fixed) for m in fitted.units),
                 tail_seconds=fitted.tail_s,
+                copy_seconds_per_byte=fitted.copy_s_per_byte,
             )
             logger.info(
                 "timed %d tiles of %s in %.1f s",
@@ -237,6 +241,7 @@ def measure_unit_profiles(
             update={
                 "units": tuple((a * slowdown, b * slowdown) for a, b in profile.units),
                 "tail_seconds": profile.tail_seconds * slowdown,
+                "copy_seconds_per_byte": profile.copy_seconds_per_byte * slowdown,
             }
         )
     if changed and cache is not None:

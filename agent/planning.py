@@ -37,11 +37,12 @@ from edgedi.broker.messages import DeviceBirth
 from edgedi.broker.plan import Plan
 from edgedi.models.specs import get_spec
 from edgedi.models.units import ModelSpec
+from edgedi.planner.cost import NetworkModel
 from edgedi.planner.errors import InfeasiblePlanError, PlannerError
 from edgedi.planner.profiles import COST_CLASSES, DeviceProfile, TimeModel, UnitTimes
 from edgedi.planner.replay import replay_plan, supports_replay
 from edgedi.planner.strategies import get_strategy
-from edgedi.planner.strategies.auto import candidates, choose, labelled
+from edgedi.planner.strategies.auto import Candidate, candidates, choose, labelled
 
 __all__ = ["Planning", "PlanningError", "profile_from_birth"]
 
@@ -69,8 +70,9 @@ REPLAN_MIN_INTERVAL_S = 2.0
 MEASURED_JOBS = 5
 # ... and re-planned with fitted message costs when it is off its prediction by more.
 PREDICTION_TOLERANCE = 0.15
-# Fits per model and membership: a cluster that never settles keeps its last one.
-MAX_LATENCY_FITS = 4
+# Fits per model and membership (the cost used is the median of them): a cluster that
+# never settles keeps what it has then.
+MAX_LATENCY_FITS = 6
 
 
 class PlanningError(Exception):
@@ -99,6 +101,7 @@ def profile_from_birth(birth: DeviceBirth) -> DeviceProfile:
                 digest=unit.digest,
                 units=tuple(TimeModel(seconds_per_mac=a, seconds_fixed=b) for a, b in unit.units),
                 tail_s=unit.tail_seconds,
+                copy_s_per_byte=unit.copy_seconds_per_byte,
             )
             for unit in birth.unit_profiles.values()
         },
@@ -150,10 +153,14 @@ class Planning:
         self._learnt_replan_at = -math.inf
         self.direct = direct
         # Measured client-side latencies per (model, plan); candidates' slow medians;
-        # per model, the fitted per-message latency scale and the fit asked for.
+        # per model, the fitted cost per message between devices and the fit asked for.
         self._job_times: dict[tuple[str, str], deque[float]] = {}
         self._measured: dict[str, dict[str, float]] = {}
-        self._latency_scale: dict[str, float] = {}
+        self._message_cost: dict[str, float] = {}
+        self._cost_fits: dict[str, deque[float]] = {}
+        self._round_cost: dict[str, float] = {}
+        self._round_fits: dict[str, deque[float]] = {}
+        self._candidates: dict[str, tuple[int, list[Candidate]]] = {}
         self._pending_fit: dict[str, tuple[Plan, float]] = {}
         self._fits: dict[str, int] = {}
 
@@ -176,6 +183,7 @@ class Planning:
         # Another cluster: what was measured on this one says nothing about it.
         for memory in (self._job_times, self._measured, self._pending_fit, self._fits):
             memory.clear()
+        self._candidates.clear()
         self._planned = dict(self._factors)
         self.generation += 1
 
@@ -228,10 +236,10 @@ class Planning:
         Only `auto` plans are judged, over `MEASURED_JOBS` jobs of the plan in force
         (the client's round trip is the leader's time plus the image's and the
         result's hop). When their median is off the prediction by more than
-        `PREDICTION_TOLERANCE`, the next planning run fits the devices' per-message
-        latency to it (`_fit_latency`: the part of the model the start-up probes
-        know least, since they run while the other devices are idle) and, when
-        slower, the median also bounds that candidate in the next choice
+        `PREDICTION_TOLERANCE`, the next planning run fits the cost of a message
+        between devices to it (`_fit_message_cost`: the part of the model the
+        start-up probes know least, since they run while the other devices are idle)
+        and, when slower, the median also bounds that candidate in the next choice
         (`planner.strategies.auto.choose`).
         """
         if not plan.strategy.startswith("auto:"):
@@ -255,7 +263,7 @@ class Planning:
             self._measured.setdefault(model, {})[name] = median
         logger.info(
             "%s measures %.0f ms against %.0f ms predicted: re-planning %s with the "
-            "per-message latency fitted to it",
+            "message costs fitted to it",
             plan.strategy,
             median * 1000,
             plan.predicted_latency_s * 1000,
@@ -272,41 +280,73 @@ class Planning:
         birth = self._births.get(self.leader)
         if birth is None or birth.link is None:
             return 0.0
-        latency = birth.link.latency_seconds * self._latency_scale.get(model, 1.0)
         pixels = self.input_size * self.input_size
-        return 2 * latency + pixels / birth.link.bandwidth_bytes_per_second
+        return 2 * birth.link.latency_seconds + pixels / birth.link.bandwidth_bytes_per_second
 
-    def _fit_latency(self, model: str, spec: ModelSpec, profiles: list[DeviceProfile]) -> None:
-        """Scale every device's per-message latency so the replay of the plan that
-        was measured predicts what it measured (bisection; latency only moves it up)."""
+    def _network(self, model: str) -> NetworkModel:
+        network = NetworkModel()
+        update = {
+            name: value
+            for name, value in (
+                ("broker_per_message_s", self._message_cost.get(model)),
+                ("gate_round_s", self._round_cost.get(model)),
+            )
+            if value is not None
+        }
+        return network.model_copy(update=update) if update else network
+
+    def _fit_message_cost(self, model: str, spec: ModelSpec, profiles: list[DeviceProfile]) -> None:
+        """Fit the cost every device-to-device message of a job adds on top of the
+        probed link (its wait for a busy loop, a busy broker, a busy machine), so that
+        the replay of the plan that was measured predicts what it measured.
+
+        Bisection on `NetworkModel.gate_round_s` for plans with gate rounds, else on
+        `NetworkModel.broker_per_message_s`; a plan that sends nothing between devices
+        (one device) says nothing about either and is not fitted.
+        """
         pending = self._pending_fit.pop(model, None)
         if pending is None:
             return
         plan, measured = pending
-        if not supports_replay(plan):
+        if not supports_replay(plan) or len(plan.devices_used) < 2:
             return
-        current = self._latency_scale.get(model, 1.0)
+        # Plans with gate rounds wait for the slowest of several messages at once,
+        # many times: their error is fitted as a cost per round; the others' as a
+        # cost per message.
+        rounds = any(s.reductions and len({p.device for p in s.parts}) > 1 for s in plan.segments)
+        field = "gate_round_s" if rounds else "broker_per_message_s"
+        memory = self._round_cost if rounds else self._message_cost
+        history = self._round_fits if rounds else self._cost_fits
+        base = self._network(model)
 
-        def replayed(scale: float) -> float:
-            scaled = [p.model_copy(update={"latency_s": p.latency_s * scale}) for p in profiles]
-            return replay_plan(plan, spec, scaled).latency_s
+        def replayed(cost: float) -> float:
+            network = base.model_copy(update={field: cost})
+            return replay_plan(plan, spec, profiles, network).latency_s
 
-        low, high = 0.25, 50.0
+        low, high = 0.0, 0.05
         if replayed(low) >= measured:
-            factor = low
+            cost = low
         elif replayed(high) <= measured:
-            factor = high
+            cost = high
         else:
             for _ in range(30):
-                middle = math.sqrt(low * high)
+                middle = (low + high) / 2
                 low, high = (middle, high) if replayed(middle) < measured else (low, middle)
-            factor = math.sqrt(low * high)
-        self._latency_scale[model] = current * factor
+            cost = (low + high) / 2
+        # One plan's median is noisy and carries that plan's own errors: the cost in
+        # use is the median of the last fits, over the plans measured so far.
+        fits = history.setdefault(model, deque(maxlen=MAX_LATENCY_FITS))
+        fits.append(cost)
+        memory[model] = statistics.median(fits)
         logger.info(
-            "per-message latency for %s plans: x%.2f of the probes' (fitted to %.0f ms measured)",
+            "%s: each %s costs %.2f ms beyond the probed link "
+            "(%.2f ms fitted to %.0f ms measured; median of %d fits)",
             model,
-            current * factor,
+            "gate round" if rounds else "message between devices",
+            memory[model] * 1000,
+            cost * 1000,
             measured * 1000,
+            len(fits),
         )
 
     def _measured_medians(self, model: str) -> dict[str, float]:
@@ -354,13 +394,22 @@ class Planning:
         try:
             spec = get_spec(model, self.input_size)
             if strategy == "auto" and self.direct:
-                self._fit_latency(model, spec, profiles)
-                scale = self._latency_scale.get(model, 1.0)
-                if scale != 1.0:
-                    profiles = [
-                        p.model_copy(update={"latency_s": p.latency_s * scale}) for p in profiles
-                    ]
-                found = candidates(spec, profiles, leader=self.leader, epoch=epoch)
+                self._fit_message_cost(model, spec, profiles)
+                network = self._network(model)
+                known = self._candidates.get(model)
+                if known is not None and known[0] == self.generation:
+                    # The same devices: only the message costs changed, so the plans
+                    # are the same; replaying them again is cheap (planning is not).
+                    found = known[1]
+                    for candidate in found:
+                        candidate.predicted_s = replay_plan(
+                            candidate.plan, spec, profiles, network
+                        ).latency_s
+                else:
+                    found = candidates(
+                        spec, profiles, leader=self.leader, epoch=epoch, network=network
+                    )
+                    self._candidates[model] = (self.generation, found)
                 best = choose(found, self._measured_medians(model))
                 plan = labelled(best, uuid.uuid4().hex, profiles)
                 logger.info(
@@ -377,7 +426,8 @@ class Planning:
                 )
                 if self.direct and supports_replay(plan):
                     # What the client will measure: the direct plane, step by step.
-                    replayed = replay_plan(plan, spec, profiles).latency_s
+                    network = self._network(model)
+                    replayed = replay_plan(plan, spec, profiles, network).latency_s
                     plan = plan.model_copy(update={"predicted_latency_s": replayed})
         except InfeasiblePlanError as error:
             raise PlanningError(f"no plan for {model} with {strategy}: {error}") from error

@@ -194,6 +194,9 @@ class UnitProfile(BaseModel):
         description="per spatial unit (seconds per MAC, seconds per op invocation)",
     )
     tail_seconds: NonNegativeFloat = Field(description="the tail (pooling and head), seconds")
+    copy_seconds_per_byte: NonNegativeFloat = Field(
+        default=0.0, description="converting a tile's input or output, seconds per byte"
+    )
 
 
 class DeviceBirth(WireMessage):

@@ -32,6 +32,7 @@ from edgedi.models.zoo import ZooModel
 __all__ = ["SUSTAIN_WINDOW_S", "ModelTiming", "TileTiming", "row_counts", "time_model_tiles"]
 
 SUSTAIN_WINDOW_S = 0.03
+_COPY_ELEMENTS = 1 << 20  # 4 MiB of float32: a mid-sized feature map
 """Each timing sample runs at least this long (several 5 ms CPU-quota periods)."""
 
 
@@ -49,6 +50,8 @@ class ModelTiming:
     tiles: tuple[TileTiming, ...]
     tail_seconds: float
     """The tail (pooling and head) from the last spatial unit's output."""
+    copy_seconds_per_byte: float = 0.0
+    """Converting a tile's input or output (numpy ↔ torch, wire layout), per byte."""
 
 
 def row_counts(height: int) -> tuple[int, ...]:
@@ -109,11 +112,12 @@ def time_model_tiles(
                 shape = (1, channels, len(geometry.in_rows), width)
                 array = torch.randn(shape, generator=generator).numpy()
 
-                def run(array: np.ndarray = array, geometry: object = geometry) -> object:
-                    # As the worker does: numpy in, tile, numpy out in the wire layout.
-                    x = torch.from_numpy(array.astype(np.float32, copy=True))
-                    output = _drive(run_tile(model, geometry, x, gate_mode="local"))  # type: ignore[arg-type]
-                    return np.ascontiguousarray(output.numpy(), dtype=np.float32)
+                x = torch.from_numpy(array)
+
+                def run(x: torch.Tensor = x, geometry: object = geometry) -> object:
+                    # The unit's own work: a fused tile converts its input and output
+                    # once, not per unit (`copy_seconds_per_byte` prices that).
+                    return _drive(run_tile(model, geometry, x, gate_mode="local"))  # type: ignore[arg-type]
 
                 tiles.append(TileTiming(index, rows, _median_seconds(run, repeats, window_s)))
         last = spec.spatial_units[-1]
@@ -130,4 +134,11 @@ def time_model_tiles(
             tail_s = _median_seconds(lambda: run_tail(model, first_tail, map_), repeats, window_s)
         else:
             tail_s = 0.0
-    return ModelTiming(tuple(tiles), tail_s)
+        block = np.ones(_COPY_ELEMENTS, dtype=np.float32)
+
+        def copy() -> object:
+            # What the worker does with a tile's input and output: a float32 copy each.
+            return np.ascontiguousarray(torch.from_numpy(block.copy()).numpy())
+
+        copy_s = _median_seconds(copy, repeats, window_s) / (2 * block.nbytes)
+    return ModelTiming(tuple(tiles), tail_s, copy_s)

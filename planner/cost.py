@@ -60,6 +60,11 @@ class NetworkModel(BaseModel):
     message_overhead_bytes: int = Field(
         default=256, ge=0, description="envelope bytes per message (MQTT header, ids, dtype, shape)"
     )
+    gate_round_s: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] = Field(
+        default=0.0,
+        description="extra wait of a gate's all-gather round beyond its slowest message's "
+        "hop: the spread of several hops at once (fitted from measured jobs)",
+    )
 
 
 Side = Literal["sender", "receiver"]

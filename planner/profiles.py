@@ -59,12 +59,16 @@ class UnitTimes(_Frozen):
     digest: str = Field(min_length=1, description="architecture digest the units belong to")
     units: tuple[TimeModel, ...] = Field(min_length=1, description="one model per spatial unit")
     tail_s: NonNegative = Field(default=0.0, description="measured tail (pool + head) seconds")
+    copy_s_per_byte: NonNegative = Field(
+        default=0.0, description="converting a tile's input or output, seconds per byte"
+    )
 
     def scaled(self, factor: float) -> UnitTimes:
         return self.model_copy(
             update={
                 "units": tuple(m.scaled(factor) for m in self.units),
                 "tail_s": self.tail_s * factor,
+                "copy_s_per_byte": self.copy_s_per_byte * factor,
             }
         )
 

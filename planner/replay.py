@@ -171,6 +171,12 @@ def replay_plan(
     outputs: list[float] = []
     for number, (segment, tiles) in enumerate(zip(plan.segments, geometries, strict=True)):
         phases = [tile_phases(profiles[d], digest, tile) for d, tile in tiles]
+        for (device, tile), tile_phase in zip(tiles, phases, strict=True):
+            # The worker converts the tile's input before and its output after.
+            measured = profiles[device].units_for(digest)
+            per_byte = measured.copy_s_per_byte if measured is not None else 0.0
+            tile_phase[0] += per_byte * tile.in_bytes
+            tile_phase[-1] += per_byte * tile.out_bytes
         count = len(tiles)
         rounds = max(len(p) for p in phases) - 1
         finish = dict(ready)
@@ -196,7 +202,7 @@ def replay_plan(
                 )
                 for d in holders
             }
-            finish = {k: at[tiles[k][0]] for k in range(count)}
+            finish = {k: at[tiles[k][0]] + network.gate_round_s for k in range(count)}
         if number == len(plan.segments) - 1:
             row_bytes = float(spatial[segment.last_unit].out_row_bytes)
             for k, (device, tile) in enumerate(tiles):

@@ -44,7 +44,10 @@ def centred_rows(height: int, rows: int) -> tuple[int, int]:
 
 
 def fit_unit_times(
-    spec: ModelSpec, samples: Iterable[UnitSampleLike], tail_s: float = 0.0
+    spec: ModelSpec,
+    samples: Iterable[UnitSampleLike],
+    tail_s: float = 0.0,
+    copy_s_per_byte: float = 0.0,
 ) -> UnitTimes:
     """One time model per spatial unit of `spec` (every unit needs a sample)."""
     table = block_table(spec)
@@ -74,7 +77,12 @@ def fit_unit_times(
                 seconds_fixed=fitted.seconds_fixed / max(ops, 1.0),
             )
         )
-    return UnitTimes(digest=table.digest, units=tuple(models), tail_s=max(0.0, tail_s))
+    return UnitTimes(
+        digest=table.digest,
+        units=tuple(models),
+        tail_s=max(0.0, tail_s),
+        copy_s_per_byte=max(0.0, copy_s_per_byte),
+    )
 
 
 def unit_classes(count: int) -> Sequence[str]:

@@ -145,6 +145,10 @@ class _Weights:
     data_seeds: set[int] = field(default_factory=set)
 
 
+# The leader judges a plan on the median of MEASURED_JOBS jobs (agent.planning); one
+# more for the plan it may choose then.
+WARM_UP_JOBS = 6
+
 _HUMAN = sys.stdout
 """Where the human-readable lines go: stderr when --json owns stdout."""
 
@@ -323,16 +327,22 @@ async def _stream(
     )
     _say(f"stream: {len(items)} synthetic defect images (seed {args.seed}){how}")
     async with connect(cluster.host, cluster.port, root=cluster.root) as client:
-        # One job each first: the first run of a plan pays one-off costs (allocations,
-        # the first plan of a strategy), which are not what the stream measures.
+        # Jobs first that are not counted: the first run of a plan pays one-off costs
+        # (allocations, planning), and the leader fits its plans' message costs to what
+        # its first jobs measure (`Planning.observe_job`), as it would in service.
         warm = _Image("warm-up", 0, items[0].image)
-        warm_runs = [await _timed(client, warm, args.model, None, args.timeout)]
+        warm_runs = [
+            await _timed(client, warm, args.model, None, args.timeout) for _ in range(WARM_UP_JOBS)
+        ]
         if args.baseline:
             warm_runs.append(await _timed(client, warm, args.model, "single", args.timeout))
         for warm_run in warm_runs:
             if not warm_run.ok:
                 _say(f"warm-up job failed: {warm_run.error}")
-        _say("warm-up done (1 job per strategy, not counted)")
+        _say(
+            f"warm-up done ({WARM_UP_JOBS} jobs with the plan in force, 1 with single; not "
+            "counted: the leader fits its message costs to them)"
+        )
         width = max(len(item.name) for item in items)
         class_width = max(len(name) for name in CLASSES)
         with ProgressBar(len(items), label="images", stream=_HUMAN) as bar:
