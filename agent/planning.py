@@ -42,7 +42,13 @@ from edgedi.planner.errors import InfeasiblePlanError, PlannerError
 from edgedi.planner.profiles import COST_CLASSES, DeviceProfile, TimeModel, UnitTimes
 from edgedi.planner.replay import replay_plan, supports_replay
 from edgedi.planner.strategies import get_strategy
-from edgedi.planner.strategies.auto import Candidate, candidates, choose, labelled
+from edgedi.planner.strategies.auto import (
+    Candidate,
+    candidates,
+    choose,
+    labelled,
+    to_explore,
+)
 
 __all__ = ["Planning", "PlanningError", "profile_from_birth"]
 
@@ -233,47 +239,68 @@ class Planning:
     def observe_job(self, model: str, plan: Plan, seconds: float) -> bool:
         """A finished job's time on the leader; True when it caused a re-plan.
 
-        Only `auto` plans are judged, over `MEASURED_JOBS` jobs of the plan in force
-        (the client's round trip is the leader's time plus the image's and the
-        result's hop). When their median is off the prediction by more than
-        `PREDICTION_TOLERANCE`, the next planning run fits the cost of a message
-        between devices to it (`_fit_message_cost`: the part of the model the
-        start-up probes know least, since they run while the other devices are idle)
-        and, when slower, the median also bounds that candidate in the next choice
-        (`planner.strategies.auto.choose`).
+        Jobs are judged in groups of `MEASURED_JOBS` per plan, by their median as the
+        client sees it (the leader's time plus the image's and the result's hop).
+
+        - Every plan's median is remembered under its `auto` candidate name (an
+          explicit `single` job is candidate `single/1`, an explicit `edgeci` one on
+          N devices `edgeci/N`): `auto` then judges that candidate by what it
+          measured rather than by what it predicted (`auto.choose`).
+        - An `auto` plan off its prediction by more than `PREDICTION_TOLERANCE` makes
+          the next planning run fit the cost of a gate round or a message between
+          devices to it (`_fit_message_cost`: the part of the model the start-up
+          probes know least, since they run while the other devices are idle).
         """
-        if not plan.strategy.startswith("auto:"):
-            return False
-        name = plan.strategy.removeprefix("auto:")
+        automatic = plan.strategy.startswith("auto:")
+        if automatic:
+            name = plan.strategy.removeprefix("auto:")
+        else:
+            planned_on = len(plan.devices_used) if plan.strategy == "single" else len(plan.devices)
+            name = f"{plan.strategy}/{planned_on}"
         recent = self._job_times.setdefault((model, plan.plan_id), deque(maxlen=MEASURED_JOBS))
         recent.append(seconds + self._client_hops(model))
         if len(recent) < MEASURED_JOBS:
             return False
         median = statistics.median(recent)
         recent.clear()
+        measured = self._measured.setdefault(model, {})
+        before = measured.get(name)
+        measured[name] = median
         ratio = median / max(plan.predicted_latency_s, 1e-6)
-        if abs(math.log(ratio)) <= math.log(1 + PREDICTION_TOLERANCE):
-            return False
-        fits = self._fits.get(model, 0)
-        if fits >= MAX_LATENCY_FITS:
-            return False
-        self._fits[model] = fits + 1
-        self._pending_fit[model] = (plan, median)
-        if ratio > 1:
-            self._measured.setdefault(model, {})[name] = median
-        logger.info(
-            "%s measures %.0f ms against %.0f ms predicted: re-planning %s with the "
-            "message costs fitted to it",
-            plan.strategy,
-            median * 1000,
-            plan.predicted_latency_s * 1000,
-            model,
+        # A one-device plan sends nothing between devices: nothing there to fit.
+        refit = (
+            automatic
+            and len(plan.devices_used) > 1
+            and abs(math.log(ratio)) > math.log(1 + PREDICTION_TOLERANCE)
         )
+        exploring = automatic and before is None
+        if refit and self._fits.get(model, 0) < MAX_LATENCY_FITS:
+            self._fits[model] = self._fits.get(model, 0) + 1
+            self._pending_fit[model] = (plan, median)
+            why = f"{plan.strategy} measures {median * 1000:.0f} ms against its prediction"
+        elif exploring:
+            why = f"{plan.strategy} measures {median * 1000:.0f} ms; trying the next candidate"
+        elif not automatic and self._would_change(model, name, median, before):
+            why = f"{name} measures {median * 1000:.0f} ms, faster than the auto plan in force"
+        else:
+            return False
+        logger.info("%s (%.0f ms): re-planning %s", why, plan.predicted_latency_s * 1000, model)
         for key in [key for key in self._cache if key[0] == model]:
             del self._cache[key]
         if self.on_change is not None:
             self.on_change()
         return True
+
+    def _would_change(self, model: str, name: str, median: float, before: float | None) -> bool:
+        """Would a new measurement of candidate `name` change `auto`'s choice?"""
+        plan = self._cache.get((model, "auto"))
+        if plan is None or (before is not None and abs(before - median) < 0.05 * median):
+            return False
+        chosen = plan.strategy.removeprefix("auto:")
+        if chosen == name:
+            return False
+        expected = self._measured.get(model, {}).get(chosen, plan.predicted_latency_s)
+        return median < expected
 
     def _client_hops(self, model: str) -> float:
         """The image's hop to the leader and the result's back, as the replay prices them."""
@@ -410,7 +437,11 @@ class Planning:
                         spec, profiles, leader=self.leader, epoch=epoch, network=network
                     )
                     self._candidates[model] = (self.generation, found)
-                best = choose(found, self._measured_medians(model))
+                measured = self._measured_medians(model)
+                untried = [c for c in to_explore(found) if c.name not in measured]
+                # Measure the few best-predicted candidates (one device among them)
+                # on real jobs first; then keep the fastest measured.
+                best = untried[0] if untried else choose(found, measured)
                 plan = labelled(best, uuid.uuid4().hex, profiles)
                 logger.info(
                     "auto: %s",

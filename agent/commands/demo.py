@@ -145,9 +145,14 @@ class _Weights:
     data_seeds: set[int] = field(default_factory=set)
 
 
-# The leader judges a plan on the median of MEASURED_JOBS jobs (agent.planning); one
-# more for the plan it may choose then.
-WARM_UP_JOBS = 6
+def _warm_up_jobs() -> int:
+    """The leader measures its best candidates (`auto.EXPLORED` and the best one-device
+    plan) on `MEASURED_JOBS` jobs each, then keeps the fastest: one more than that."""
+    from edgedi.agent.planning import MEASURED_JOBS
+    from edgedi.planner.strategies.auto import EXPLORED
+
+    return MEASURED_JOBS * (EXPLORED + 1) + 1
+
 
 _HUMAN = sys.stdout
 """Where the human-readable lines go: stderr when --json owns stdout."""
@@ -328,11 +333,13 @@ async def _stream(
     _say(f"stream: {len(items)} synthetic defect images (seed {args.seed}){how}")
     async with connect(cluster.host, cluster.port, root=cluster.root) as client:
         # Jobs first that are not counted: the first run of a plan pays one-off costs
-        # (allocations, planning), and the leader fits its plans' message costs to what
-        # its first jobs measure (`Planning.observe_job`), as it would in service.
+        # (allocations, planning), and the leader measures its best candidate plans on
+        # its first jobs and settles on the fastest (`Planning.observe_job`), as it
+        # does in service.
         warm = _Image("warm-up", 0, items[0].image)
+        warm_up_jobs = _warm_up_jobs()
         warm_runs = [
-            await _timed(client, warm, args.model, None, args.timeout) for _ in range(WARM_UP_JOBS)
+            await _timed(client, warm, args.model, None, args.timeout) for _ in range(warm_up_jobs)
         ]
         if args.baseline:
             warm_runs.append(await _timed(client, warm, args.model, "single", args.timeout))
@@ -340,8 +347,9 @@ async def _stream(
             if not warm_run.ok:
                 _say(f"warm-up job failed: {warm_run.error}")
         _say(
-            f"warm-up done ({WARM_UP_JOBS} jobs with the plan in force, 1 with single; not "
-            "counted: the leader fits its message costs to them)"
+            f"warm-up done ({warm_up_jobs} jobs with the plan in force, 1 with single; not "
+            "counted: the leader measures its best plans on them, fits its message costs "
+            "and keeps the fastest)"
         )
         width = max(len(item.name) for item in items)
         class_width = max(len(name) for name in CLASSES)

@@ -8,10 +8,12 @@ So `auto` asks the row strategies for plans on growing sets of the fastest devic
 and keeps the one with the lowest replayed latency — `single` included, so a plan
 is only ever used when it is predicted faster than one device.
 
+A leader first runs a few jobs with each of the best-predicted candidates and the
+best one-device plan (`to_explore`), then keeps the fastest measured:
 `measured` (candidate name → measured median latency, seconds) lets the leader
-feed back what plans really did: a candidate is then judged by the worse of its
-prediction and its measurement, so a plan that disappoints in practice loses to
-the next best one, which is tried and measured in turn.
+feed back what plans really did: a candidate with a measurement is judged by it
+rather than by its prediction, so a plan that disappoints in practice loses to the
+next best one, which is tried and measured in turn.
 """
 
 from __future__ import annotations
@@ -27,10 +29,12 @@ from edgedi.planner.profiles import DeviceProfile
 from edgedi.planner.replay import replay_plan, supports_replay
 from edgedi.planner.strategies.base import Decision, Strategy, get_strategy, register
 
-__all__ = ["Auto", "Candidate", "candidates"]
+__all__ = ["Auto", "Candidate", "candidates", "choose", "labelled", "to_explore"]
 
 # Row strategies whose plans run on the direct data plane (grids are relayed).
 ROW_STRATEGIES = ("edgeci", "edgedi", "edgeld", "proportional")
+# A leader measures this many best-predicted candidates on real jobs before it settles.
+EXPLORED = 2
 
 
 class Candidate:
@@ -93,9 +97,19 @@ def candidates(
 
 
 def choose(found: Sequence[Candidate], measured: Mapping[str, float] | None = None) -> Candidate:
-    """The candidate with the lowest expected latency (see the module docstring)."""
+    """The candidate with the lowest expected latency: its measured median when the
+    leader has one, else its replayed prediction."""
     measured = measured or {}
-    return min(found, key=lambda c: (max(c.predicted_s, measured.get(c.name, 0.0)), c.name))
+    return min(found, key=lambda c: (measured.get(c.name, c.predicted_s), c.name))
+
+
+def to_explore(found: Sequence[Candidate], count: int = EXPLORED) -> list[Candidate]:
+    """The candidates worth measuring on real jobs, best predicted first: the `count`
+    best, and the best one-device plan (the baseline no plan may lose to)."""
+    ranked = sorted(found, key=lambda c: (c.predicted_s, c.name))
+    chosen = ranked[:count]
+    alone = [c for c in ranked if len(c.plan.devices_used) == 1][:1]
+    return chosen + [c for c in alone if c not in chosen]
 
 
 @register

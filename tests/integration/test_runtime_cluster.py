@@ -96,3 +96,34 @@ async def test_a_resubmitted_job_is_answered_from_the_cache(
         assert statistics is not None
         assert statistics.statistics.completed == 1
         assert statistics.statistics.duplicates == 1
+
+
+async def test_devices_measure_their_link_and_tiles_and_plan_auto_with_them(
+    broker: BrokerHandle, topic_root: TopicRoot
+) -> None:
+    """Agents time real tiles and round trips through the broker, announce both (the
+    settings' bandwidth overrides the measured one; the latency is measured), and
+    `auto` plans from them; its jobs equal the single-process result."""
+    settings = {"compute": {"measure_tiles": True}, "planner": {"strategy": "auto"}}
+    async with running_cluster(broker, topic_root, **settings) as cluster:
+        await cluster.wait_for_plan()
+        async with asyncio.timeout(30):
+            while any(agent.measured_link is None for agent in cluster.agents):
+                await asyncio.sleep(0.05)
+        leader = cluster.leader()
+        for agent in cluster.agents:
+            assert agent.measured_link is not None
+            birth = leader.births[agent.device_id]
+            assert birth.link is not None
+            assert birth.link.latency_seconds == agent.measured_link.latency_s
+            assert birth.link.bandwidth_bytes_per_second == 1000.0 * 1e6 / 8  # announced
+            assert set(birth.unit_profiles) == set(agent.store.held)
+        async with connect(broker.host, broker.port, root=topic_root) as client:
+            for model in ("tiny-edgedi", "tiny"):
+                image = sample_image(3)
+                result = await client.infer(image, model, timeout=30)
+                assert result.status == "ok", result.error
+                assert result.strategy is not None and result.strategy.startswith("auto:")
+                assert result.latency_ms["predicted"] > 0
+                expected = reference_probabilities(model, image)
+                np.testing.assert_allclose(result.probabilities, expected, atol=1e-5)

@@ -157,3 +157,4 @@ def test_a_measurement_overrules_a_prediction() -> None:
     fast, slow = Candidate("x/4", plan, 0.05), Candidate("y/2", plan, 0.08)
     assert choose([fast, slow]).name == "x/4"
     assert choose([fast, slow], {"x/4": 0.12}).name == "y/2"
+    assert choose([fast, slow], {"y/2": 0.04}).name == "y/2"  # measured faster than predicted
