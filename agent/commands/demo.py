@@ -145,7 +145,7 @@ class _Weights:
     data_seeds: set[int] = field(default_factory=set)
 
 
-def _warm_up_jobs() -> int:
+def warm_up_jobs_for_auto() -> int:
     """The leader measures its best candidates (`auto.EXPLORED` and the best one-device
     plan) on `MEASURED_JOBS` jobs each, then keeps the fastest: one more than that."""
     from edgedi.agent.planning import MEASURED_JOBS
@@ -337,7 +337,7 @@ async def _stream(
         # its first jobs and settles on the fastest (`Planning.observe_job`), as it
         # does in service.
         warm = _Image("warm-up", 0, items[0].image)
-        warm_up_jobs = _warm_up_jobs()
+        warm_up_jobs = warm_up_jobs_for_auto()
         warm_runs = [
             await _timed(client, warm, args.model, None, args.timeout) for _ in range(warm_up_jobs)
         ]
