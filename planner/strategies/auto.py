@@ -64,10 +64,11 @@ def candidates(
     network: NetworkModel | None = None,
     epoch: int = 0,
     created_at: float | None = None,
+    tail_on_leader: bool = False,
 ) -> list[Candidate]:
     """Every row strategy's plan on the fastest k devices, with replayed latencies."""
     network = network or NetworkModel()
-    problem = PlanningProblem(spec, devices, network, leader)
+    problem = PlanningProblem(spec, devices, network, leader, tail_on_leader)
     speed = {d: float(c) for d, c in zip(problem.fleet.ids, problem.fleet.capability, strict=True)}
     ranked = sorted((d.device for d in devices), key=lambda d: (-speed[d], d))
     found: list[Candidate] = []
@@ -84,6 +85,7 @@ def candidates(
                     leader=leader,
                     network=network,
                     created_at=created_at,
+                    tail_on_leader=tail_on_leader,
                 )
             except InfeasiblePlanError:
                 continue
@@ -133,13 +135,38 @@ class Auto(Strategy):
     ) -> Plan:
         leader = leader or devices[0].device
         found = candidates(
-            spec, devices, leader=leader, network=network, epoch=epoch, created_at=created_at
+            spec,
+            devices,
+            leader=leader,
+            network=network,
+            epoch=epoch,
+            created_at=created_at,
+            tail_on_leader=tail_on_leader,
         )
         best = choose(found)
         return labelled(best, plan_id, devices)
 
+    def plan_problem(
+        self,
+        problem: PlanningProblem,
+        *,
+        epoch: int = 0,
+        plan_id: str | None = None,
+        created_at: float | None = None,
+    ) -> Plan:
+        return self.plan(
+            problem.spec,
+            problem.devices,
+            epoch=epoch,
+            leader=problem.fleet.ids[problem.leader],
+            network=problem.network,
+            plan_id=plan_id,
+            created_at=created_at,
+            tail_on_leader=problem.tail_on_leader,
+        )
+
     def decide(self, problem: PlanningProblem) -> Decision:
-        raise InfeasiblePlanError("auto chooses among whole plans; call plan()")
+        raise InfeasiblePlanError("auto chooses among whole plans, not segments")
 
 
 def labelled(

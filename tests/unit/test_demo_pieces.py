@@ -167,7 +167,7 @@ def test_view_knows_when_a_cluster_is_ready() -> None:
     assert lines == ["leader  a (epoch 1)"]
     assert "no plan published yet" in view.missing_for(["a", "b"])
     view.apply(PlanAnnouncement(sender="a", epoch=1, plan=_plan(("a",))))
-    assert any("the plan covers a" in line for line in view.missing_for(["a", "b"]))
+    assert any("the plan was made for a" in line for line in view.missing_for(["a", "b"]))
     view.apply(PlanAnnouncement(sender="a", epoch=1, plan=_plan(("a", "b"), "q" * 32)))
     assert view.missing_for(["a", "b"]) == []
     assert view.missing_for(["a", "b", "c"])[0] == "not online yet: c"
