@@ -1,6 +1,6 @@
 """Render `edgedi demo --json` lines (bench/demo_zoo.sh) as a Markdown table.
 
-    .venv/bin/python bench/demo_table.py bench/results/demo_zoo.jsonl "COMMAND"
+.venv/bin/python bench/demo_table.py bench/results/demo_zoo.jsonl "COMMAND"
 """
 
 from __future__ import annotations

@@ -108,7 +108,7 @@ async def test_devices_measure_their_link_and_tiles_and_plan_auto_with_them(
     async with running_cluster(broker, topic_root, **settings) as cluster:
         await cluster.wait_for_plan()
         async with asyncio.timeout(30):
-            while any(agent.measured_link is None for agent in cluster.agents):
+            while any(a.measured_link is None for a in cluster.agents):  # noqa: ASYNC110 - agents' state
                 await asyncio.sleep(0.05)
         leader = cluster.leader()
         for agent in cluster.agents:
