@@ -122,13 +122,18 @@ def _write_cache(path: Path, key: str, table: ProfileTable) -> None:
         "measured_at": time.time(),
         "profile": {name: list(pair) for name, pair in table.items()},
     }
+    _write_json(path, document, "the profile")
+
+
+def _write_json(path: Path, document: dict[str, Any], what: str) -> None:
+    """Replace `path` atomically with `document` (a cache: failing only warns)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_suffix(".tmp")
         temporary.write_text(json.dumps(document, indent=1))
         temporary.replace(path)
     except OSError as error:
-        logger.warning("could not cache the profile in %s: %s", path, error)
+        logger.warning("could not cache %s in %s: %s", what, path, error)
 
 
 def store_profile(state_dir: Path, table: ProfileTable, threads: int) -> None:
@@ -245,11 +250,5 @@ def measure_unit_profiles(
             }
         )
     if changed and cache is not None:
-        try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            temporary = cache.with_suffix(".tmp")
-            temporary.write_text(json.dumps(document, indent=1))
-            temporary.replace(cache)
-        except OSError as error:
-            logger.warning("could not cache the tile timings in %s: %s", cache, error)
+        _write_json(cache, document, "the tile timings")
     return result
