@@ -32,9 +32,11 @@ pytestmark = [pytest.mark.system]
 
 MODEL = "tiny-edgedi"
 SIZE = 64
-# 100 Mbit/s configured measures ~96 here (TCP and Ethernet headers): anything well
-# below means the shaping is wrong, anything above means it is missing.
-MEASURED_RANGE_MBIT = (85.0, 100.5)
+# 100 Mbit/s configured measures ~96 on an idle machine (TCP and Ethernet headers);
+# above it the shaping is missing (an unshaped veth carries 12-17 Gbit/s). The lower
+# bound only says the link carries data: a 0.3 s transfer on a loaded 2-core machine
+# (a CI run) has measured 70 Mbit/s, and a test asserts no speed.
+MEASURED_RANGE_MBIT = (10.0, 100.5)
 
 
 @pytest.fixture(scope="module", autouse=True)
