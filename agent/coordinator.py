@@ -8,7 +8,15 @@ result. Every job ends with exactly one `JobResult` on `results/<job_id>`: ok, o
 an explicit error (unknown model, bad image, no workers, a tile that failed on
 every device it was tried on, deadline exceeded, leadership lost).
 
-Per job, per plan segment, the coordinator
+A row-strip plan runs first on the direct data plane (`edgedi.agent.direct`, on
+unless `jobs.direct` is off): every device gets all of its tasks at once, devices
+exchange gate partials and segment boundaries among themselves, and only the last
+segment's results come back here. A device of the plan gone or suspect, a failed
+tile, a departure or an overdue job makes the coordinator give up on that run and
+run the job through the relayed path below, from the first segment, with attempt
+numbers that supersede the direct tasks.
+
+On the relayed path, per job and per plan segment, the coordinator
 
 1. scatters one self-contained `TileTask` per tile (the tile's input rows ×
    columns of the current map, halo included) to the device the plan names;
