@@ -617,10 +617,7 @@ class Coordinator:
         template = self._tile_task(
             job, held, plan, 0, segments[0][0], segments[0][1][0], x
         ).model_copy(update={"tensor": None})
-        tasks = [
-            task.model_copy(update={"message_id": new_message_id()})
-            for task in direct_tasks(template, segments, x, self.settings.wire_dtype)
-        ]
+        tasks = direct_tasks(template, segments, x, self.settings.wire_dtype)
         # The first segment's remote tiles first: they are on the critical path; the
         # later segments' tasks are small and only needed when their rows arrive.
         tasks.sort(key=lambda t: (t.segment > 0, t.device == self.device_id))

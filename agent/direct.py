@@ -31,7 +31,7 @@ import numpy.typing as npt
 
 from edgedi.agent.layout import SegmentLayout, TileAssignment
 from edgedi.broker.ids import DeviceId
-from edgedi.broker.messages import RowsForward, TileTask
+from edgedi.broker.messages import RowsForward, TileTask, new_message_id
 from edgedi.broker.tensors import Tensor
 
 __all__ = ["direct_tasks", "forwards", "supports_direct"]
@@ -115,6 +115,7 @@ def direct_tasks(
                         "local_gates": layout.count == 1 and bool(layout.gates),
                         "peers": peers,
                         "forward": sends[assignment.index],
+                        "message_id": new_message_id(),
                     }
                 )
             )

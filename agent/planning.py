@@ -258,7 +258,7 @@ class Planning:
             planned_on = len(plan.devices_used) if plan.strategy == "single" else len(plan.devices)
             name = f"{plan.strategy}/{planned_on}"
         recent = self._job_times.setdefault((model, plan.plan_id), deque(maxlen=MEASURED_JOBS))
-        recent.append(seconds + self._client_hops(model))
+        recent.append(seconds + self._client_hops())
         if len(recent) < MEASURED_JOBS:
             return False
         median = statistics.median(recent)
@@ -302,7 +302,7 @@ class Planning:
         expected = self._measured.get(model, {}).get(chosen, plan.predicted_latency_s)
         return median < expected
 
-    def _client_hops(self, model: str) -> float:
+    def _client_hops(self) -> float:
         """The image's hop to the leader and the result's back, as the replay prices them."""
         birth = self._births.get(self.leader)
         if birth is None or birth.link is None:

@@ -13,7 +13,7 @@ planner charges a fixed cost per op invocation.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Protocol
 
 from edgedi.models.units import ModelSpec
@@ -83,8 +83,3 @@ def fit_unit_times(
         tail_s=max(0.0, tail_s),
         copy_s_per_byte=max(0.0, copy_s_per_byte),
     )
-
-
-def unit_classes(count: int) -> Sequence[str]:
-    """The names per-unit cost classes take in a unit-keyed block table."""
-    return tuple(f"unit{index}" for index in range(count))

@@ -121,31 +121,6 @@ class Auto(Strategy):
     name = "auto"
     summary = "fastest replayed plan of every strategy"
 
-    def plan(
-        self,
-        spec: ModelSpec,
-        devices: Sequence[DeviceProfile],
-        *,
-        epoch: int = 0,
-        leader: str | None = None,
-        network: NetworkModel | None = None,
-        plan_id: str | None = None,
-        created_at: float | None = None,
-        tail_on_leader: bool = False,
-    ) -> Plan:
-        leader = leader or devices[0].device
-        found = candidates(
-            spec,
-            devices,
-            leader=leader,
-            network=network,
-            epoch=epoch,
-            created_at=created_at,
-            tail_on_leader=tail_on_leader,
-        )
-        best = choose(found)
-        return labelled(best, plan_id, devices)
-
     def plan_problem(
         self,
         problem: PlanningProblem,
@@ -154,16 +129,16 @@ class Auto(Strategy):
         plan_id: str | None = None,
         created_at: float | None = None,
     ) -> Plan:
-        return self.plan(
+        found = candidates(
             problem.spec,
             problem.devices,
-            epoch=epoch,
             leader=problem.fleet.ids[problem.leader],
             network=problem.network,
-            plan_id=plan_id,
+            epoch=epoch,
             created_at=created_at,
             tail_on_leader=problem.tail_on_leader,
         )
+        return labelled(choose(found), plan_id, problem.devices)
 
     def decide(self, problem: PlanningProblem) -> Decision:
         raise InfeasiblePlanError("auto chooses among whole plans, not segments")

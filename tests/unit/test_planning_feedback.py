@@ -57,7 +57,7 @@ async def test_an_auto_plan_that_measures_slow_is_replanned_with_fitted_costs() 
         pytest.skip("auto chose one device here: nothing between devices to fit")
 
     measured = first.predicted_latency_s * 3
-    hops = planning._client_hops(MODEL)
+    hops = planning._client_hops()
     results = [planning.observe_job(MODEL, first, measured - hops) for _ in range(MEASURED_JOBS)]
     assert results == [False] * (MEASURED_JOBS - 1) + [True]
     assert replans == [True]
@@ -81,7 +81,7 @@ async def test_auto_measures_its_best_candidates_then_keeps_the_fastest() -> Non
     planning = Planning("a", SIZE, "auto")
     births = {d: birth(d, 1.0) for d in ("a", "b")}
     planning.update(births, list(births), 1)
-    hops = planning._client_hops(MODEL)
+    hops = planning._client_hops()
     tried: list[str] = []
     plan = await planning.plan_for(MODEL)
     for _ in range(5):  # within its prediction: only exploration moves it on
