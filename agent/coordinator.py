@@ -199,7 +199,14 @@ class _DeviceLost:
     device: str
 
 
-_Inbound = ReductionPartial | TileResult | TileFailed | _DeviceLost
+@dataclass(frozen=True)
+class _Reconnected:
+    """Internal inbox item: the connection to the broker was lost and is back."""
+
+    job_id: str
+
+
+_Inbound = ReductionPartial | TileResult | TileFailed | _DeviceLost | _Reconnected
 
 
 @dataclass
@@ -437,6 +444,14 @@ class Coordinator:
             for device in sorted(gone & _unfinished_devices(job)):
                 self._deliver(job, _DeviceLost(job.job_id, device))
 
+    def connection_restored(self) -> None:
+        """The broker connection is back: devices' messages to each other may have been
+        lost meanwhile, so direct runs in progress go to the relayed path now rather
+        than when they turn overdue."""
+        for job in self._jobs.values():
+            if job.direct_devices:
+                self._deliver(job, _Reconnected(job.job_id))
+
     def _deliver(self, job: _Job, item: _Inbound) -> None:
         try:
             job.inbox.put_nowait(item)
@@ -642,6 +657,9 @@ class Coordinator:
             if isinstance(item, _DeviceLost):
                 reason = f"device {item.device} left"
                 break
+            if isinstance(item, _Reconnected):
+                reason = "the broker connection was lost and restored"
+                break
             if isinstance(item, ReductionPartial) or item.attempt != 0:
                 continue
             if isinstance(item, TileFailed):
@@ -791,6 +809,8 @@ class Coordinator:
             except TimeoutError:
                 await self._chase_stragglers(job, state, records)
                 continue
+            if isinstance(item, _Reconnected):
+                continue  # meant for a direct run that has given up already
             if isinstance(item, _DeviceLost):
                 for record in records:
                     if item.device in record.devices:

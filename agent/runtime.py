@@ -437,6 +437,8 @@ class Agent:
             if record.status != "stopped":
                 self.membership.heartbeat(record.device, record.session, now=now)
         self._reconnected = True
+        if self.coordinator is not None:
+            self.coordinator.connection_restored()
 
     async def _announce(self) -> None:
         """Birth, then state online (both retained); on connect and on a rebirth request."""
