@@ -112,8 +112,11 @@ class InferenceClient:
         timeout: float = 30.0,  # noqa: ASYNC109 - also sent as the job's deadline
         retry_s: float = DEFAULT_RETRY_S,
         strategy: str | None = None,
+        trace: bool = False,
     ) -> JobResult:
         """Submit `image` (grayscale, (H, W) or (1, H, W)) and await its result.
+
+        `trace` asks the devices for the job's timeline (`JobResult.trace`).
 
         Raises `JobTimeout` when no result arrives within `timeout` seconds.
         """
@@ -147,6 +150,7 @@ class InferenceClient:
                     # A little less than our own patience, so a deadline error still reaches us.
                     deadline_seconds=max(0.05, remaining - min(1.0, 0.1 * remaining)),
                     strategy=strategy,
+                    trace=trace,
                 )
                 try:
                     await self.session.publish(JOB_SUBMIT, submit, timeout=max(0.1, remaining))

@@ -86,14 +86,18 @@ from edgedi.agent.planning import Planning, PlanningError
 from edgedi.broker.errors import BrokerError
 from edgedi.broker.ids import DeviceId, JobId
 from edgedi.broker.messages import (
+    MAX_TRACE_SPANS,
     CancelJob,
     GateValue,
     JobResult,
+    JobSpan,
     JobSubmit,
     ReductionPartial,
+    SpanKind,
     TileFailed,
     TileResult,
     TileTask,
+    TileTrace,
     new_message_id,
 )
 from edgedi.broker.plan import Plan
@@ -247,10 +251,36 @@ class _Job:
     """Devices holding direct tasks of the job while the direct plane runs."""
     direct_failed: set[str] = field(default_factory=set)
     """Devices that got direct tasks of a run that gave up: cancelled at the end."""
+    trace_origin: float = field(default_factory=time.time)
+    """Wall time the job's trace counts from (`JobSubmit.trace`)."""
+    spans: list[JobSpan] = field(default_factory=list)
 
     @property
     def job_id(self) -> JobId:
         return self.submit.job_id
+
+    def span(
+        self,
+        device: str,
+        what: SpanKind,
+        start: float,
+        end: float,
+        segment: int | None = None,
+        tile: int | None = None,
+    ) -> None:
+        """Record an interval of a traced job (wall times; nothing when not traced)."""
+        if not self.submit.trace or len(self.spans) >= MAX_TRACE_SPANS:
+            return
+        self.spans.append(
+            JobSpan(
+                device=DeviceId(device),
+                segment=segment,
+                tile=tile,
+                what=what,
+                start_ms=(start - self.trace_origin) * 1000.0,
+                end_ms=(max(start, end) - self.trace_origin) * 1000.0,
+            )
+        )
 
     def add_time(self, stage: str, seconds: float) -> None:
         self.timings[stage] = self.timings.get(stage, 0.0) + seconds * 1000.0
@@ -417,12 +447,18 @@ class Coordinator:
         job.abandoned = True
         job.task.cancel()
 
-    def route(self, message: ReductionPartial | TileResult | TileFailed) -> None:
-        """A worker's partial, result or failure, for the job that owns it."""
+    def route(self, message: ReductionPartial | TileResult | TileFailed | TileTrace) -> None:
+        """A worker's partial, result, failure or trace, for the job that owns it."""
         job = self._jobs.get(message.job_id)
         if job is None or message.epoch != self.epoch:
             self.statistics.dropped_messages += 1
             logger.debug("dropped %s for job %s (not in progress)", message.kind, message.job_id)
+            return
+        if isinstance(message, TileTrace):
+            for span in message.spans:
+                job.span(
+                    message.device, span.what, span.start, span.end, message.segment, message.tile
+                )
             return
         if message.device in self._suspect_since and any(
             message.device in record.sent.values() for record in job.tiles.values()
@@ -594,6 +630,7 @@ class Coordinator:
                     functools.partial(_tail_from_pooled, held, layout.last + 1, pooled)
                 )
                 job.add_time("tail", time.time() - started)
+                job.span(self.device_id, "tail", started, time.time())
             else:
                 x = _stitch(layout, outputs)
                 job.add_time("gather", time.time() - started)
@@ -604,6 +641,7 @@ class Coordinator:
                 functools.partial(_tail_from_map, held, segments[-1][0].last + 1, x)
             )
             job.add_time("tail", time.time() - started)
+            job.span(self.device_id, "tail", started, time.time())
         assert logits is not None
         return self._success(job, held, plan, logits)
 
@@ -641,6 +679,7 @@ class Coordinator:
         if not await self._send_tasks(job, tasks):
             return None
         job.add_time("scatter", time.time() - started)
+        job.span(self.device_id, "scatter", started, time.time())
         last_layout, last_assignments = segments[-1]
         owners = {a.index: a.device for a in last_assignments}
         overdue_s = self._overdue_after(plan.predicted_latency_s)
@@ -713,6 +752,7 @@ class Coordinator:
             plan_id=plan.plan_id,
             strategy=plan.strategy,
             devices=tuple(DeviceId(device) for device in sorted(job.devices)),
+            trace=tuple(sorted(job.spans, key=lambda span: (span.start_ms, span.device))),
         )
 
     def _segments(
@@ -799,6 +839,7 @@ class Coordinator:
         await self._send_tasks(job, [record.task for record in records])
         scattered = time.time()
         job.add_time("scatter", scattered - started)
+        job.span(self.device_id, "scatter", started, scattered, segment=position)
 
         state = _SegmentState(layout, position)
         while len(state.outputs) < layout.count:
@@ -955,6 +996,7 @@ class Coordinator:
             tensor=Tensor(tensor),
             deadline=job.deadline,
             local_gates=layout.count == 1 and bool(layout.gates),
+            trace=job.submit.trace,
         )
 
     async def _send_tasks(self, job: _Job, tasks: list[TileTask]) -> bool:

@@ -82,6 +82,7 @@ from edgedi.broker.messages import (
     TileResult,
     TileRows,
     TileTask,
+    TileTrace,
     UnitProfile,
 )
 from edgedi.broker.plan import Plan
@@ -600,7 +601,7 @@ class Agent:
 
     async def _on_job_message(self, received: Received) -> None:
         message = received.message
-        assert isinstance(message, ReductionPartial | TileResult | TileFailed)
+        assert isinstance(message, ReductionPartial | TileResult | TileFailed | TileTrace)
         if self.coordinator is not None:
             self.coordinator.route(message)
 
@@ -652,7 +653,7 @@ class Agent:
             return
         await self.session.publish(DEVICE_PEER, message, device=self.device_id, target=device)
 
-    async def send_tile_outcome(self, message: TileResult | TileFailed) -> None:
+    async def send_tile_outcome(self, message: TileResult | TileFailed | TileTrace) -> None:
         coordinator = self.coordinator
         if coordinator is not None and coordinator.owns(message.job_id):
             coordinator.route(message)

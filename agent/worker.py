@@ -30,7 +30,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -49,6 +49,8 @@ from edgedi.broker.messages import (
     TileResult,
     TileRows,
     TileTask,
+    TileTrace,
+    TraceSpan,
 )
 from edgedi.broker.ratelimit import RateLimitedLog
 from edgedi.broker.tensors import Tensor
@@ -77,7 +79,7 @@ class WorkerLinks(Protocol):
 
     async def send_partial(self, message: ReductionPartial) -> None: ...
 
-    async def send_tile_outcome(self, message: TileResult | TileFailed) -> None: ...
+    async def send_tile_outcome(self, message: TileResult | TileFailed | TileTrace) -> None: ...
 
     async def send_peer(self, device: str, message: TileRows | ReductionPartial) -> None:
         """Direct data plane: to another device, or to this one's own worker."""
@@ -115,6 +117,18 @@ class _Tile:
     received: npt.NDArray[np.bool_] | None = None
     """Direct task: which input rows have arrived (None: the task carried them)."""
     queued: bool = False
+    accepted_at: float = 0.0
+    """Wall time the task arrived (traced tiles: the start of their timeline)."""
+    ready_at: float = 0.0
+    """Wall time its input was complete."""
+    spans: list[TraceSpan] = field(default_factory=list)
+    """The timeline of a traced task (`TileTask.trace`)."""
+
+    def span(
+        self, what: Literal["rows", "queue", "compute", "gate"], start: float, end: float
+    ) -> None:
+        if self.task.trace:
+            self.spans.append(TraceSpan(what=what, start=start, end=max(start, end)))
 
     @property
     def waiting_for_rows(self) -> bool:
@@ -294,6 +308,7 @@ class Worker:
                     f"forwards rows {forward.rows} that the tile does not produce ({rows.out_rows})"
                 )
         tile = _Tile(task, held, layout, rows, columns)
+        tile.accepted_at = tile.ready_at = time.time()
         if task.tensor is None:
             tile.input = np.zeros(expected_shape, dtype=np.float32)
             tile.received = np.zeros(expected_shape[2], dtype=np.bool_)
@@ -369,6 +384,8 @@ class Worker:
         tile.received[start:stop] = True
         if tile.waiting_for_rows or tile.queued:
             return
+        tile.ready_at = time.time()
+        tile.span("rows", tile.accepted_at, tile.ready_at)
         try:
             self._queue.put_nowait(tile)
         except asyncio.QueueFull:
@@ -576,6 +593,7 @@ class Worker:
         task = tile.task
         key = _key(task)
         outcome: TileResult | TileFailed | None = None
+        tile.span("queue", tile.ready_at, time.time())
         try:
             remaining = task.deadline - time.time()
             async with asyncio.timeout(max(0.0, remaining)):
@@ -594,12 +612,32 @@ class Worker:
             self.statistics.failed += 1
         else:
             self.statistics.completed += 1
+        if task.trace:
+            await self._send_trace(tile)
         if outcome is None:
             return  # its rows went to the next segment's devices
         try:
             await self.links.send_tile_outcome(outcome)
         except BrokerError as error:
             logger.warning("could not send the outcome of tile %s: %s", key, error)
+
+    async def _send_trace(self, tile: _Tile) -> None:
+        """Before the outcome, on the same topic: the leader has it when the job ends."""
+        task = tile.task
+        trace = TileTrace(
+            sender=self.device_id,
+            job_id=task.job_id,
+            epoch=task.epoch,
+            segment=task.segment,
+            tile=task.tile,
+            device=self.device_id,
+            attempt=task.attempt,
+            spans=tuple(tile.spans[-256:]),
+        )
+        try:
+            await self.links.send_tile_outcome(trace)
+        except BrokerError as error:
+            logger.warning("could not send the trace of %s: %s", _key(task), error)
 
     def _failure(self, task: TileTask, reason: str) -> TileFailed:
         return TileFailed(
@@ -613,18 +651,21 @@ class Worker:
             attempt=task.attempt,
         )
 
-    async def _step(self, function: Callable[[], Any]) -> tuple[Any, float]:
+    async def _step(self, tile: _Tile, function: Callable[[], Any]) -> tuple[Any, float]:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, self._timed, function)
+        result, seconds, wall = await loop.run_in_executor(self.executor, self._timed, function)
+        tile.span("compute", wall, wall + seconds)
+        return result, seconds
 
-    def _timed(self, function: Callable[[], Any]) -> tuple[Any, float]:
+    def _timed(self, function: Callable[[], Any]) -> tuple[Any, float, float]:
         """Runs on the compute thread: the step, then the emulated slowdown."""
+        wall = time.time()
         started = time.perf_counter()
         result = function()
         elapsed = time.perf_counter() - started
         if self.slowdown > 1.0:
             time.sleep((self.slowdown - 1.0) * elapsed)
-        return result, time.perf_counter() - started
+        return result, time.perf_counter() - started, wall
 
     async def _compute(self, tile: _Tile) -> TileResult | TileFailed | None:
         """The tile's outcome for the leader; None when its rows went to its peers."""
@@ -650,16 +691,18 @@ class Worker:
             return _advance(runner, None, self.wire_dtype)
 
         try:
-            step, seconds = await self._step(start)
+            step, seconds = await self._step(tile, start)
         except _TileRefused as refusal:
             return self._failure(tile.task, str(refusal))
         tile.compute_seconds += seconds
         self.statistics.busy_seconds += seconds
         while isinstance(step, GatePartial):
             await self._publish_partial(tile, step)
+            waited = time.time()
             value = await self._gate_value(tile, step.index)
+            tile.span("gate", waited, time.time())
             step, seconds = await self._step(
-                functools.partial(_advance, runner_holder[0], value, self.wire_dtype)
+                tile, functools.partial(_advance, runner_holder[0], value, self.wire_dtype)
             )
             tile.compute_seconds += seconds
             self.statistics.busy_seconds += seconds

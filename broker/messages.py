@@ -61,6 +61,7 @@ __all__ = [
     "GateValue",
     "Heartbeat",
     "JobResult",
+    "JobSpan",
     "JobSubmit",
     "LeaderRecord",
     "LinkEstimate",
@@ -73,6 +74,8 @@ __all__ = [
     "TileResult",
     "TileRows",
     "TileTask",
+    "TileTrace",
+    "TraceSpan",
     "UnitProfile",
     "WireMessage",
     "decode",
@@ -281,6 +284,29 @@ class RebirthRequest(WireMessage):
     reason: ShortText = Field(default="", description="why, for the logs")
 
 
+MAX_TRACE_SPANS: Final = 4096
+"""Spans in one job's trace: far above what a 4-device plan of 20 segments makes."""
+
+SpanKind = Literal["scatter", "rows", "queue", "compute", "gate", "tail"]
+
+
+class JobSpan(BaseModel):
+    """One interval of a traced job on one device (see `JobSubmit.trace`)."""
+
+    model_config = _FROZEN_STRICT
+
+    device: DeviceIdField = Field(description="the device the interval was spent on")
+    segment: NonNegativeInt | None = Field(default=None, description="segment; null: none")
+    tile: NonNegativeInt | None = Field(default=None, description="tile; null: none")
+    what: SpanKind = Field(
+        description="scatter (the leader sends the tasks), rows (a tile waits for its input "
+        "rows), queue (for the compute thread), compute, gate (waits for a gate's partials), "
+        "tail (the leader runs pool and classifier)"
+    )
+    start_ms: FiniteFloat = Field(description="start, ms after the leader took the job")
+    end_ms: FiniteFloat = Field(description="end, ms after the leader took the job")
+
+
 class JobResult(WireMessage):
     """A job's final outcome: exactly one per submitted job (JSON, for any MQTT client)."""
 
@@ -306,6 +332,12 @@ class JobResult(WireMessage):
         default=False,
         description="an error of the cluster's state (no workers, tiles lost, deadline), "
         "not of the job: resubmitting the same job id runs it again",
+    )
+    trace: tuple[JobSpan, ...] = Field(
+        default=(),
+        max_length=MAX_TRACE_SPANS,
+        description="the job's timeline when the submit asked for one: each device's own "
+        "wall clock against the leader's, so spans of devices whose clocks disagree shift",
     )
 
     @model_validator(mode="after")
@@ -340,6 +372,11 @@ class JobSubmit(_TensorMessage):
     strategy: Name | None = Field(
         default=None,
         description="partitioning strategy for this job (e.g. 'single'); null: the cluster's",
+    )
+    trace: bool = Field(
+        default=False,
+        description="ask every device for the timeline of its tiles; the result carries it "
+        "(a diagnostic: each tile sends one more small message)",
     )
 
 
@@ -413,6 +450,9 @@ class TileTask(_TensorMessage):
         description="direct data plane: the next segment's tiles that need rows of this "
         "tile's output; they get them straight from this device and no `TileResult` "
         "goes to the leader. Empty: the output goes to the leader",
+    )
+    trace: bool = Field(
+        default=False, description="send the leader a `TileTrace` of this tile's timeline"
     )
 
     @model_validator(mode="after")
@@ -512,6 +552,31 @@ class LinkProbe(_TensorMessage):
     device: DeviceIdField = Field(description="the device (also in the topic)")
     probe: NonNegativeInt = Field(description="counts up per probe of this measurement")
     padding: bytes = Field(max_length=4 * 1024 * 1024, description="payload of the probe's size")
+
+
+class TraceSpan(BaseModel):
+    """One interval of a tile's timeline, on the clock of the device that ran it."""
+
+    model_config = _FROZEN_STRICT
+
+    what: Literal["rows", "queue", "compute", "gate"] = Field(description="see `JobSpan`")
+    start: FiniteFloat = Field(description="unix time on the device, seconds")
+    end: FiniteFloat = Field(description="unix time on the device, seconds")
+
+
+class TileTrace(_TensorMessage):
+    """A traced tile's timeline, sent to the leader before the tile's other outcome."""
+
+    kind: Literal["tile_trace"] = "tile_trace"
+    job_id: JobIdField = Field(description="the job (also in the topic)")
+    epoch: NonNegativeInt = Field(description="epoch of the task's leader")
+    segment: NonNegativeInt = Field(description="index of the fused segment")
+    tile: NonNegativeInt = Field(description="index of the tile")
+    device: DeviceIdField = Field(description="the worker")
+    attempt: NonNegativeInt = Field(default=0, description="the task's attempt number")
+    spans: tuple[TraceSpan, ...] = Field(
+        max_length=256, description="the tile's intervals, in order"
+    )
 
 
 class TileFailed(_TensorMessage):

@@ -46,6 +46,7 @@ from .messages import (
     TileResult,
     TileRows,
     TileTask,
+    TileTrace,
     WireMessage,
     decode,
     encode,
@@ -296,8 +297,8 @@ JOB_TILES: Final = TopicSpec(
     pattern="jobs/{job_id}/tiles",
     qos=1,
     retain=False,
-    kinds=(TileResult, TileFailed),
-    description="Workers' tile outputs (or failures), to the leader.",
+    kinds=(TileResult, TileFailed, TileTrace),
+    description="Workers' tile outputs (or failures), and traced tiles' timelines, to the leader.",
 )
 JOB_RESULT: Final = TopicSpec(
     name="job_result",

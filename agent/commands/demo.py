@@ -309,6 +309,47 @@ async def _timed(
     return run
 
 
+async def _traced_job(
+    client: InferenceClient, item: _Image, model: str, limit_s: float
+) -> JobResult | None:
+    from edgedi.agent.client import JobTimeout
+
+    try:
+        result = await client.infer(item.image, model, timeout=limit_s, trace=True)
+    except JobTimeout:
+        return None
+    return result if result.status == "ok" and result.trace else None
+
+
+def _trace_summary(result: JobResult) -> tuple[list[str], dict[str, Any]]:
+    """A traced job's chart and per-device times, for the person and for `--json`."""
+    from edgedi.agent.trace_chart import LEGEND, device_times, render_trace
+
+    total = result.latency_ms.get("total", 0.0)
+    times = device_times(result.trace)
+    lines = [
+        "",
+        f"one more job, traced ({result.strategy}, {total:.1f} ms on the leader; each "
+        "device's own clock):",
+        *("  " + line for line in render_trace(result.trace)),
+        f"  {LEGEND}",
+        "  per device: "
+        + "; ".join(
+            f"{t.device} computes {t.compute_ms:.0f} ms, idle {t.idle_ms:.0f} ms" for t in times
+        ),
+    ]
+    figures = {
+        "strategy": result.strategy,
+        "total_ms": total,
+        "spans": [span.model_dump(mode="json") for span in result.trace],
+        "devices": {
+            t.device: {"compute_ms": t.compute_ms, "idle_ms": t.idle_ms, "until_ms": t.until_ms}
+            for t in times
+        },
+    }
+    return lines, figures
+
+
 async def _stream(
     args: argparse.Namespace, cluster: LocalCluster, plan: Plan, network: Any, weights: _Weights
 ) -> int:
@@ -368,10 +409,16 @@ async def _stream(
                 bar.advance()
         announcement = await client.current_plan()
         final = announcement.plan if announcement is not None else plan
+        # One more job, not counted, with its timeline: where the time of a job goes.
+        traced = await _traced_job(client, items[0], args.model, args.timeout)
     reference = await asyncio.to_thread(_reference_probabilities, network, items)
     lines, figures = _summary(args, cluster, items, weights, reference, final)
     for line in lines:
         _say(line)
+    if traced is not None:
+        trace_lines, figures["trace"] = _trace_summary(traced)
+        for line in trace_lines:
+            _say(line)
     if args.json:
         print(json.dumps(figures, sort_keys=True))
         sys.stdout.flush()

@@ -127,3 +127,32 @@ async def test_devices_measure_their_link_and_tiles_and_plan_auto_with_them(
                 assert result.latency_ms["predicted"] > 0
                 expected = reference_probabilities(model, image)
                 np.testing.assert_allclose(result.probabilities, expected, atol=1e-5)
+
+
+async def test_a_traced_job_carries_every_tile_timeline(
+    broker: BrokerHandle, topic_root: TopicRoot
+) -> None:
+    async with running_cluster(broker, topic_root, speeds=(1.0, 1.0, 1.0)) as cluster:
+        await cluster.wait_for_plan()
+        async with connect(broker.host, broker.port, root=topic_root) as client:
+            image = sample_image(5)
+            result = await client.infer(image, "tiny-edgedi", strategy="equal", trace=True)
+            plain = await client.infer(image, "tiny-edgedi", strategy="equal")
+        assert result.status == "ok", result.error
+        np.testing.assert_allclose(
+            result.probabilities, reference_probabilities("tiny-edgedi", image), atol=1e-5
+        )
+        assert plain.trace == ()  # only asked-for traces travel
+        total = result.latency_ms["total"]
+        # Every tile of every segment sent its timeline, and the leader added its own.
+        computed = {(s.device, s.segment, s.tile) for s in result.trace if s.what == "compute"}
+        leader = cluster.leader().device_id
+        announcement_devices = {agent.device_id for agent in cluster.agents}
+        assert {device for device, _, _ in computed} == announcement_devices
+        segments = {segment for _, segment, _ in computed}
+        assert segments == set(range(max(segments) + 1))
+        assert {(s.device, s.what) for s in result.trace} >= {(leader, "scatter"), (leader, "tail")}
+        for span in result.trace:
+            assert span.start_ms <= span.end_ms
+            # One clock on this machine: every interval lies within the job.
+            assert span.start_ms >= -1.0 and span.end_ms <= total + 1.0, span

@@ -45,6 +45,8 @@ from edgedi.broker.messages import (
     TileResult,
     TileRows,
     TileTask,
+    TileTrace,
+    TraceSpan,
     WireMessage,
     decode,
     decode_as,
@@ -205,6 +207,18 @@ def samples() -> dict[str, WireMessage]:
             tile=0,
             device="pi-2",
             reason="out of memory",
+        ),
+        "tile_trace": TileTrace(
+            **_COMMON,
+            job_id="job-42",
+            epoch=4,
+            segment=1,
+            tile=0,
+            device="pi-2",
+            spans=(
+                TraceSpan(what="rows", start=1_700_000_000.0, end=1_700_000_000.25),
+                TraceSpan(what="compute", start=1_700_000_000.25, end=1_700_000_000.5),
+            ),
         ),
     }
 

@@ -45,6 +45,7 @@ from edgedi.broker.messages import (
     TileResult,
     TileRows,
     TileTask,
+    TileTrace,
 )
 from edgedi.broker.tensors import Tensor
 from edgedi.models.checkpoints import load_model
@@ -123,7 +124,7 @@ class Links:
     async def send_partial(self, message: ReductionPartial) -> None:
         await self._to_leader(message)
 
-    async def send_tile_outcome(self, message: TileResult | TileFailed) -> None:
+    async def send_tile_outcome(self, message: TileResult | TileFailed | TileTrace) -> None:
         await self._to_leader(message)
 
     async def _to_leader(self, message: ReductionPartial | TileResult | TileFailed) -> None:
@@ -167,7 +168,7 @@ class _WorkerLinks:
     async def send_partial(self, message: ReductionPartial) -> None:
         await self.links.send_partial(message)
 
-    async def send_tile_outcome(self, message: TileResult | TileFailed) -> None:
+    async def send_tile_outcome(self, message: TileResult | TileFailed | TileTrace) -> None:
         await self.links.send_tile_outcome(message)
 
 

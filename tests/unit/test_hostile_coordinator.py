@@ -51,6 +51,7 @@ from edgedi.broker.messages import (
     TileFailed,
     TileResult,
     TileTask,
+    TileTrace,
 )
 from edgedi.broker.tensors import Tensor
 from edgedi.models.checkpoints import load_model
@@ -173,7 +174,7 @@ class Cluster:
     async def send_partial(self, message: ReductionPartial) -> None:
         self._forward(message)
 
-    async def send_tile_outcome(self, message: TileResult | TileFailed) -> None:
+    async def send_tile_outcome(self, message: TileResult | TileFailed | TileTrace) -> None:
         self.answers.append(message)
         self._forward(message)
 

@@ -38,6 +38,7 @@ from edgedi.broker.messages import (
     TileFailed,
     TileResult,
     TileTask,
+    TileTrace,
 )
 from edgedi.broker.tensors import Tensor
 
@@ -92,7 +93,7 @@ class Outbox:
     async def send_partial(self, message: ReductionPartial) -> None:
         self.partials.put_nowait(message)
 
-    async def send_tile_outcome(self, message: TileResult | TileFailed) -> None:
+    async def send_tile_outcome(self, message: TileResult | TileFailed | TileTrace) -> None:
         self.outcomes.put_nowait(message)
 
     async def outcome(self) -> TileResult | TileFailed:
