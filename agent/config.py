@@ -159,6 +159,12 @@ class JobSettings(_Section):
         "(the leader only scatters the input and runs the tail); off: every segment "
         "boundary and gate round goes through the leader",
     )
+    split_head: bool = Field(
+        True,
+        description="direct data plane, a head that starts with a linear layer on the whole "
+        "map (VGG-16's classifier): each last-segment tile applies that layer to its own "
+        "rows and sends the partial sums; off: the rows go to the leader, which runs it all",
+    )
     journal_size: int = Field(
         256,
         ge=1,

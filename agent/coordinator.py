@@ -104,8 +104,10 @@ from edgedi.broker.plan import Plan
 from edgedi.broker.ratelimit import RateLimitedLog
 from edgedi.broker.tensors import Tensor
 from edgedi.models.data import CLASSES
+from edgedi.models.head_split import tail_from_head_partials
 from edgedi.models.tiling import run_tail
 from edgedi.models.training import normalize
+from edgedi.models.units import splittable_head
 
 __all__ = ["Coordinator", "CoordinatorLinks", "CoordinatorStatistics", "TileRecord"]
 
@@ -622,7 +624,14 @@ class Coordinator:
             else:
                 outputs = await self._run_segment(job, held, position, layout, assignments, x)
             started = time.time()
-            if position == len(segments) - 1 and pooled_tail:
+            if direct is not None and self._splits_head(held, segments):
+                partials = [outputs[tile] for tile in sorted(outputs)]
+                logits = await self.links.compute(
+                    functools.partial(_tail_from_head_partials, held, partials)
+                )
+                job.add_time("tail", time.time() - started)
+                job.span(self.device_id, "tail", started, time.time())
+            elif position == len(segments) - 1 and pooled_tail:
                 pooled = _pooled_mean(outputs, held.spec.tail_units[0].in_shape)
                 job.add_time("gather", time.time() - started)
                 started = time.time()
@@ -644,6 +653,13 @@ class Coordinator:
             job.span(self.device_id, "tail", started, time.time())
         assert logits is not None
         return self._success(job, held, plan, logits)
+
+    def _splits_head(
+        self, held: HeldModel, segments: list[tuple[SegmentLayout, tuple[TileAssignment, ...]]]
+    ) -> bool:
+        """Direct runs: the last tiles send their share of the head's first layer."""
+        unit = splittable_head(held.spec)
+        return self.settings.split_head and unit is not None and segments[-1][0].last + 1 == unit
 
     async def _run_direct(
         self,
@@ -670,7 +686,9 @@ class Coordinator:
         template = self._tile_task(
             job, held, plan, 0, segments[0][0], segments[0][1][0], x
         ).model_copy(update={"tensor": None})
-        tasks = direct_tasks(template, segments, x, self.settings.wire_dtype)
+        tasks = direct_tasks(
+            template, segments, x, self.settings.wire_dtype, self._splits_head(held, segments)
+        )
         # The first segment's remote tiles first: they are on the critical path; the
         # later segments' tasks are small and only needed when their rows arrive.
         tasks.sort(key=lambda t: (t.segment > 0, t.device == self.device_id))
@@ -707,7 +725,11 @@ class Coordinator:
             if item.segment != len(segments) - 1 or owners.get(item.tile) != item.device:
                 self.statistics.dropped_messages += 1
                 continue
-            problem = _check_output(last_layout, item)
+            problem = (
+                _check_head_partial(held, last_layout, item)
+                if item.head_partial
+                else _check_output(last_layout, item)
+            )
             if problem is not None:
                 reason = f"bad result from {item.device}: {problem}"
                 break
@@ -1266,6 +1288,31 @@ def _check_image(image: Tensor, size: int) -> npt.NDArray[Any]:
         raise JobFailed("bad image: it holds NaN or infinite values", permanent=True)
     # A writable copy: torch warns about (and must not write into) read-only buffers.
     return np.array(image.array.reshape(1, size, size))
+
+
+def _check_head_partial(held: HeldModel, layout: SegmentLayout, result: TileResult) -> str | None:
+    rows, _ = layout.tile(result.tile)
+    if tuple(result.output_rows) != (rows.out_rows.start, rows.out_rows.stop):
+        return f"output rows {result.output_rows}, expected {rows.out_rows}"
+    unit = splittable_head(held.spec)
+    if unit is None:
+        return "a head partial of a model whose head cannot be split"
+    expected = (1, held.spec.units[unit].main[0].out_channels)
+    if result.tensor.shape != expected:
+        return f"head partial of shape {list(result.tensor.shape)}, expected {list(expected)}"
+    if result.tensor.dtype not in _TILE_DTYPES:
+        return f"output dtype {result.tensor.dtype}"
+    if not result.tensor.is_finite():
+        return "output holds NaN or infinite values"
+    return None
+
+
+def _tail_from_head_partials(
+    held: HeldModel, partials: list[npt.NDArray[np.float32]]
+) -> npt.NDArray[np.float64]:
+    """Compute thread: the tail from the last tiles' shares of the head's first layer."""
+    logits: npt.NDArray[np.float64] = tail_from_head_partials(held.model, partials).double().numpy()
+    return logits
 
 
 def _check_output(layout: SegmentLayout, result: TileResult) -> str | None:

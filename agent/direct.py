@@ -72,11 +72,14 @@ def direct_tasks(
     segments: Segments,
     x: npt.NDArray[np.float32],
     wire_dtype: str,
+    head_partial: bool = False,
 ) -> list[TileTask]:
     """Every tile task of the job, in segment order.
 
     `template` carries the job's fields (job, epoch, plan, model, deadline); each
     task replaces the segment and tile ones. `x` is the first segment's input.
+    With `head_partial` the last segment's tiles answer with their share of the
+    head's first linear layer (`edgedi.models.head_split`) instead of their rows.
     """
     tasks: list[TileTask] = []
     for position, (layout, assignments) in enumerate(segments):
@@ -115,6 +118,7 @@ def direct_tasks(
                         "local_gates": layout.count == 1 and bool(layout.gates),
                         "peers": peers,
                         "forward": sends[assignment.index],
+                        "head_partial": head_partial and last,
                         "message_id": new_message_id(),
                     }
                 )

@@ -54,8 +54,9 @@ from edgedi.broker.messages import (
 )
 from edgedi.broker.ratelimit import RateLimitedLog
 from edgedi.broker.tensors import Tensor
+from edgedi.models.head_split import head_partial
 from edgedi.models.tiling import GatePartial, TileRunner, run_tile
-from edgedi.models.units import TileGeometry
+from edgedi.models.units import TileGeometry, splittable_head
 
 __all__ = ["Worker", "WorkerLinks", "WorkerStatistics"]
 
@@ -301,6 +302,15 @@ class Worker:
         if tuple(task.output_rows) != (rows.out_rows.start, rows.out_rows.stop):
             raise _TileRefused(
                 f"output rows {task.output_rows} disagree with the geometry {rows.out_rows}"
+            )
+        if task.head_partial and (
+            task.forward
+            or layout.column_parts is not None
+            or splittable_head(held.spec) != task.last_unit + 1
+        ):
+            raise _TileRefused(
+                "a head partial needs the last segment's row strip of a model whose head "
+                "starts with a linear layer on the whole map"
             )
         for forward in task.forward:
             if not rows.out_rows.start <= forward.rows[0] < forward.rows[1] <= rows.out_rows.stop:
@@ -710,6 +720,15 @@ class Worker:
         if task.forward:
             await self._forward(tile, output)
             return None
+        out_rows = (tile.rows.out_rows.start, tile.rows.out_rows.stop)
+        if task.head_partial:
+            rows_output = output
+            output, seconds = await self._step(
+                tile,
+                lambda: head_partial(tile.held.model, out_rows, torch.from_numpy(rows_output)),
+            )
+            tile.compute_seconds += seconds
+            self.statistics.busy_seconds += seconds
         columns = tile.columns.out_rows
         return TileResult(
             sender=self.device_id,
@@ -718,11 +737,12 @@ class Worker:
             segment=task.segment,
             tile=task.tile,
             device=self.device_id,
-            output_rows=(tile.rows.out_rows.start, tile.rows.out_rows.stop),
+            output_rows=out_rows,
             output_columns=(columns.start, columns.stop),
             tensor=Tensor(output),
             compute_seconds=tile.compute_seconds,
             attempt=task.attempt,
+            head_partial=task.head_partial,
         )
 
     async def _forward(self, tile: _Tile, output: npt.NDArray[Any]) -> None:

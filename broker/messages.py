@@ -454,6 +454,12 @@ class TileTask(_TensorMessage):
     trace: bool = Field(
         default=False, description="send the leader a `TileTrace` of this tile's timeline"
     )
+    head_partial: bool = Field(
+        default=False,
+        description="direct data plane, last segment, a head that starts with a linear layer "
+        "on the whole map: answer with this tile's rows times their block of that layer's "
+        "weights (a (1, out) vector, no bias) instead of the rows",
+    )
 
     @model_validator(mode="after")
     def _direct(self) -> TileTask:
@@ -525,6 +531,11 @@ class TileResult(_TensorMessage):
     tensor: Tensor = Field(description="the output rows")
     compute_seconds: NonNegativeFloat = Field(description="time spent computing, seconds")
     attempt: NonNegativeInt = Field(default=0, description="the task's attempt number")
+    head_partial: bool = Field(
+        default=False,
+        description="`tensor` is the head's first linear layer applied to `output_rows` "
+        "(see `TileTask.head_partial`), not the rows",
+    )
 
 
 class TileRows(_TensorMessage):

@@ -519,3 +519,17 @@ def split_rows(height: int, weights: Sequence[float]) -> list[Rows]:
         parts.append(Rows(cursor, cursor + count))
         cursor += count
     return parts
+
+
+def splittable_head(spec: ModelSpec) -> int | None:
+    """The head unit whose first op is a linear layer on the whole last map, or None.
+
+    Such a head can be split by the rows of the map it reads (`models.head_split`).
+
+    Only when the head follows the last spatial unit directly: a global average
+    pool in between already makes the tail small.
+    """
+    tail = spec.tail_units
+    if len(tail) != 1 or tail[0].kind != "head" or tail[0].main[0].kind != "linear":
+        return None
+    return spec.units.index(tail[0])

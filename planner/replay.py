@@ -13,6 +13,9 @@ it, with the costs each device measured on itself:
 4. at a segment's end each tile sends the rows each next-segment tile needs straight
    to that tile's device (rows kept on the same device cost nothing);
 5. the last segment's tiles send their output to the leader, which runs the tail;
+   when the head starts with a linear layer on the whole map (VGG-16), each last
+   tile first applies its block of that layer and sends the partial sums instead
+   (`edgedi.models.head_split`), and the leader runs only the rest of the head;
 6. the result reaches the client (one hop).
 
 Compute comes from the per-unit tile costs (`DeviceProfile.unit_times`, measured
@@ -31,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from edgedi.broker.plan import Plan
-from edgedi.models.units import ModelSpec, Rows, TileGeometry, segment_tiles
+from edgedi.models.units import ModelSpec, Rows, TileGeometry, segment_tiles, splittable_head
 from edgedi.planner.cost import (
     PARTIAL_BYTES_PER_CHANNEL,
     NetworkModel,
@@ -125,8 +128,13 @@ def replay_plan(
     spec: ModelSpec,
     devices: Sequence[DeviceProfile],
     network: NetworkModel | None = None,
+    *,
+    split_head: bool = True,
 ) -> Replay:
-    """The client-side latency of one job run with `plan` on the direct data plane."""
+    """The client-side latency of one job run with `plan` on the direct data plane.
+
+    `split_head` as the runtime's `jobs.split_head` (on by default there too).
+    """
     network = network or NetworkModel()
     if not supports_replay(plan):
         raise InfeasiblePlanError("only row-strip plans run on the direct data plane")
@@ -145,6 +153,18 @@ def replay_plan(
         cpu[device] = start + seconds
         events.append(ReplayEvent(device, "compute", label, start, start + seconds))
         return start + seconds
+
+    def tail_of(device: str) -> float:
+        """The whole tail on `device`: measured there, else the plan's (the leader's)."""
+        measured = profiles[device].units_for(digest)
+        return measured.tail_s if measured is not None else plan.tail_s
+
+    head = splittable_head(spec) if split_head else None
+    head_share, head_bytes = 0.0, 0.0
+    if head is not None:
+        ops = spec.units[head].main
+        head_share = ops[0].macs() / max(1, sum(op.macs() for op in ops))
+        head_bytes = float(ops[0].out_channels * 4)  # a float32 vector of partial sums
 
     lead = profiles[leader]
     height, width = spec.input_shape[1], spec.input_shape[2]
@@ -207,6 +227,11 @@ def replay_plan(
             row_bytes = float(spatial[segment.last_unit].out_row_bytes)
             for k, (device, tile) in enumerate(tiles):
                 out_bytes = len(tile.out_rows) * row_bytes
+                if head is not None and len(tile.out_rows) > 0:
+                    share = len(tile.out_rows) / spatial[segment.last_unit].out_shape[1]
+                    seconds = tail_of(device) * head_share * share
+                    finish[k] = compute(device, finish[k], seconds, f"s{number} tile {k} head")
+                    out_bytes = head_bytes
                 outputs.append(
                     links.send(finish[k], device, leader, out_bytes, f"s{number} output")
                 )
@@ -228,8 +253,7 @@ def replay_plan(
         ready = needs
 
     tail_ready = max(outputs)
-    measured = lead.units_for(digest)
-    tail_s = measured.tail_s if measured is not None else plan.tail_s
+    tail_s = tail_of(leader) * (1.0 - head_share if head is not None else 1.0)
     done = compute(leader, tail_ready, tail_s, "tail")
     latency = done + lead.latency_s
     return Replay(

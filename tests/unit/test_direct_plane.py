@@ -13,6 +13,7 @@ fall back to the relayed path and it still completes exactly once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 from collections.abc import AsyncIterator, Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
@@ -63,7 +64,7 @@ RESULT_TIMEOUT_S = 60.0  # bounds a hang only
 _NUMBERS = itertools.count()
 
 
-def birth(device: str) -> DeviceBirth:
+def birth(device: str, models: tuple[str, ...] = MODELS) -> DeviceBirth:
     profile = {
         name: (1e-10, 3e-6)
         for name in ("conv1x1", "conv3x3", "convkxk", "depthwise", "pool", "gate", "fc")
@@ -74,7 +75,7 @@ def birth(device: str) -> DeviceBirth:
         session=1,
         candidate=True,
         capabilities=DeviceCapabilities(
-            cores=1, memory_bytes=2**30, machine="test", software_version="test", models=MODELS
+            cores=1, memory_bytes=2**30, machine="test", software_version="test", models=models
         ),
         profile=profile,
         link=LinkEstimate(bandwidth_bytes_per_second=1.25e8, latency_seconds=1e-4),
@@ -195,10 +196,22 @@ def reference(model_name: str, image: npt.NDArray[np.uint8]) -> npt.NDArray[np.f
 
 @pytest_asyncio.fixture
 async def links(store: ModelStore) -> AsyncIterator[Links]:
+    async with _wired(store, SIZE) as links:
+        yield links
+
+
+@contextlib.asynccontextmanager
+async def _wired(
+    store: ModelStore,
+    size: int,
+    settings: JobSettings | None = None,
+    models: tuple[str, ...] = MODELS,
+) -> AsyncIterator[Links]:
+    settings = settings or JobSettings(deadline_s=RESULT_TIMEOUT_S, straggler_min_s=2.0)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="direct-test") as executor:
         links = Links(executor)
-        planning = Planning("a", SIZE, "equal")
-        planning.update({device: birth(device) for device in DEVICES}, DEVICES, EPOCH)
+        planning = Planning("a", size, "equal")
+        planning.update({device: birth(device, models) for device in DEVICES}, DEVICES, EPOCH)
         for device in DEVICES:
             links.workers[device] = Worker(
                 device,
@@ -213,7 +226,7 @@ async def links(store: ModelStore) -> AsyncIterator[Links]:
             store,
             planning,
             links,
-            JobSettings(deadline_s=RESULT_TIMEOUT_S, straggler_min_s=2.0),
+            settings,
             alive_devices=lambda: [d for d in DEVICES if d not in links.gone],
         )
         links.coordinator = coordinator
@@ -344,3 +357,57 @@ def _parts(rng: np.random.Generator, height: int) -> list[tuple[int, int]]:
     edges = sorted(rng.choice(np.arange(1, height), size=count - 1, replace=False).tolist())
     bounds = [0, *edges, height]
     return [(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
+
+
+# VGG-16's head reads the whole last map: at 64 px that map has two rows.
+HEAD_SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def vgg_store() -> ModelStore:
+    store = ModelStore(["vgg16"], HEAD_SIZE)
+    store.load_all()
+    return store
+
+
+@pytest.mark.parametrize("split_head", [True, False])
+async def test_the_head_split_over_the_last_tiles_equals_the_whole_forward_pass(
+    vgg_store: ModelStore, split_head: bool
+) -> None:
+    image = generate_image(1, 7, HEAD_SIZE, 0)
+    settings = JobSettings(deadline_s=RESULT_TIMEOUT_S, straggler_min_s=2.0, split_head=split_head)
+    with TORCH_RNG_LOCK:
+        model, _ = load_model("vgg16", HEAD_SIZE)
+    with torch.inference_mode():
+        logits = model(normalize(np.array(image)[None])).double()
+    expected = torch.softmax(logits, dim=1).numpy().reshape(-1)
+    async with _wired(vgg_store, HEAD_SIZE, settings, ("vgg16",)) as links:
+        job_id = submit(links, "vgg16", image, "equal")
+        result = await links.result_of(job_id)
+    assert result.status == "ok", result.error
+    np.testing.assert_allclose(result.probabilities, expected, atol=1e-5)
+    assert links.coordinator is not None
+    assert links.coordinator.statistics.direct_fallbacks == 0
+    answers = [m for m in links.to_leader if isinstance(m, TileResult)]
+    last = max(task.segment for task in links.tasks)
+    rows_of_last = sum(
+        1 for t in links.tasks if t.segment == last and t.output_rows[1] > t.output_rows[0]
+    )
+    assert rows_of_last >= 2  # the head really is split over several tiles
+    width = model.spec.units[-1].main[0].out_channels
+    if split_head:
+        # Each last tile sent its 4096 partial sums, never its rows.
+        assert all(m.head_partial and m.tensor.shape == (1, width) for m in answers)
+    else:
+        assert not any(m.head_partial for m in answers)
+
+
+async def test_a_head_partial_for_a_model_without_a_linear_head_is_refused(
+    store: ModelStore, links: Links, image: npt.NDArray[np.uint8]
+) -> None:
+    await links.result_of(submit(links, "tiny", image, "single"))
+    task = next(t for t in links.tasks if t.forward == ())
+    worker = links.workers[task.device]
+    before = worker.statistics.accepted
+    worker.accept(task.model_copy(update={"head_partial": True, "attempt": 5}))
+    assert worker.statistics.accepted == before  # refused: tiny's head starts with a pool

@@ -59,6 +59,8 @@ from edgedi.broker.messages import (
     TileResult,
     TileRows,
     TileTask,
+    TileTrace,
+    TraceSpan,
     WireMessage,
     decode,
     encode,
@@ -182,6 +184,7 @@ def valid_messages() -> dict[str, WireMessage]:
         TileRows(**common, **tile, rows=(0, 4), tensor=rows),
         LinkProbe(**common, device="pi-1", probe=1, padding=b"0123"),
         TileFailed(**common, **tile, reason="test"),
+        TileTrace(**common, **tile, spans=(TraceSpan(what="compute", start=1.0, end=2.0),)),
     ]
     return {message.kind: message for message in messages}
 

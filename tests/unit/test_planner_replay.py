@@ -158,3 +158,25 @@ def test_a_measurement_overrules_a_prediction() -> None:
     assert choose([fast, slow]).name == "x/4"
     assert choose([fast, slow], {"x/4": 0.12}).name == "y/2"
     assert choose([fast, slow], {"y/2": 0.04}).name == "y/2"  # measured faster than predicted
+
+
+def test_a_split_head_moves_the_first_linear_layer_to_the_last_tiles() -> None:
+    spec = get_spec("vgg16", 200)
+    fleet = [
+        device(n, s, latency_s=2e-4, bandwidth=1e9, model="vgg16")
+        for n, s in zip("abc", (1, 1, 0.5), strict=True)
+    ]
+    plan = get_strategy("equal").plan(spec, fleet, leader="a")
+    whole = replay_plan(plan, spec, fleet, split_head=False)
+    split = replay_plan(plan, spec, fleet)
+    ops = spec.units[-1].main
+    share = ops[0].macs() / sum(op.macs() for op in ops)
+    leader_tail = fleet[0].units_for(plan.model_digest)
+    assert leader_tail is not None
+    # The leader keeps only the rest of the head; each last tile computes its block.
+    assert whole.steps["tail"] == pytest.approx(leader_tail.tail_s)
+    assert split.steps["tail"] == pytest.approx(leader_tail.tail_s * (1 - share))
+    heads = [e for e in split.events if e.label.endswith("head")]
+    last = plan.segments[-1]
+    assert {e.device for e in heads} == {p.device for p in last.parts if not p.empty}
+    assert not any(e.label.endswith("head") for e in whole.events)
