@@ -31,8 +31,10 @@ from edgedi.planner.strategies.base import Decision, Strategy, get_strategy, reg
 
 __all__ = ["Auto", "Candidate", "candidates", "choose", "labelled", "to_explore"]
 
-# Row strategies whose plans run on the direct data plane (grids are relayed).
-ROW_STRATEGIES = ("edgeci", "edgedi", "edgeld", "proportional")
+# Strategies whose row-strip plans run on the direct data plane. DeepThings cuts a
+# grid where it can (relayed, so not a candidate) and row strips around attention
+# gates: those fused two-segment plans measured fastest on the compact models.
+ROW_STRATEGIES = ("edgeci", "edgedi", "edgeld", "proportional", "deepthings")
 # A leader measures this many best-predicted candidates on real jobs before it settles.
 EXPLORED = 2
 
