@@ -61,6 +61,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection
@@ -116,6 +117,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _IMAGE_DTYPES = ("uint8", "float32", "float64")
+_REPLAY_KINDS: dict[str, SpanKind] = {"compute": "compute", "send": "send"}
 _TILE_DTYPES = ("float32", "float16")
 _INBOX_SIZE = 4096
 # Publishing an error result while shutting down must not hang the shutdown.
@@ -777,7 +779,30 @@ class Coordinator:
             strategy=plan.strategy,
             devices=tuple(DeviceId(device) for device in sorted(job.devices)),
             trace=tuple(sorted(job.spans, key=lambda span: (span.start_ms, span.device))),
+            predicted_trace=self._predicted_trace(job, held, plan),
         )
+
+    def _predicted_trace(self, job: _Job, held: HeldModel, plan: Plan) -> tuple[JobSpan, ...]:
+        """A traced job: the plan's replayed timeline, from the leader taking the job."""
+        if not job.submit.trace:
+            return ()
+        replay = self.planning.replay(held.name, plan)
+        if replay is None or not replay.events:
+            return ()
+        origin = min(event.start for event in replay.events)
+        spans = []
+        for event in replay.events[:MAX_TRACE_SPANS]:
+            segment = re.match(r"s(\d+)", event.label)
+            spans.append(
+                JobSpan(
+                    device=DeviceId(event.device),
+                    segment=int(segment.group(1)) if segment else None,
+                    what="tail" if event.label == "tail" else _REPLAY_KINDS[event.kind],
+                    start_ms=(event.start - origin) * 1000.0,
+                    end_ms=(event.end - origin) * 1000.0,
+                )
+            )
+        return tuple(spans)
 
     def _segments(
         self, plan: Plan, held: HeldModel

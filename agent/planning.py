@@ -40,7 +40,7 @@ from edgedi.models.units import ModelSpec
 from edgedi.planner.cost import NetworkModel
 from edgedi.planner.errors import InfeasiblePlanError, PlannerError
 from edgedi.planner.profiles import COST_CLASSES, DeviceProfile, TimeModel, UnitTimes
-from edgedi.planner.replay import replay_plan, supports_replay
+from edgedi.planner.replay import Replay, replay_plan, supports_replay
 from edgedi.planner.strategies import get_strategy
 from edgedi.planner.strategies.auto import (
     Candidate,
@@ -386,6 +386,21 @@ class Planning:
             for device, birth in sorted(self._births.items())
             if model in birth.capabilities.models
         ]
+
+    def replay(self, model: str, plan: Plan) -> Replay | None:
+        """`plan` replayed with the devices' profiles and the fitted message costs, as
+        its prediction was made; None when it is not a direct-plane plan."""
+        if not supports_replay(plan):
+            return None
+        profiles = [
+            profile_from_birth(birth).scaled(self._planned.get(_member(birth), 1.0))
+            for birth in self.devices_for(model)
+        ]
+        try:
+            spec = get_spec(model, self.input_size)
+            return replay_plan(plan, spec, profiles, self._network(model))
+        except (PlannerError, ValueError, KeyError):
+            return None
 
     def cached(self, model: str, strategy: str | None = None) -> Plan | None:
         return self._cache.get((model, strategy or self.default_strategy))

@@ -2,7 +2,8 @@
 
 `JobResult.trace` holds the intervals each device spent on a traced job (see
 `JobSubmit.trace`). This module draws them as a Gantt chart of characters and sums
-them per device, so a person sees at a glance where a distributed job waits.
+them per device, so a person sees at a glance where a distributed job waits;
+`render_comparison` draws it beside the plan's predicted timeline as an image.
 Pure: no I/O.
 """
 
@@ -12,9 +13,13 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from edgedi.broker.messages import JobSpan
+from PIL import Image
 
-__all__ = ["DeviceTime", "device_times", "render_trace"]
+from edgedi.broker.messages import JobSpan
+from edgedi.planner.gantt import render_gantt
+from edgedi.planner.simulator import Event, EventKind, Timeline
+
+__all__ = ["DeviceTime", "device_times", "render_comparison", "render_trace", "trace_timeline"]
 
 # Drawn over one another in this order: what a device computes hides what it waits for.
 _DRAW_ORDER = ("rows", "queue", "gate", "scatter", "tail", "compute")
@@ -94,3 +99,56 @@ def device_times(spans: Sequence[JobSpan]) -> list[DeviceTime]:
         compute = _union_ms(computing[device])
         times.append(DeviceTime(device, compute, max(0.0, until[device] - compute), until[device]))
     return times
+
+
+_TIMELINE_KINDS: dict[str, EventKind] = {
+    "compute": "compute",
+    "tail": "tail",
+    "send": "send",
+    "scatter": "send",
+}
+
+
+def trace_timeline(spans: Sequence[JobSpan], latency_ms: float | None = None) -> Timeline:
+    """A trace as the planner's `Timeline`, for `edgedi.planner.gantt.render_gantt`.
+
+    Waits (rows, queue, gate) are left out: they are the gaps between the bars.
+    """
+    events = tuple(
+        Event(
+            device=span.device,
+            kind=_TIMELINE_KINDS[span.what],
+            start=span.start_ms / 1000.0,
+            end=span.end_ms / 1000.0,
+            segment=-1 if span.segment is None else span.segment,
+            label=span.what,
+        )
+        for span in spans
+        if span.what in _TIMELINE_KINDS
+    )
+    end_ms = latency_ms if latency_ms is not None else max((s.end_ms for s in spans), default=0.0)
+    return Timeline(
+        latency_s=end_ms / 1000.0,
+        events=events,
+        segment_ends=(),
+        bytes_moved=0.0,
+        throughput=0.0,
+    )
+
+
+def render_comparison(
+    measured: Sequence[JobSpan], predicted: Sequence[JobSpan], title: str, width: int = 1200
+) -> Image.Image:
+    """The measured timeline above the predicted one, on one time scale."""
+    end_ms = max((s.end_ms for s in (*measured, *predicted)), default=1.0)
+    devices = sorted({s.device for s in (*measured, *predicted)})
+    charts = [
+        render_gantt(trace_timeline(spans, end_ms), devices, title=f"{title}: {name}", width=width)
+        for name, spans in (("measured", measured), ("predicted by the plan", predicted))
+    ]
+    image = Image.new("RGB", (width, sum(chart.height for chart in charts)), (255, 255, 255))
+    top = 0
+    for chart in charts:
+        image.paste(chart, (0, top))
+        top += chart.height
+    return image

@@ -287,7 +287,7 @@ class RebirthRequest(WireMessage):
 MAX_TRACE_SPANS: Final = 4096
 """Spans in one job's trace: far above what a 4-device plan of 20 segments makes."""
 
-SpanKind = Literal["scatter", "rows", "queue", "compute", "gate", "tail"]
+SpanKind = Literal["scatter", "rows", "queue", "compute", "gate", "tail", "send"]
 
 
 class JobSpan(BaseModel):
@@ -301,7 +301,8 @@ class JobSpan(BaseModel):
     what: SpanKind = Field(
         description="scatter (the leader sends the tasks), rows (a tile waits for its input "
         "rows), queue (for the compute thread), compute, gate (waits for a gate's partials), "
-        "tail (the leader runs pool and classifier)"
+        "tail (the leader runs pool and classifier), send (a message on its way: predicted "
+        "timelines only)"
     )
     start_ms: FiniteFloat = Field(description="start, ms after the leader took the job")
     end_ms: FiniteFloat = Field(description="end, ms after the leader took the job")
@@ -338,6 +339,12 @@ class JobResult(WireMessage):
         max_length=MAX_TRACE_SPANS,
         description="the job's timeline when the submit asked for one: each device's own "
         "wall clock against the leader's, so spans of devices whose clocks disagree shift",
+    )
+    predicted_trace: tuple[JobSpan, ...] = Field(
+        default=(),
+        max_length=MAX_TRACE_SPANS,
+        description="with `trace`: the timeline the plan predicted for the job (the "
+        "leader's replay of the direct data plane), from the same origin",
     )
 
     @model_validator(mode="after")

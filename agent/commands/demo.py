@@ -30,6 +30,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -112,6 +113,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="print one JSON object with the run's figures on stdout at the end (the "
         "progress and the human summary go to stderr)",
+    )
+    parser.add_argument(
+        "--gantt",
+        type=Path,
+        metavar="PNG",
+        help="write the traced job's timeline, measured above predicted, to this PNG file",
     )
 
 
@@ -341,7 +348,9 @@ def _trace_summary(result: JobResult) -> tuple[list[str], dict[str, Any]]:
     figures = {
         "strategy": result.strategy,
         "total_ms": total,
+        "predicted_ms": result.latency_ms.get("predicted"),
         "spans": [span.model_dump(mode="json") for span in result.trace],
+        "predicted_spans": [span.model_dump(mode="json") for span in result.predicted_trace],
         "devices": {
             t.device: {"compute_ms": t.compute_ms, "idle_ms": t.idle_ms, "until_ms": t.until_ms}
             for t in times
@@ -419,6 +428,14 @@ async def _stream(
         trace_lines, figures["trace"] = _trace_summary(traced)
         for line in trace_lines:
             _say(line)
+        if args.gantt is not None:
+            from edgedi.agent.trace_chart import render_comparison
+
+            title = f"{args.model}, {traced.strategy}"
+            image = render_comparison(traced.trace, traced.predicted_trace, title)
+            args.gantt.parent.mkdir(parents=True, exist_ok=True)
+            image.save(args.gantt)
+            _say(f"  the timeline, measured above predicted: {args.gantt}")
     if args.json:
         print(json.dumps(figures, sort_keys=True))
         sys.stdout.flush()

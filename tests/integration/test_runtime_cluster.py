@@ -152,6 +152,10 @@ async def test_a_traced_job_carries_every_tile_timeline(
         segments = {segment for _, segment, _ in computed}
         assert segments == set(range(max(segments) + 1))
         assert {(s.device, s.what) for s in result.trace} >= {(leader, "scatter"), (leader, "tail")}
+        # The plan's own prediction of the same job comes with it, from the same origin.
+        predicted = {(s.device, s.what) for s in result.predicted_trace}
+        assert (leader, "tail") in predicted
+        assert {d for d, what in predicted if what == "compute"} == announcement_devices
         for span in result.trace:
             assert span.start_ms <= span.end_ms
             # One clock on this machine: every interval lies within the job.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from edgedi.agent.trace_chart import device_times, render_trace
+from edgedi.agent.trace_chart import device_times, render_comparison, render_trace, trace_timeline
 from edgedi.broker.ids import DeviceId
 from edgedi.broker.messages import JobSpan
 
@@ -51,3 +51,17 @@ def test_device_times_count_overlaps_once() -> None:
 
 def test_an_empty_trace_says_so() -> None:
     assert render_trace([]) == ["(no trace)"]
+
+
+def test_the_comparison_image_stacks_measured_over_predicted() -> None:
+    measured = [_span("a", "scatter", 0, 5), _span("a", "compute", 5, 50, segment=0)]
+    predicted = [_span("a", "send", 0, 4), _span("b", "compute", 4, 40, segment=0)]
+    timeline = trace_timeline(measured)
+    assert [(e.kind, e.start, e.end) for e in timeline.events] == [
+        ("send", 0.0, 0.005),
+        ("compute", 0.005, 0.05),
+    ]
+    image = render_comparison(measured, predicted, "test", width=400)
+    assert image.width == 400
+    # Both rows of devices, twice (measured, predicted), and the charts' margins.
+    assert image.height > 2 * 2 * 22
