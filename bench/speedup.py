@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import math
 import os
 import platform
@@ -34,8 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgedi.agent.client import JobTimeout, connect
-from edgedi.agent.commands.demo import warm_up_jobs_for_auto
+from edgedi.agent.commands.demo import settle, warm_up_jobs_for_auto
 from edgedi.agent.local_cluster import LocalCluster
+from edgedi.broker.messages import JobResult
 from edgedi.models.data import iter_images
 
 SIZE = 200
@@ -97,9 +97,16 @@ async def _measure(
     async with connect(cluster.host, cluster.port, root=cluster.root) as client:
         for strategy in strategies:  # warm-up: the first job of a plan pays one-off costs
             # auto also measures its best candidates first and settles (as in the demo).
-            for _ in range(warm_up_jobs_for_auto() if strategy == "auto" else 1):
-                with contextlib.suppress(JobTimeout):
-                    await client.infer(items[0].image, model, strategy=strategy, timeout=120)
+            async def warm_up(strategy: str = strategy) -> JobResult | None:
+                try:
+                    return await client.infer(items[0].image, model, strategy=strategy, timeout=120)
+                except JobTimeout:
+                    return None
+
+            if strategy == "auto":
+                await settle(warm_up, warm_up_jobs_for_auto())
+            else:
+                await warm_up()
         for position, item in enumerate(items):
             order = (
                 strategies[position % len(strategies) :] + strategies[: position % len(strategies)]

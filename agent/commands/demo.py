@@ -35,6 +35,8 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
     import numpy as np
     import numpy.typing as npt
 
@@ -159,6 +161,30 @@ def warm_up_jobs_for_auto() -> int:
     from edgedi.planner.strategies.auto import EXPLORED
 
     return MEASURED_JOBS * (EXPLORED + 1) + 1
+
+
+async def settle(
+    run: Callable[[], Awaitable[JobResult | None]], minimum: int, cap: int | None = None
+) -> list[JobResult | None]:
+    """Warm-up jobs until the leader has settled on a plan (strategy `auto`).
+
+    At least `minimum` jobs; then more until the last `MEASURED_JOBS + 1` ran one plan
+    (the leader re-plans after each group it measures, and devices that join late
+    restart its exploration), at most `cap` (default 3 × `minimum`).
+    """
+    from edgedi.agent.planning import MEASURED_JOBS
+
+    cap = 3 * minimum if cap is None else cap
+    results: list[JobResult | None] = []
+    while len(results) < cap:
+        results.append(await run())
+        if len(results) < minimum:
+            continue
+        recent = results[-(MEASURED_JOBS + 1) :]
+        plans = {result.plan_id if result is not None else None for result in recent}
+        if len(recent) == MEASURED_JOBS + 1 and len(plans) == 1 and None not in plans:
+            break
+    return results
 
 
 _HUMAN = sys.stdout
@@ -340,6 +366,12 @@ def _trace_summary(result: JobResult) -> tuple[list[str], dict[str, Any]]:
         "device's own clock):",
         *("  " + line for line in render_trace(result.trace)),
         f"  {LEGEND}",
+        "  the leader's steps, ms: "
+        + ", ".join(
+            f"{step} {value:.1f}"
+            for step, value in result.latency_ms.items()
+            if step not in ("total", "predicted") and not step.startswith("segment_")
+        ),
         "  per device: "
         + "; ".join(
             f"{t.device} computes {t.compute_ms:.0f} ms, idle {t.idle_ms:.0f} ms" for t in times
@@ -387,10 +419,18 @@ async def _stream(
         # its first jobs and settles on the fastest (`Planning.observe_job`), as it
         # does in service.
         warm = _Image("warm-up", 0, items[0].image)
-        warm_up_jobs = warm_up_jobs_for_auto()
-        warm_runs = [
-            await _timed(client, warm, args.model, None, args.timeout) for _ in range(warm_up_jobs)
-        ]
+        warm_runs: list[_Run] = []
+
+        async def warm_up_job() -> JobResult | None:
+            warm_runs.append(await _timed(client, warm, args.model, None, args.timeout))
+            return warm_runs[-1].result
+
+        if args.strategy in (None, "auto"):
+            await settle(warm_up_job, warm_up_jobs_for_auto())
+        else:
+            for _ in range(warm_up_jobs_for_auto()):
+                await warm_up_job()
+        warm_up_jobs = len(warm_runs)
         if args.baseline:
             warm_runs.append(await _timed(client, warm, args.model, "single", args.timeout))
         for warm_run in warm_runs:
@@ -399,7 +439,7 @@ async def _stream(
         _say(
             f"warm-up done ({warm_up_jobs} jobs with the plan in force, 1 with single; not "
             "counted: the leader measures its best plans on them, fits its message costs "
-            "and keeps the fastest)"
+            "and keeps the fastest, until the last jobs all ran one plan)"
         )
         width = max(len(item.name) for item in items)
         class_width = max(len(name) for name in CLASSES)

@@ -8,12 +8,14 @@ import os
 import pytest
 
 from edgedi.agent.cluster_view import ClusterView, describe_plan, plan_headline
+from edgedi.agent.commands.demo import settle
 from edgedi.agent.local_cluster import ClusterError, Emulation, LocalCluster, default_speeds
 from edgedi.agent.progress import ProgressBar, render_bar
 from edgedi.broker.messages import (
     DeviceBirth,
     DeviceCapabilities,
     DeviceState,
+    JobResult,
     LeaderRecord,
     PlanAnnouncement,
 )
@@ -185,3 +187,28 @@ def test_plan_lines_name_each_devices_rows() -> None:
     assert "1 gate round(s)" in lines[1]
     assert "predicted latency 2.5 ms" in lines[-1]
     assert "1 segment(s) over a, b" in plan_headline(plan)
+
+
+def _result(plan_id: str) -> JobResult:
+    return JobResult(sender="dev-1", job_id="warm", status="ok", plan_id=plan_id)
+
+
+async def test_warm_up_runs_until_the_leader_keeps_one_plan() -> None:
+    # Exploration: two candidates measured for 5 jobs each, then one kept for good.
+    plans = ["a"] * 5 + ["b"] * 5 + ["c"] * 20
+    calls = iter(plans)
+
+    async def run() -> JobResult | None:
+        return _result(next(calls))
+
+    results = await settle(run, minimum=6)
+    # Past the minimum, until 6 jobs in a row (MEASURED_JOBS + 1) ran plan c.
+    assert [r.plan_id for r in results if r is not None] == plans[:16]
+
+
+async def test_warm_up_gives_up_at_its_cap_and_counts_failures_as_unsettled() -> None:
+    async def unsettled() -> JobResult | None:
+        return None
+
+    assert len(await settle(unsettled, minimum=3)) == 9
+    assert len(await settle(unsettled, minimum=3, cap=5)) == 5
