@@ -112,3 +112,96 @@ def test_pure_layers_do_not_load_torch_or_mqtt_at_run_time() -> None:
         [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120
     )
     assert out.stdout.strip() == "", f"pure layers loaded: {out.stdout.strip()}"
+
+
+def _top_level_imports(path: Path) -> list[str]:
+    """Imports that run when the module loads: not those inside functions or under
+    `if TYPE_CHECKING:` (annotations only), which is how a module may look upwards."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    module = _module_name(path)
+    found: list[str] = []
+
+    def visit(statements: list[ast.stmt]) -> None:
+        for node in statements:
+            if isinstance(node, ast.Import):
+                found.extend(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    package = module.split(".")
+                    is_package = path.name == "__init__.py"
+                    base = package[: len(package) - node.level + (1 if is_package else 0)]
+                    prefix = ".".join([*base, node.module] if node.module else base)
+                else:
+                    prefix = node.module or ""
+                # `from package import module` needs the module, not the package's
+                # __init__ (parents are imported anyway, first); a name needs `prefix`.
+                found.extend(f"{prefix}.{alias.name}|{prefix}" for alias in node.names)
+            elif isinstance(node, ast.If):
+                test = node.test
+                if isinstance(test, ast.Name) and test.id == "TYPE_CHECKING":
+                    visit(node.orelse)
+                    continue
+                visit(node.body)
+                visit(node.orelse)
+            elif isinstance(node, ast.Try):
+                visit(node.body)
+
+    visit(tree.body)
+    return found
+
+
+def _import_cycles() -> list[list[str]]:
+    """Strongly connected groups of more than one of our modules (Tarjan)."""
+    files = [p for layer in PACKAGES for p in _layer_files(layer)]
+    modules = {_module_name(p): p for p in files}
+
+    def resolve(item: str) -> str:
+        module, _, fallback = item.partition("|")
+        return module if module in modules or not fallback else fallback
+
+    graph = {
+        name: sorted(
+            {
+                target
+                for target in map(resolve, _top_level_imports(path))
+                if target in modules and target != name
+            }
+        )
+        for name, path in modules.items()
+    }
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    groups: list[list[str]] = []
+
+    def connect(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in graph[node]:
+            if target not in index:
+                connect(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            group = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                group.append(member)
+                if member == node:
+                    break
+            if len(group) > 1:
+                groups.append(sorted(group))
+
+    for name in sorted(graph):
+        if name not in index:
+            connect(name)
+    return groups
+
+
+def test_no_import_cycles_among_our_modules() -> None:
+    cycles = _import_cycles()
+    assert not cycles, "import cycles: " + "; ".join(" <-> ".join(c) for c in cycles)
