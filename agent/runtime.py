@@ -91,6 +91,7 @@ from edgedi.broker.topics import (
     CONTROL_REBIRTH,
     DEVICE_BIRTH,
     DEVICE_HEARTBEAT,
+    DEVICE_PARTIALS,
     DEVICE_PEER,
     DEVICE_PROBE,
     DEVICE_STATE,
@@ -491,6 +492,7 @@ class Agent:
         await session.subscribe(DEVICE_TASKS, self._on_task, device=self.device_id)
         await session.subscribe(JOB_GATES, self._on_gate)
         await session.subscribe(DEVICE_PEER, self._on_peer, target=self.device_id)
+        await session.subscribe(DEVICE_PARTIALS, self._on_peer)  # every device's
         await session.subscribe(DEVICE_PROBE, self._on_probe, device=self.device_id)
         await session.subscribe(CONTROL_REBIRTH, self._on_rebirth)
         if self.settings.planner.candidate:
@@ -577,6 +579,8 @@ class Agent:
             # The topic names the sender (the broker's ACL binds it to the login).
             self.worker.statistics.refused += 1
             return
+        if message.device == self.device_id:
+            return  # our own broadcast partial: taken locally when it was made
         if isinstance(message, TileRows):
             self.worker.on_rows(message)
         else:
@@ -652,6 +656,9 @@ class Agent:
                 self.worker.on_peer_partial(message)
             return
         await self.session.publish(DEVICE_PEER, message, device=self.device_id, target=device)
+
+    async def send_peer_partial(self, message: ReductionPartial) -> None:
+        await self.session.publish(DEVICE_PARTIALS, message, device=self.device_id)
 
     async def send_tile_outcome(self, message: TileResult | TileFailed | TileTrace) -> None:
         coordinator = self.coordinator

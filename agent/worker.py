@@ -82,6 +82,10 @@ class WorkerLinks(Protocol):
 
     async def send_tile_outcome(self, message: TileResult | TileFailed | TileTrace) -> None: ...
 
+    async def send_peer_partial(self, message: ReductionPartial) -> None:
+        """Once, for every other holder of the segment (they all read it)."""
+        ...
+
     async def send_peer(self, device: str, message: TileRows | ReductionPartial) -> None:
         """Direct data plane: to another device, or to this one's own worker."""
         ...
@@ -427,6 +431,9 @@ class Worker:
         if collected is None:
             if self._is_cancelled_job(message.job_id, message.epoch):
                 return
+            mine = [t.task.segment for t in self._tiles.values() if t.task.job_id == key[0]]
+            if mine and message.segment not in mine:
+                return  # every device reads every partial: not a segment held here
             collected = self._partials[key] = {}
             while len(self._partials) > _PARTIALS_MEMORY:
                 self._partials.popitem(last=False)
@@ -789,9 +796,11 @@ class Worker:
         if task.peers is None:
             await self.links.send_partial(message)
             return
-        others = sorted(set(task.peers) - {self.device_id})
-        for device in others:
-            self._send_soon(device, message)
+        if set(task.peers) - {self.device_id}:
+            group = self._group
+            if group is None:
+                raise RuntimeError("the worker is not running")
+            group.create_task(self._send_partial_to_peers(message), name="peer-partial")
         self.on_peer_partial(message)  # the tiles here, this one included
 
     def _send_soon(self, device: str, message: TileRows | ReductionPartial) -> None:
@@ -816,6 +825,14 @@ class Worker:
                 message.job_id,
                 device,
                 error,
+            )
+
+    async def _send_partial_to_peers(self, message: ReductionPartial) -> None:
+        try:
+            await self.links.send_peer_partial(message)
+        except BrokerError as error:
+            self._log.warning(
+                "peer", "could not send a partial of job %s: %s", message.job_id, error
             )
 
     async def _gate_value(self, tile: _Tile, gate: int) -> npt.NDArray[Any]:

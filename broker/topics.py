@@ -59,6 +59,7 @@ __all__ = [
     "DEFAULT_PREFIX",
     "DEVICE_BIRTH",
     "DEVICE_HEARTBEAT",
+    "DEVICE_PARTIALS",
     "DEVICE_PEER",
     "DEVICE_PROBE",
     "DEVICE_STATE",
@@ -262,10 +263,19 @@ DEVICE_PEER: Final = TopicSpec(
     pattern="devices/{device}/peer/{target}",
     qos=1,
     retain=False,
-    kinds=(TileRows, ReductionPartial),
+    kinds=(TileRows,),
     description="The direct data plane, from device `device` to device `target`: rows of "
-    "a tile's output that a tile of the next segment needs, and gate partial sums for "
-    "the other holders of a segment (each combines them itself, in tile order).",
+    "a tile's output that a tile of the next segment needs.",
+)
+DEVICE_PARTIALS: Final = TopicSpec(
+    name="device_partials",
+    pattern="devices/{device}/partials",
+    qos=1,
+    retain=False,
+    kinds=(ReductionPartial,),
+    description="The direct data plane: a tile's gate partial sums, published once by its "
+    "device; every device reads all devices' (`devices/+/partials`) and the holders of "
+    "that segment combine them, each itself, in tile order.",
 )
 DEVICE_PROBE: Final = TopicSpec(
     name="device_probe",
@@ -327,6 +337,7 @@ CATALOGUE: Final[tuple[TopicSpec, ...]] = (
     JOB_SUBMIT,
     DEVICE_TASKS,
     DEVICE_PEER,
+    DEVICE_PARTIALS,
     DEVICE_PROBE,
     JOB_PARTIALS,
     JOB_GATES,

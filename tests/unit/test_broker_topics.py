@@ -112,7 +112,7 @@ def test_catalogue_rules() -> None:
     assert len(set(patterns)) == len(patterns)
     carried = [kind for spec in CATALOGUE for kind in spec.kinds]
     # Every kind travels on exactly one topic, but for gate partials: to the leader on
-    # the relayed path, straight to the segment's other devices on the direct one.
+    # the relayed path, from their device to every device on the direct one.
     travelling = [kind.model_fields["kind"].default for kind in carried]
     travelling.remove("reduction_partial")
     assert sorted(travelling) == sorted(message_kinds())

@@ -658,6 +658,8 @@ CATALOGUE: dict[str, tuple[set[str], set[str]]] = {
     # under its own prefix) reads.
     "devices/{device}/peer/{target}": ({"owner"}, {"owner", "target"}),
     "devices/{device}/probe": ({"owner"}, {"owner"}),
+    # Gate partials of the direct plane: published once, read by every device.
+    "devices/{device}/partials": ({"owner"}, {"device", "owner"}),
     "planner/leader": ({"candidate"}, {"device"}),
     "plans/current": ({"candidate"}, {"device"}),
     "jobs/submit": ({"submitter"}, {"candidate"}),

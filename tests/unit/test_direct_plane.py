@@ -172,6 +172,12 @@ class _WorkerLinks:
     async def send_tile_outcome(self, message: TileResult | TileFailed | TileTrace) -> None:
         await self.links.send_tile_outcome(message)
 
+    async def send_peer_partial(self, message: ReductionPartial) -> None:
+        # Published once; the broker gives it to every other device.
+        for device in self.links.workers:
+            if device != message.device:
+                await self.send_peer(device, message)
+
 
 @pytest.fixture(scope="module")
 def store() -> ModelStore:
