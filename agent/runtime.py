@@ -586,7 +586,7 @@ class Agent:
         assert isinstance(message, JobSubmit)
         cached = self._results.get(message.job_id)
         if cached is None or cached.retryable:
-            self.journal.submitted(message, time.time())
+            self.journal.submitted(message, time.monotonic())
         if self.coordinator is not None:
             self.coordinator.submit(message)
 
@@ -807,7 +807,7 @@ class Agent:
             await session.subscribe(JOB_PARTIALS, self._on_job_message),
             await session.subscribe(JOB_TILES, self._on_job_message),
         ]
-        backlog = self.journal.pending(time.time())
+        backlog = self.journal.pending(time.monotonic())
         for entry in backlog:
             coordinator.submit(entry.submit, received_at=entry.received_at)
         self._plan_dirty.set()

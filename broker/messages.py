@@ -130,6 +130,9 @@ class WireMessage(BaseModel):
 
     wire_encoding: ClassVar[Encoding] = "json"
     """How this kind is encoded on the wire (fixed per kind, matched by its topics)."""
+    added_fields: ClassVar[frozenset[str]] = frozenset()
+    """Optional fields added within this schema version: left out of the bytes while
+    unset, so a message that does not use them encodes as it always did."""
 
     version: Literal[2] = Field(
         default=SCHEMA_VERSION, description="wire schema version (2: the direct data plane)"
@@ -364,6 +367,7 @@ class TileTask(_TensorMessage):
     """
 
     kind: Literal["tile_task"] = "tile_task"
+    added_fields: ClassVar[frozenset[str]] = frozenset({"deadline_in_s"})
     job_id: JobIdField = Field(description="the job")
     epoch: NonNegativeInt = Field(description="epoch of the leader that sent it")
     plan_id: Name = Field(description="plan the tile belongs to")
@@ -395,7 +399,15 @@ class TileTask(_TensorMessage):
         description="segment input rows, halo included; null in a direct task whose rows "
         "come from the devices of the previous segment (`TileRows`)"
     )
-    deadline: FiniteFloat = Field(description="unix time after which the result is useless")
+    deadline: FiniteFloat = Field(
+        description="unix time (the leader's clock) after which the result is useless; "
+        "read only when `deadline_in_s` is absent (a leader of an older version)"
+    )
+    deadline_in_s: NonNegativeFloat | None = Field(
+        default=None,
+        description="seconds left before the deadline when the task was sent; the receiver "
+        "counts them on its own monotonic clock, so the two clocks need not agree",
+    )
     attempt: NonNegativeInt = Field(default=0, description="0, then +1 per re-dispatch")
     local_gates: bool = Field(
         default=False,
@@ -538,10 +550,11 @@ def encode(message: WireMessage, limits: Limits = DEFAULT_LIMITS) -> bytes:
     Raises `PayloadTooLarge` when the result exceeds `limits.max_payload_bytes`, so a
     sender fails loudly instead of the broker dropping the message silently.
     """
+    unset = {name for name in message.added_fields if getattr(message, name) is None}
     if message.wire_encoding == "json":
-        payload = message.model_dump_json().encode()
+        payload = message.model_dump_json(exclude=unset).encode()
     else:
-        payload = pack(message.model_dump(mode="python"))
+        payload = pack(message.model_dump(mode="python", exclude=unset))
     if len(payload) > limits.max_payload_bytes:
         raise PayloadTooLarge(
             f"{message.kind} encodes to {len(payload)} bytes, over the limit of "
