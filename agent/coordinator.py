@@ -929,6 +929,7 @@ class Coordinator:
         in_rows, in_columns = rows.in_rows, columns.in_rows
         block = x[:, :, in_rows.start : in_rows.stop, in_columns.start : in_columns.stop]
         tensor = np.ascontiguousarray(block, dtype=self.settings.wire_dtype)
+        deadline, deadline_in_s = _deadline_fields(job.deadline)
         return TileTask(
             sender=self.device_id,
             job_id=job.submit.job_id,
@@ -953,7 +954,8 @@ class Coordinator:
             output_rows=(rows.out_rows.start, rows.out_rows.stop),
             output_columns=(columns.out_rows.start, columns.out_rows.stop),
             tensor=Tensor(tensor),
-            **_deadline_fields(job.deadline),
+            deadline=deadline,
+            deadline_in_s=deadline_in_s,
             local_gates=layout.count == 1 and bool(layout.gates),
         )
 
@@ -1159,6 +1161,7 @@ class Coordinator:
             if holder == device:
                 del record.running[attempt]  # superseded by the new attempt on the same device
         now = time.monotonic()
+        deadline, deadline_in_s = _deadline_fields(job.deadline)
         record.attempt += 1
         record.running[record.attempt] = device
         record.sent[record.attempt] = device
@@ -1170,7 +1173,8 @@ class Coordinator:
                 "attempt": record.attempt,
                 "message_id": new_message_id(),
                 "sent_at": time.time(),
-                **_deadline_fields(job.deadline),
+                "deadline": deadline,
+                "deadline_in_s": deadline_in_s,
             }
         )
         job.devices.add(device)
@@ -1193,11 +1197,11 @@ class Coordinator:
 # --- array helpers (numpy only: they run on the event loop) -----------------------------
 
 
-def _deadline_fields(deadline: float) -> dict[str, float]:
+def _deadline_fields(deadline: float) -> tuple[float, float]:
     """A job's deadline (our monotonic clock) for a task: the time left, which the
     worker counts on its own clock, and the wall-clock instant for older workers."""
     left = max(0.0, deadline - time.monotonic())
-    return {"deadline": time.time() + left, "deadline_in_s": left}
+    return time.time() + left, left
 
 
 def _from_a_copy(record: TileRecord, item: ReductionPartial | TileResult | TileFailed) -> bool:

@@ -54,6 +54,14 @@ from edgedi.agent.device import (
     measure_unit_profiles,
 )
 from edgedi.agent.election import Decision, Election, LeaderClaim
+from edgedi.agent.identity import (
+    IDENTITY_CHECK_S,
+    DuplicateDevice,
+    IdentityCheck,
+    loses_to,
+    new_instance,
+    next_session,
+)
 from edgedi.agent.journal import JobJournal, remember_result
 from edgedi.agent.link_probe import LinkMeasurement, LinkProber
 from edgedi.agent.membership import HEARTBEAT_PERIOD_S, SILENT_AFTER_S, Membership
@@ -146,12 +154,14 @@ class Agent:
         profile: ProfileTable | None = None,
         environ: Mapping[str, str] | None = None,
         settle_s: float = SETTLE_S,
+        identity_check_s: float = IDENTITY_CHECK_S,
     ) -> None:
         self.settings = settings
         self.device_id = DeviceId(settings.device_id)
-        # Sparkplug-style session counter: unix milliseconds at start, so it grows
-        # across restarts without any stored state.
-        self.session_counter = int(time.time() * 1000)
+        self.instance = new_instance()
+        # Sparkplug-style session counter, stored in the state directory; set once the
+        # broker has shown which sessions of this id it still holds (see agent.identity).
+        self.session_counter = 0
         self.root = TopicRoot(settings.broker.topic_root, settings.broker.cluster)
         self.store = ModelStore(
             settings.compute.models, settings.compute.input_size, settings.compute.checkpoint_dir
@@ -202,6 +212,8 @@ class Agent:
         """Set once connected and announced (READY=1)."""
         self._environ = environ
         self._settle_s = settle_s
+        self._identity_check_s = identity_check_s
+        self._duplicate: DuplicateDevice | None = None
         self._session: MqttSession | None = None
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
@@ -247,6 +259,8 @@ class Agent:
         """Run until `request_stop()`; raises on a bug (systemd restarts us)."""
         try:
             await self._prepare()
+            if not await self._claim_identity():
+                return  # stopped while checking
             self._session = self._make_session()
             await self._subscribe()
             async with asyncio.TaskGroup() as group:
@@ -275,6 +289,71 @@ class Agent:
             self._group = None
             self.coordinator = None  # an agent that is not running leads nothing
             self.executor.shutdown(wait=False, cancel_futures=True)
+        if self._duplicate is not None:
+            raise self._duplicate
+
+    def _session_settings(self, client_id: str) -> SessionSettings:
+        broker = self.settings.broker
+        return SessionSettings(
+            host=broker.host,
+            port=broker.port,
+            client_id=client_id,
+            username=broker.username,
+            password=broker.password,  # type: ignore[arg-type]  # SecretStr accepts str
+            keepalive_seconds=broker.keepalive_s,
+            max_payload_bytes=self.settings.jobs.max_payload_bytes,
+        )
+
+    def _tls(self) -> ssl.SSLContext | None:
+        ca_file = self.settings.broker.tls_ca_file
+        return None if ca_file is None else ssl.create_default_context(cafile=str(ca_file))
+
+    async def _claim_identity(self) -> bool:
+        """Listen to our own id's records before announcing anything (agent.identity):
+        raise `DuplicateDevice` if another agent is alive with it, else take the next
+        session number. False when asked to stop meanwhile."""
+        # A client id of its own and no Will: this look neither evicts nor marks anyone.
+        session = MqttSession(
+            self._session_settings(f"{self.device_id[:108]}-check-{self.instance}"),
+            self.root,
+            tls_context=self._tls(),
+        )
+        check = IdentityCheck(self.device_id)
+        found = asyncio.Event()
+
+        async def observe(received: Received) -> None:
+            check.observe(received.message)
+            if check.holder is not None:
+                found.set()
+
+        for spec in (DEVICE_BIRTH, DEVICE_STATE, DEVICE_HEARTBEAT):
+            await session.subscribe(spec, observe, device=self.device_id)
+        async with asyncio.TaskGroup() as group:
+            group.create_task(session.run(), name=f"identity-{self.device_id}")
+            stop = group.create_task(self._stop.wait(), name=f"identity-stop-{self.device_id}")
+            waiters = [stop, group.create_task(session.connected.wait())]
+            try:
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                if session.connected.is_set() and not self._stop.is_set():
+                    waiters.append(group.create_task(found.wait()))
+                    await asyncio.wait(
+                        [stop, waiters[-1]],
+                        timeout=self._identity_check_s,
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+            finally:
+                for task in waiters:
+                    task.cancel()
+                session.request_stop()
+        if self._stop.is_set():
+            return False
+        problem = check.problem()
+        if problem is not None:
+            raise DuplicateDevice(problem)
+        self.session_counter = next_session(self.settings.state_dir, check.highest_session + 1)
+        self.election.session = self.session_counter
+        logger.info("%s starts session %d", self.device_id, self.session_counter)
+        return True
 
     async def _prepare(self) -> None:
         compute = self.settings.compute
@@ -314,21 +393,14 @@ class Agent:
         )
 
     def _make_session(self) -> MqttSession:
-        broker = self.settings.broker
-        settings = SessionSettings(
-            host=broker.host,
-            port=broker.port,
-            client_id=self.device_id,
-            username=broker.username,
-            password=broker.password,  # type: ignore[arg-type]  # SecretStr accepts str
-            keepalive_seconds=broker.keepalive_s,
-            max_payload_bytes=self.settings.jobs.max_payload_bytes,
-        )
-        tls = None
-        if broker.tls_ca_file is not None:
-            tls = ssl.create_default_context(cafile=str(broker.tls_ca_file))
+        # A client id per process: a second agent of the same id (a cloned card) then
+        # cannot evict this one by connecting; it finds the id taken and stops.
         return MqttSession(
-            settings, self.root, will=self._will, on_connect=self._on_connect, tls_context=tls
+            self._session_settings(f"{self.device_id[:115]}-{self.instance}"),
+            self.root,
+            will=self._will,
+            on_connect=self._on_connect,
+            tls_context=self._tls(),
         )
 
     def _will(self) -> Publication:
@@ -468,6 +540,8 @@ class Agent:
         await self._stop_leading(drain)
         if not await self.worker.drain(drain):
             logger.warning("tiles still running after %.1f s; leaving them", drain)
+        if self._duplicate is not None:
+            return  # the state of the id belongs to the agent that keeps it
         try:
             await self.session.publish(
                 DEVICE_STATE,
@@ -529,13 +603,48 @@ class Agent:
     async def _on_state(self, received: Received) -> None:
         state = received.message
         assert isinstance(state, DeviceState)
+        if (
+            state.device == self.device_id
+            and state.session < self.session_counter
+            and not self._stopping
+        ):
+            # The late Will of an older connection of ours (or the record a stopped
+            # duplicate left) is now what the broker retains: say who we are again.
+            self._rebirth = True
         self.membership.state(state.device, state.session, state.status, now=time.monotonic())
         self._wake.set()
 
     async def _on_heartbeat(self, received: Received) -> None:
         beat = received.message
         assert isinstance(beat, Heartbeat)
+        if beat.device == self.device_id and (beat.instance or "") != self.instance:
+            self._another_agent(beat)
+            return
         self.membership.heartbeat(beat.device, beat.session, now=time.monotonic())
+
+    def _another_agent(self, beat: Heartbeat) -> None:
+        """A heartbeat of our id from another process: both started at once (each
+        checked before the other announced). One of the two stops (agent.identity)."""
+        if self._duplicate is not None or self._stopping:
+            return
+        if loses_to((self.session_counter, self.instance), beat):
+            self._duplicate = DuplicateDevice(
+                f"device id {self.device_id} is also used by another agent (session "
+                f"{beat.session}), which keeps it. This agent stops. Give every device "
+                f"a unique device_id."
+            )
+            logger.error("%s", self._duplicate)
+            self.request_stop()
+        else:
+            self._log.log(
+                logging.ERROR,
+                "duplicate",
+                "another agent uses device id %s (session %d); it stops, this one keeps it",
+                self.device_id,
+                beat.session,
+            )
+            self._rebirth = True  # its birth and state may be the retained ones now
+            self._wake.set()
 
     async def _on_leader(self, received: Received) -> None:
         record = received.message
@@ -681,6 +790,7 @@ class Agent:
                 sequence=self._heartbeat_sequence,
                 load=load,
                 busy_tiles=self.worker.busy_tiles,
+                instance=self.instance,
             )
             try:
                 await self.session.publish(

@@ -89,7 +89,7 @@ WIRE_INT_MAX: Final = 2**53 - 1
 """Largest magnitude of any integer field. JSON would carry any size and msgpack up
 to 2**64 - 1: without a bound, a JSON record with a 2**70 epoch is accepted and then
 cannot be packed into the msgpack tasks that cite it. 2**53 - 1 is also the largest
-integer a JavaScript JSON reader (Node-RED) sees exactly; epochs, sessions (unix ms)
+integer a JavaScript JSON reader (Node-RED) sees exactly; epochs, sessions
 and counters stay far below it."""
 
 Encoding = Literal["json", "msgpack"]
@@ -247,11 +247,18 @@ class Heartbeat(WireMessage):
     """A device's periodic load report (not retained)."""
 
     kind: Literal["heartbeat"] = "heartbeat"
+    added_fields: ClassVar[frozenset[str]] = frozenset({"instance"})
     device: DeviceIdField = Field(description="the device's id (also in the topic)")
     session: NonNegativeInt = Field(description="the birth's session counter")
     sequence: NonNegativeInt = Field(description="counts up per heartbeat of this session")
     load: NonNegativeFloat = Field(description="busy fraction of the cores since the last beat")
     busy_tiles: NonNegativeInt = Field(description="tiles running or queued on the device")
+    instance: str | None = Field(
+        default=None,
+        pattern=r"^[0-9a-f]{1,32}$",
+        description="random name of the agent process: a heartbeat of our own id with "
+        "another instance is a second agent using the id",
+    )
 
 
 class LeaderRecord(WireMessage):
