@@ -36,7 +36,7 @@ import os
 import ssl
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -45,6 +45,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from edgedi.agent.clock import OffsetEstimate
 from edgedi.agent.config import AgentSettings
 from edgedi.agent.coordinator import Coordinator
 from edgedi.agent.device import (
@@ -74,6 +75,7 @@ from edgedi.broker.errors import BrokerError
 from edgedi.broker.ids import DeviceId
 from edgedi.broker.messages import (
     CancelJob,
+    ClockEcho,
     DeviceBirth,
     DeviceState,
     GateValue,
@@ -229,6 +231,13 @@ class Agent:
         self._results: OrderedDict[str, JobResult] = OrderedDict()
         self._group: asyncio.TaskGroup | None = None
         self._heartbeat_sequence = 0
+        # Clock offset to the leader (agent.clock): our recent heartbeats (sequence,
+        # sent_at, monotonic send time); as leader, the heartbeats heard since our last.
+        self.clock_offset = OffsetEstimate()
+        self._beats_sent: deque[tuple[int, float, float]] = deque(maxlen=16)
+        self._beats_heard: dict[str, tuple[int, float]] = {}
+        self._offset_leader: str | None = None
+        self._offset_warned = False
         self._stopping = False
         self._log = RateLimitedLog(logger)
 
@@ -620,7 +629,43 @@ class Agent:
         if beat.device == self.device_id and (beat.instance or "") != self.instance:
             self._another_agent(beat)
             return
-        self.membership.heartbeat(beat.device, beat.session, now=time.monotonic())
+        now = time.monotonic()
+        self.membership.heartbeat(beat.device, beat.session, now=now)
+        if beat.device != self.device_id and self.is_leader and beat.device in self.births:
+            self._beats_heard[beat.device] = (beat.sequence, now)
+        if beat.echoes and beat.device == self.election.leader and beat.device != self.device_id:
+            self._clock_sample(beat, now)
+
+    def _clock_sample(self, beat: Heartbeat, now: float) -> None:
+        """The leader's heartbeat echoes one of ours: one round trip (agent.clock)."""
+        if beat.device != self._offset_leader:
+            self._offset_leader = beat.device
+            self.clock_offset.reset()
+        echo = next((e for e in beat.echoes or () if e.device == self.device_id), None)
+        sent = next((s for s in self._beats_sent if echo and s[0] == echo.sequence), None)
+        if echo is None or sent is None:
+            return
+        _, t1, sent_at = sent
+        t3 = beat.sent_at
+        self.clock_offset.add(
+            t1, t3 - echo.held_s, t3, time.time(), round_trip_s=now - sent_at - echo.held_s
+        )
+        offset = self.clock_offset.offset_s
+        if offset is None:
+            return
+        limit = self.settings.clock.warn_offset_s
+        if abs(offset) > limit and not self._offset_warned:
+            self._offset_warned = True
+            logger.warning(
+                "this device's clock is %+.3f s from the leader %s's (more than %.1f s): "
+                "nothing depends on it, but timestamps in logs and results disagree",
+                offset,
+                beat.device,
+                limit,
+            )
+        elif abs(offset) <= limit / 2 and self._offset_warned:
+            self._offset_warned = False
+            logger.info("clock offset to the leader %s now %+.3f s", beat.device, offset)
 
     def _another_agent(self, beat: Heartbeat) -> None:
         """A heartbeat of our id from another process: both started at once (each
@@ -783,6 +828,13 @@ class Agent:
             load = min(1.0, max(0.0, (busy - busy_before) / max(1e-6, now - at_before)))
             busy_before, at_before = busy, now
             self._heartbeat_sequence += 1
+            echoes = None
+            if self.is_leader:
+                heard, self._beats_heard = self._beats_heard, {}
+                echoes = tuple(
+                    ClockEcho(device=DeviceId(device), sequence=sequence, held_s=now - at)
+                    for device, (sequence, at) in sorted(heard.items())
+                )
             beat = Heartbeat(
                 sender=self.device_id,
                 device=self.device_id,
@@ -791,7 +843,10 @@ class Agent:
                 load=load,
                 busy_tiles=self.worker.busy_tiles,
                 instance=self.instance,
+                clock_offset_s=0.0 if self.is_leader else self.clock_offset.offset_s,
+                echoes=echoes,
             )
+            self._beats_sent.append((beat.sequence, beat.sent_at, now))
             try:
                 await self.session.publish(
                     DEVICE_HEARTBEAT, beat, device=self.device_id, timeout=HEARTBEAT_PERIOD_S
@@ -989,6 +1044,7 @@ class Agent:
         return {
             "device": self.device_id,
             "session": self.session_counter,
+            "clock_offset_s": self.clock_offset.offset_s,
             "leader": self.election.leader,
             "epoch": self.election.epoch,
             "is_leader": self.is_leader,

@@ -54,6 +54,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "WIRE_INT_MAX",
     "CancelJob",
+    "ClockEcho",
     "DeviceBirth",
     "DeviceCapabilities",
     "DeviceState",
@@ -243,11 +244,23 @@ class DeviceState(WireMessage):
     )
 
 
+class ClockEcho(BaseModel):
+    """The leader's note on a heartbeat it heard: which one, and how long it held it."""
+
+    model_config = _FROZEN_STRICT
+
+    device: DeviceIdField = Field(description="the device whose heartbeat this echoes")
+    sequence: NonNegativeInt = Field(description="that heartbeat's sequence number")
+    held_s: NonNegativeFloat = Field(
+        description="seconds from its arrival to this heartbeat's `sent_at` (leader's clock)"
+    )
+
+
 class Heartbeat(WireMessage):
     """A device's periodic load report (not retained)."""
 
     kind: Literal["heartbeat"] = "heartbeat"
-    added_fields: ClassVar[frozenset[str]] = frozenset({"instance"})
+    added_fields: ClassVar[frozenset[str]] = frozenset({"instance", "clock_offset_s", "echoes"})
     device: DeviceIdField = Field(description="the device's id (also in the topic)")
     session: NonNegativeInt = Field(description="the birth's session counter")
     sequence: NonNegativeInt = Field(description="counts up per heartbeat of this session")
@@ -258,6 +271,17 @@ class Heartbeat(WireMessage):
         pattern=r"^[0-9a-f]{1,32}$",
         description="random name of the agent process: a heartbeat of our own id with "
         "another instance is a second agent using the id",
+    )
+    clock_offset_s: FiniteFloat | None = Field(
+        default=None,
+        description="this device's clock minus the leader's, seconds, estimated from "
+        "heartbeat round trips (0 on the leader; null: not known yet). Shown, never used",
+    )
+    echoes: tuple[ClockEcho, ...] | None = Field(
+        default=None,
+        max_length=1024,
+        description="leader only: the heartbeats heard since its previous one, so each "
+        "device can time the round trip (NTP's four timestamps)",
     )
 
 

@@ -726,7 +726,8 @@ class Acl:
 CATALOGUE: dict[str, tuple[set[str], set[str]]] = {
     "devices/{device}/birth": ({"owner"}, {"device", "owner"}),
     "devices/{device}/state": ({"owner"}, {"device", "owner"}),
-    "devices/{device}/heartbeat": ({"owner"}, {"candidate", "owner"}),
+    # Every device reads the leader's heartbeat: it echoes theirs (clock offsets).
+    "devices/{device}/heartbeat": ({"owner"}, {"device", "owner"}),
     "devices/{device}/tasks": ({"candidate", "owner"}, {"owner"}),
     # The direct data plane: only the sender writes, only the target (and the sender,
     # under its own prefix) reads.
