@@ -86,6 +86,8 @@ class DeviceView:
             "torch_version": capabilities.torch_version if capabilities else None,
             "load": beat.load if beat is not None else None,
             "busy_tiles": beat.busy_tiles if beat is not None else None,
+            # The device's own estimate from its heartbeat round trips with the leader.
+            "clock_offset_s": beat.clock_offset_s if beat is not None else None,
         }
 
 

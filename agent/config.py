@@ -173,6 +173,15 @@ class JobSettings(_Section):
     )
 
 
+class ClockSettings(_Section):
+    warn_offset_s: float = Field(
+        2.0,
+        gt=0,
+        description="log a warning when this device's clock is further than this from the "
+        "leader's (no decision depends on it; people reading logs of two devices do)",
+    )
+
+
 class AgentSettings(BaseSettings):
     """Everything an `edgedi agent` needs; see `edgedi agent --check-config`."""
 
@@ -187,6 +196,7 @@ class AgentSettings(BaseSettings):
     compute: ComputeSettings = Field(default_factory=ComputeSettings)  # type: ignore[arg-type]
     planner: PlannerSettings = Field(default_factory=PlannerSettings)  # type: ignore[arg-type]
     jobs: JobSettings = Field(default_factory=JobSettings)  # type: ignore[arg-type]
+    clock: ClockSettings = Field(default_factory=ClockSettings)  # type: ignore[arg-type]
     state_dir: Path | None = Field(
         None,
         description="folder for the cached device profile ($STATE_DIRECTORY under systemd)",

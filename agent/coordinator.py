@@ -256,7 +256,10 @@ class _Job:
     direct_failed: set[str] = field(default_factory=set)
     """Devices that got direct tasks of a run that gave up: cancelled at the end."""
     trace_origin: float = field(default_factory=time.time)
-    """Wall time the job's trace counts from (`JobSubmit.trace`)."""
+    """Wall time the job's trace counts from (`JobSubmit.trace`): the devices' spans
+    come stamped with their wall clocks."""
+    trace_origin_monotonic: float = field(default_factory=time.monotonic)
+    """The same moment on this device's monotonic clock, for the leader's own spans."""
     spans: list[JobSpan] = field(default_factory=list)
 
     @property
@@ -285,6 +288,19 @@ class _Job:
                 end_ms=(max(start, end) - self.trace_origin) * 1000.0,
             )
         )
+
+    def local_span(
+        self,
+        device: str,
+        what: SpanKind,
+        start: float,
+        end: float,
+        segment: int | None = None,
+        tile: int | None = None,
+    ) -> None:
+        """`span` for the leader's own steps, timed on its monotonic clock."""
+        shift = self.trace_origin - self.trace_origin_monotonic
+        self.span(device, what, start + shift, end + shift, segment, tile)
 
     def add_time(self, stage: str, seconds: float) -> None:
         self.timings[stage] = self.timings.get(stage, 0.0) + seconds * 1000.0
@@ -387,8 +403,8 @@ class Coordinator:
     def submit(self, message: JobSubmit, *, received_at: float | None = None) -> None:
         """A job from `jobs/submit`, or one taken over from the journal (never blocks).
 
-        `received_at` (unix time) is when the job first reached this device; its
-        deadline counts from then.
+        `received_at` (this device's monotonic clock) is when the job first reached this
+        device; its deadline counts from then.
         """
         group = self._group
         if self._stopping:
@@ -416,7 +432,7 @@ class Coordinator:
             logger.debug("job %s is already in progress", job_id)
             return
         self.statistics.submitted += 1
-        now = time.time() if received_at is None else received_at
+        now = time.monotonic() if received_at is None else received_at
         deadline_s = message.deadline_seconds or self.settings.deadline_s
         job = _Job(
             submit=message,
@@ -506,9 +522,9 @@ class Coordinator:
 
     async def _job_main(self, job: _Job) -> None:
         try:
-            async with asyncio.timeout(max(0.0, job.deadline - time.time())):
+            async with asyncio.timeout(max(0.0, job.deadline - time.monotonic())):
                 async with self._slots:
-                    job.add_time("queue", time.time() - job.received_at)
+                    job.add_time("queue", time.monotonic() - job.received_at)
                     result = await self._execute(job)
         except TimeoutError:
             waiting = sorted(_unfinished_devices(job))
@@ -578,7 +594,7 @@ class Coordinator:
             status="error",
             epoch=self.epoch,
             model=job.submit.model,
-            latency_ms={"total": max(0.0, (time.time() - job.received_at) * 1000.0)},
+            latency_ms={"total": max(0.0, (time.monotonic() - job.received_at) * 1000.0)},
             plan_id=plan.plan_id if plan is not None else None,
             strategy=plan.strategy if plan is not None else job.submit.strategy,
             devices=tuple(DeviceId(device) for device in sorted(job.devices)),
@@ -594,7 +610,7 @@ class Coordinator:
             raise JobFailed(f"unknown model: {error}", permanent=True) from None
         image = _check_image(submit.image, held.input_size)
 
-        started = time.time()
+        started = time.monotonic()
         try:
             plan = await self.planning.plan_for(submit.model, submit.strategy)
         except PlanningError as error:
@@ -602,11 +618,11 @@ class Coordinator:
         if plan.model_digest != held.digest:
             raise JobFailed(f"plan {plan.plan_id} is for another architecture of {submit.model}")
         job.plan = plan
-        job.add_time("plan", time.time() - started)
+        job.add_time("plan", time.monotonic() - started)
 
-        started = time.time()
+        started = time.monotonic()
         x: npt.NDArray[np.float32] = await self.links.compute(lambda: normalize(image).numpy())
-        job.add_time("prepare", time.time() - started)
+        job.add_time("prepare", time.monotonic() - started)
 
         segments = self._segments(plan, held)
         tail = held.spec.tail_units
@@ -620,39 +636,39 @@ class Coordinator:
         for position, (layout, assignments) in enumerate(segments):
             if direct is not None and position < len(segments) - 1:
                 continue
-            segment_started = time.time()
+            segment_started = time.monotonic()
             if direct is not None:
                 outputs = direct
             else:
                 outputs = await self._run_segment(job, held, position, layout, assignments, x)
-            started = time.time()
+            started = time.monotonic()
             if direct is not None and self._splits_head(held, segments):
                 partials = [outputs[tile] for tile in sorted(outputs)]
                 logits = await self.links.compute(
                     functools.partial(_tail_from_head_partials, held, partials)
                 )
-                job.add_time("tail", time.time() - started)
-                job.span(self.device_id, "tail", started, time.time())
+                job.add_time("tail", time.monotonic() - started)
+                job.local_span(self.device_id, "tail", started, time.monotonic())
             elif position == len(segments) - 1 and pooled_tail:
                 pooled = _pooled_mean(outputs, held.spec.tail_units[0].in_shape)
-                job.add_time("gather", time.time() - started)
-                started = time.time()
+                job.add_time("gather", time.monotonic() - started)
+                started = time.monotonic()
                 logits = await self.links.compute(
                     functools.partial(_tail_from_pooled, held, layout.last + 1, pooled)
                 )
-                job.add_time("tail", time.time() - started)
-                job.span(self.device_id, "tail", started, time.time())
+                job.add_time("tail", time.monotonic() - started)
+                job.local_span(self.device_id, "tail", started, time.monotonic())
             else:
                 x = _stitch(layout, outputs)
-                job.add_time("gather", time.time() - started)
-            job.add_time(f"segment_{position}", time.time() - segment_started)
+                job.add_time("gather", time.monotonic() - started)
+            job.add_time(f"segment_{position}", time.monotonic() - segment_started)
         if logits is None:
-            started = time.time()
+            started = time.monotonic()
             logits = await self.links.compute(
                 functools.partial(_tail_from_map, held, segments[-1][0].last + 1, x)
             )
-            job.add_time("tail", time.time() - started)
-            job.span(self.device_id, "tail", started, time.time())
+            job.add_time("tail", time.monotonic() - started)
+            job.local_span(self.device_id, "tail", started, time.monotonic())
         assert logits is not None
         return self._success(job, held, plan, logits)
 
@@ -684,7 +700,7 @@ class Coordinator:
         if unusable:
             logger.info("job %s: not direct, %s gone or not answering", job.job_id, unusable)
             return None
-        started = time.time()
+        started = time.monotonic()
         template = self._tile_task(
             job, held, plan, 0, segments[0][0], segments[0][1][0], x
         ).model_copy(update={"tensor": None})
@@ -700,8 +716,8 @@ class Coordinator:
         job.devices |= used
         if not await self._send_tasks(job, tasks):
             return None
-        job.add_time("scatter", time.time() - started)
-        job.span(self.device_id, "scatter", started, time.time())
+        job.add_time("scatter", time.monotonic() - started)
+        job.local_span(self.device_id, "scatter", started, time.monotonic())
         last_layout, last_assignments = segments[-1]
         owners = {a.index: a.device for a in last_assignments}
         overdue_s = self._overdue_after(plan.predicted_latency_s)
@@ -709,7 +725,7 @@ class Coordinator:
         worker_compute = 0.0
         reason = ""
         while len(outputs) < last_layout.count:
-            left = started + overdue_s - time.time()
+            left = started + overdue_s - time.monotonic()
             try:
                 item = await asyncio.wait_for(job.inbox.get(), timeout=max(0.0, left))
             except TimeoutError:
@@ -745,7 +761,7 @@ class Coordinator:
             job.direct_failed = used
             logger.warning("job %s: direct plane gave up (%s); relaying", job.job_id, reason)
             return None
-        job.add_time("compute", time.time() - started - job.timings.get("scatter", 0.0) / 1000)
+        job.add_time("compute", time.monotonic() - started - job.timings.get("scatter", 0.0) / 1000)
         job.add_time("worker_compute", worker_compute)
         return outputs
 
@@ -760,7 +776,7 @@ class Coordinator:
         label = int(np.argmax(probabilities))
         names = CLASSES if held.spec.num_classes == len(CLASSES) else None
         job.devices.add(self.device_id)  # the tail ran here
-        total_s = time.time() - job.received_at
+        total_s = time.monotonic() - job.received_at
         job.timings["total"] = total_s * 1000.0
         # What the plan predicted for the client's round trip, beside what happened.
         job.timings["predicted"] = plan.predicted_latency_s * 1000.0
@@ -843,7 +859,7 @@ class Coordinator:
     ) -> dict[int, npt.NDArray[np.float32]]:
         plan = job.plan
         assert plan is not None
-        started = time.time()
+        started = time.monotonic()
         alive = set(self.alive_devices())
         records: list[TileRecord] = []
         for assignment in assignments:
@@ -886,13 +902,13 @@ class Coordinator:
             job.devices.add(task.device)
             records.append(record)
         await self._send_tasks(job, [record.task for record in records])
-        scattered = time.time()
+        scattered = time.monotonic()
         job.add_time("scatter", scattered - started)
-        job.span(self.device_id, "scatter", started, scattered, segment=position)
+        job.local_span(self.device_id, "scatter", started, scattered, segment=position)
 
         state = _SegmentState(layout, position)
         while len(state.outputs) < layout.count:
-            wait = min(r.overdue_at for r in records if not r.done) - time.time()
+            wait = min(r.overdue_at for r in records if not r.done) - time.monotonic()
             try:
                 # Bounded by the job's deadline too (see _job_main).
                 item = await asyncio.wait_for(job.inbox.get(), timeout=max(0.0, wait))
@@ -938,7 +954,7 @@ class Coordinator:
                 self._learn_speed(record, item)
             elif not record.done:
                 await self._copy_failed(job, record, item.attempt, f"{item.device}: {item.reason}")
-        finished = time.time()
+        finished = time.monotonic()
         for gate, value in state.gates.items():
             job.gate_values[(position, gate)] = value
         job.add_time("compute", finished - scattered)
@@ -977,7 +993,7 @@ class Coordinator:
         if result.attempt == first and result.compute_seconds > 0:
             self.planning.observe_tile(result.device, record.compute_s, result.compute_seconds)
         elif record.running.get(first) == record.planned_device:
-            waited = time.time() - record.first_sent_at
+            waited = time.monotonic() - record.first_sent_at
             self.planning.observe_tile(record.planned_device, record.compute_s, waited)
 
     def _copies_out(self, now: float) -> int:
@@ -995,7 +1011,7 @@ class Coordinator:
 
     def _suspects(self) -> set[str]:
         """Devices that left a tile overdue lately and have not answered since."""
-        now = time.time()
+        now = time.monotonic()
         for device, since in list(self._suspect_since.items()):
             if now - since > _SUSPECT_S:
                 del self._suspect_since[device]  # give it another chance
@@ -1019,6 +1035,7 @@ class Coordinator:
         in_rows, in_columns = rows.in_rows, columns.in_rows
         block = x[:, :, in_rows.start : in_rows.stop, in_columns.start : in_columns.stop]
         tensor = np.ascontiguousarray(block, dtype=self.settings.wire_dtype)
+        deadline, deadline_in_s = _deadline_fields(job.deadline)
         return TileTask(
             sender=self.device_id,
             job_id=job.submit.job_id,
@@ -1043,7 +1060,8 @@ class Coordinator:
             output_rows=(rows.out_rows.start, rows.out_rows.stop),
             output_columns=(columns.out_rows.start, columns.out_rows.stop),
             tensor=Tensor(tensor),
-            deadline=job.deadline,
+            deadline=deadline,
+            deadline_in_s=deadline_in_s,
             local_gates=layout.count == 1 and bool(layout.gates),
             trace=job.submit.trace,
         )
@@ -1112,7 +1130,7 @@ class Coordinator:
             await self._send_gate(job, state, partial.gate, {partial.device})
             return
         if state.first_partial[partial.gate] is None:
-            state.first_partial[partial.gate] = time.time()
+            state.first_partial[partial.gate] = time.monotonic()
         collected = state.partials[partial.gate]
         collected[partial.tile] = partial  # of any copy: the input, hence the sums, are the same
         if len(collected) < layout.count:
@@ -1153,7 +1171,7 @@ class Coordinator:
         others and is not a straggler; one that has not (or has no gate left to reach)
         is. Its copy goes to the least loaded other device; the first result wins.
         """
-        now = time.time()
+        now = time.monotonic()
         devices = {device for record in records for device in record.devices}
         for gate in sorted(state.unsent_gates):
             await self._send_gate(job, state, gate, devices)
@@ -1249,7 +1267,8 @@ class Coordinator:
         for attempt, holder in list(record.running.items()):
             if holder == device:
                 del record.running[attempt]  # superseded by the new attempt on the same device
-        now = time.time()
+        now = time.monotonic()
+        deadline, deadline_in_s = _deadline_fields(job.deadline)
         record.attempt += 1
         record.running[record.attempt] = device
         record.sent[record.attempt] = device
@@ -1260,7 +1279,9 @@ class Coordinator:
                 "device": device,
                 "attempt": record.attempt,
                 "message_id": new_message_id(),
-                "sent_at": now,
+                "sent_at": time.time(),
+                "deadline": deadline,
+                "deadline_in_s": deadline_in_s,
             }
         )
         job.devices.add(device)
@@ -1281,6 +1302,13 @@ class Coordinator:
 
 
 # --- array helpers (numpy only: they run on the event loop) -----------------------------
+
+
+def _deadline_fields(deadline: float) -> tuple[float, float]:
+    """A job's deadline (our monotonic clock) for a task: the time left, which the
+    worker counts on its own clock, and the wall-clock instant for older workers."""
+    left = max(0.0, deadline - time.monotonic())
+    return time.time() + left, left
 
 
 def _from_a_copy(record: TileRecord, item: ReductionPartial | TileResult | TileFailed) -> bool:

@@ -48,6 +48,12 @@ ProfileTable = dict[str, tuple[float, float]]
 PROFILE_CACHE_MAX_AGE_S = 7 * 24 * 3600.0
 
 
+def _fresh(measured_at: float) -> bool:
+    """A cached measurement's age on the wall clock (the only one that survives a
+    reboot); one from the future (the clock went back since) is not trusted."""
+    return 0.0 <= time.time() - measured_at <= PROFILE_CACHE_MAX_AGE_S
+
+
 def software_version() -> str:
     try:
         from importlib.metadata import version
@@ -96,9 +102,7 @@ def _read_cache(path: Path, key: str) -> ProfileTable | None:
     if not isinstance(document, dict) or document.get("key") != key:
         return None
     measured_at = document.get("measured_at")
-    if not isinstance(measured_at, int | float) or time.time() - measured_at > (
-        PROFILE_CACHE_MAX_AGE_S
-    ):
+    if not isinstance(measured_at, int | float) or not _fresh(measured_at):
         return None
     table = document.get("profile")
     if not isinstance(table, dict):
@@ -211,7 +215,7 @@ def measure_unit_profiles(
             isinstance(entry, dict)
             and entry.get("key") == key
             and isinstance(entry.get("measured_at"), int | float)
-            and time.time() - entry["measured_at"] <= PROFILE_CACHE_MAX_AGE_S
+            and _fresh(entry["measured_at"])
         ):
             try:
                 profile = UnitProfile.model_validate(entry.get("profile"), strict=False)

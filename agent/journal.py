@@ -32,7 +32,8 @@ logger = logging.getLogger(__name__)
 class JournalEntry:
     submit: JobSubmit
     received_at: float
-    """Unix time this device last heard the job submitted (its deadline counts from it)."""
+    """When this device last heard the job submitted, on its monotonic clock (the
+    deadline counts from it; the client's `submitted_at` is another device's clock)."""
     deadline: float
 
 

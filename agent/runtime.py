@@ -36,7 +36,7 @@ import os
 import ssl
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -45,6 +45,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from edgedi.agent.clock import OffsetEstimate
 from edgedi.agent.config import AgentSettings
 from edgedi.agent.coordinator import Coordinator
 from edgedi.agent.device import (
@@ -54,6 +55,14 @@ from edgedi.agent.device import (
     measure_unit_profiles,
 )
 from edgedi.agent.election import Decision, Election, LeaderClaim
+from edgedi.agent.identity import (
+    IDENTITY_CHECK_S,
+    DuplicateDevice,
+    IdentityCheck,
+    loses_to,
+    new_instance,
+    next_session,
+)
 from edgedi.agent.journal import JobJournal, remember_result
 from edgedi.agent.link_probe import LinkMeasurement, LinkProber
 from edgedi.agent.membership import HEARTBEAT_PERIOD_S, SILENT_AFTER_S, Membership
@@ -66,6 +75,7 @@ from edgedi.broker.errors import BrokerError
 from edgedi.broker.ids import DeviceId
 from edgedi.broker.messages import (
     CancelJob,
+    ClockEcho,
     DeviceBirth,
     DeviceState,
     GateValue,
@@ -148,12 +158,14 @@ class Agent:
         profile: ProfileTable | None = None,
         environ: Mapping[str, str] | None = None,
         settle_s: float = SETTLE_S,
+        identity_check_s: float = IDENTITY_CHECK_S,
     ) -> None:
         self.settings = settings
         self.device_id = DeviceId(settings.device_id)
-        # Sparkplug-style session counter: unix milliseconds at start, so it grows
-        # across restarts without any stored state.
-        self.session_counter = int(time.time() * 1000)
+        self.instance = new_instance()
+        # Sparkplug-style session counter, stored in the state directory; set once the
+        # broker has shown which sessions of this id it still holds (see agent.identity).
+        self.session_counter = 0
         self.root = TopicRoot(settings.broker.topic_root, settings.broker.cluster)
         self.store = ModelStore(
             settings.compute.models, settings.compute.input_size, settings.compute.checkpoint_dir
@@ -204,6 +216,8 @@ class Agent:
         """Set once connected and announced (READY=1)."""
         self._environ = environ
         self._settle_s = settle_s
+        self._identity_check_s = identity_check_s
+        self._duplicate: DuplicateDevice | None = None
         self._session: MqttSession | None = None
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
@@ -219,6 +233,13 @@ class Agent:
         self._results: OrderedDict[str, JobResult] = OrderedDict()
         self._group: asyncio.TaskGroup | None = None
         self._heartbeat_sequence = 0
+        # Clock offset to the leader (agent.clock): our recent heartbeats (sequence,
+        # sent_at, monotonic send time); as leader, the heartbeats heard since our last.
+        self.clock_offset = OffsetEstimate()
+        self._beats_sent: deque[tuple[int, float, float]] = deque(maxlen=16)
+        self._beats_heard: dict[str, tuple[int, float]] = {}
+        self._offset_leader: str | None = None
+        self._offset_warned = False
         self._stopping = False
         self._log = RateLimitedLog(logger)
 
@@ -249,6 +270,8 @@ class Agent:
         """Run until `request_stop()`; raises on a bug (systemd restarts us)."""
         try:
             await self._prepare()
+            if not await self._claim_identity():
+                return  # stopped while checking
             self._session = self._make_session()
             await self._subscribe()
             async with asyncio.TaskGroup() as group:
@@ -277,6 +300,71 @@ class Agent:
             self._group = None
             self.coordinator = None  # an agent that is not running leads nothing
             self.executor.shutdown(wait=False, cancel_futures=True)
+        if self._duplicate is not None:
+            raise self._duplicate
+
+    def _session_settings(self, client_id: str) -> SessionSettings:
+        broker = self.settings.broker
+        return SessionSettings(
+            host=broker.host,
+            port=broker.port,
+            client_id=client_id,
+            username=broker.username,
+            password=broker.password,  # type: ignore[arg-type]  # SecretStr accepts str
+            keepalive_seconds=broker.keepalive_s,
+            max_payload_bytes=self.settings.jobs.max_payload_bytes,
+        )
+
+    def _tls(self) -> ssl.SSLContext | None:
+        ca_file = self.settings.broker.tls_ca_file
+        return None if ca_file is None else ssl.create_default_context(cafile=str(ca_file))
+
+    async def _claim_identity(self) -> bool:
+        """Listen to our own id's records before announcing anything (agent.identity):
+        raise `DuplicateDevice` if another agent is alive with it, else take the next
+        session number. False when asked to stop meanwhile."""
+        # A client id of its own and no Will: this look neither evicts nor marks anyone.
+        session = MqttSession(
+            self._session_settings(f"{self.device_id[:108]}-check-{self.instance}"),
+            self.root,
+            tls_context=self._tls(),
+        )
+        check = IdentityCheck(self.device_id)
+        found = asyncio.Event()
+
+        async def observe(received: Received) -> None:
+            check.observe(received.message)
+            if check.holder is not None:
+                found.set()
+
+        for spec in (DEVICE_BIRTH, DEVICE_STATE, DEVICE_HEARTBEAT):
+            await session.subscribe(spec, observe, device=self.device_id)
+        async with asyncio.TaskGroup() as group:
+            group.create_task(session.run(), name=f"identity-{self.device_id}")
+            stop = group.create_task(self._stop.wait(), name=f"identity-stop-{self.device_id}")
+            waiters = [stop, group.create_task(session.connected.wait())]
+            try:
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                if session.connected.is_set() and not self._stop.is_set():
+                    waiters.append(group.create_task(found.wait()))
+                    await asyncio.wait(
+                        [stop, waiters[-1]],
+                        timeout=self._identity_check_s,
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+            finally:
+                for task in waiters:
+                    task.cancel()
+                session.request_stop()
+        if self._stop.is_set():
+            return False
+        problem = check.problem()
+        if problem is not None:
+            raise DuplicateDevice(problem)
+        self.session_counter = next_session(self.settings.state_dir, check.highest_session + 1)
+        self.election.session = self.session_counter
+        logger.info("%s starts session %d", self.device_id, self.session_counter)
+        return True
 
     async def _prepare(self) -> None:
         compute = self.settings.compute
@@ -316,21 +404,14 @@ class Agent:
         )
 
     def _make_session(self) -> MqttSession:
-        broker = self.settings.broker
-        settings = SessionSettings(
-            host=broker.host,
-            port=broker.port,
-            client_id=self.device_id,
-            username=broker.username,
-            password=broker.password,  # type: ignore[arg-type]  # SecretStr accepts str
-            keepalive_seconds=broker.keepalive_s,
-            max_payload_bytes=self.settings.jobs.max_payload_bytes,
-        )
-        tls = None
-        if broker.tls_ca_file is not None:
-            tls = ssl.create_default_context(cafile=str(broker.tls_ca_file))
+        # A client id per process: a second agent of the same id (a cloned card) then
+        # cannot evict this one by connecting; it finds the id taken and stops.
         return MqttSession(
-            settings, self.root, will=self._will, on_connect=self._on_connect, tls_context=tls
+            self._session_settings(f"{self.device_id[:115]}-{self.instance}"),
+            self.root,
+            will=self._will,
+            on_connect=self._on_connect,
+            tls_context=self._tls(),
         )
 
     def _will(self) -> Publication:
@@ -470,6 +551,8 @@ class Agent:
         await self._stop_leading(drain)
         if not await self.worker.drain(drain):
             logger.warning("tiles still running after %.1f s; leaving them", drain)
+        if self._duplicate is not None:
+            return  # the state of the id belongs to the agent that keeps it
         try:
             await self.session.publish(
                 DEVICE_STATE,
@@ -532,13 +615,84 @@ class Agent:
     async def _on_state(self, received: Received) -> None:
         state = received.message
         assert isinstance(state, DeviceState)
+        if (
+            state.device == self.device_id
+            and state.session < self.session_counter
+            and not self._stopping
+        ):
+            # The late Will of an older connection of ours (or the record a stopped
+            # duplicate left) is now what the broker retains: say who we are again.
+            self._rebirth = True
         self.membership.state(state.device, state.session, state.status, now=time.monotonic())
         self._wake.set()
 
     async def _on_heartbeat(self, received: Received) -> None:
         beat = received.message
         assert isinstance(beat, Heartbeat)
-        self.membership.heartbeat(beat.device, beat.session, now=time.monotonic())
+        if beat.device == self.device_id and (beat.instance or "") != self.instance:
+            self._another_agent(beat)
+            return
+        now = time.monotonic()
+        self.membership.heartbeat(beat.device, beat.session, now=now)
+        if beat.device != self.device_id and self.is_leader and beat.device in self.births:
+            self._beats_heard[beat.device] = (beat.sequence, now)
+        if beat.echoes and beat.device == self.election.leader and beat.device != self.device_id:
+            self._clock_sample(beat, now)
+
+    def _clock_sample(self, beat: Heartbeat, now: float) -> None:
+        """The leader's heartbeat echoes one of ours: one round trip (agent.clock)."""
+        if beat.device != self._offset_leader:
+            self._offset_leader = beat.device
+            self.clock_offset.reset()
+        echo = next((e for e in beat.echoes or () if e.device == self.device_id), None)
+        sent = next((s for s in self._beats_sent if echo and s[0] == echo.sequence), None)
+        if echo is None or sent is None:
+            return
+        _, t1, sent_at = sent
+        t3 = beat.sent_at
+        self.clock_offset.add(
+            t1, t3 - echo.held_s, t3, time.time(), round_trip_s=now - sent_at - echo.held_s
+        )
+        offset = self.clock_offset.offset_s
+        if offset is None:
+            return
+        limit = self.settings.clock.warn_offset_s
+        if abs(offset) > limit and not self._offset_warned:
+            self._offset_warned = True
+            logger.warning(
+                "this device's clock is %+.3f s from the leader %s's (more than %.1f s): "
+                "nothing depends on it, but timestamps in logs and results disagree",
+                offset,
+                beat.device,
+                limit,
+            )
+        elif abs(offset) <= limit / 2 and self._offset_warned:
+            self._offset_warned = False
+            logger.info("clock offset to the leader %s now %+.3f s", beat.device, offset)
+
+    def _another_agent(self, beat: Heartbeat) -> None:
+        """A heartbeat of our id from another process: both started at once (each
+        checked before the other announced). One of the two stops (agent.identity)."""
+        if self._duplicate is not None or self._stopping:
+            return
+        if loses_to((self.session_counter, self.instance), beat):
+            self._duplicate = DuplicateDevice(
+                f"device id {self.device_id} is also used by another agent (session "
+                f"{beat.session}), which keeps it. This agent stops. Give every device "
+                f"a unique device_id."
+            )
+            logger.error("%s", self._duplicate)
+            self.request_stop()
+        else:
+            self._log.log(
+                logging.ERROR,
+                "duplicate",
+                "another agent uses device id %s (session %d); it stops, this one keeps it",
+                self.device_id,
+                beat.session,
+            )
+            self._rebirth = True  # its birth and state may be the retained ones now
+            self._wake.set()
 
     async def _on_leader(self, received: Received) -> None:
         record = received.message
@@ -591,7 +745,7 @@ class Agent:
         assert isinstance(message, JobSubmit)
         cached = self._results.get(message.job_id)
         if cached is None or cached.retryable:
-            self.journal.submitted(message, time.time())
+            self.journal.submitted(message, time.monotonic())
         if self.coordinator is not None:
             self.coordinator.submit(message)
 
@@ -682,6 +836,13 @@ class Agent:
             load = min(1.0, max(0.0, (busy - busy_before) / max(1e-6, now - at_before)))
             busy_before, at_before = busy, now
             self._heartbeat_sequence += 1
+            echoes = None
+            if self.is_leader:
+                heard, self._beats_heard = self._beats_heard, {}
+                echoes = tuple(
+                    ClockEcho(device=DeviceId(device), sequence=sequence, held_s=now - at)
+                    for device, (sequence, at) in sorted(heard.items())
+                )
             beat = Heartbeat(
                 sender=self.device_id,
                 device=self.device_id,
@@ -689,7 +850,11 @@ class Agent:
                 sequence=self._heartbeat_sequence,
                 load=load,
                 busy_tiles=self.worker.busy_tiles,
+                instance=self.instance,
+                clock_offset_s=0.0 if self.is_leader else self.clock_offset.offset_s,
+                echoes=echoes,
             )
+            self._beats_sent.append((beat.sequence, beat.sent_at, now))
             try:
                 await self.session.publish(
                     DEVICE_HEARTBEAT, beat, device=self.device_id, timeout=HEARTBEAT_PERIOD_S
@@ -815,7 +980,7 @@ class Agent:
             await session.subscribe(JOB_PARTIALS, self._on_job_message),
             await session.subscribe(JOB_TILES, self._on_job_message),
         ]
-        backlog = self.journal.pending(time.time())
+        backlog = self.journal.pending(time.monotonic())
         for entry in backlog:
             coordinator.submit(entry.submit, received_at=entry.received_at)
         self._plan_dirty.set()
@@ -887,6 +1052,7 @@ class Agent:
         return {
             "device": self.device_id,
             "session": self.session_counter,
+            "clock_offset_s": self.clock_offset.offset_s,
             "leader": self.election.leader,
             "epoch": self.election.epoch,
             "is_leader": self.is_leader,

@@ -36,6 +36,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from edgedi.agent.clock import local_deadline
 from edgedi.agent.layout import LayoutError, SegmentLayout, segment_layout
 from edgedi.agent.model_store import HeldModel, ModelNotHeld, ModelStore
 from edgedi.broker.errors import BrokerError
@@ -122,6 +123,8 @@ class _Tile:
     received: npt.NDArray[np.bool_] | None = None
     """Direct task: which input rows have arrived (None: the task carried them)."""
     queued: bool = False
+    deadline: float = float("inf")
+    """The task's deadline on this device's monotonic clock."""
     accepted_at: float = 0.0
     """Wall time the task arrived (traced tiles: the start of their timeline)."""
     ready_at: float = 0.0
@@ -230,11 +233,15 @@ class Worker:
         if not self._accepting:
             self._refuse(task, "the device is shutting down")
             return
-        if task.deadline <= time.time():
+        # The leader's deadline as time left, on our own clock (see edgedi.agent.clock).
+        now = time.monotonic()
+        deadline = local_deadline(task.deadline, task.deadline_in_s, now=now, wall_now=time.time())
+        if deadline <= now:
             self._refuse(task, "the task's deadline has already passed")
             return
         try:
             tile = self._prepare(task)
+            tile.deadline = deadline
         except _TileRefused as refusal:
             self._refuse(task, str(refusal))
             return
@@ -412,9 +419,9 @@ class Worker:
 
     def _expire_waiting(self) -> None:
         """Direct tiles whose rows never came (their job moved on): gone at the deadline."""
-        now = time.time()
+        now = time.monotonic()
         for key, tile in list(self._tiles.items()):
-            if tile.waiting_for_rows and tile.task.deadline <= now:
+            if tile.waiting_for_rows and tile.deadline <= now:
                 logger.info("tile %s: its input rows did not come before the deadline", key)
                 self._drop(key, tile)
 
@@ -612,7 +619,7 @@ class Worker:
         outcome: TileResult | TileFailed | None = None
         tile.span("queue", tile.ready_at, time.time())
         try:
-            remaining = task.deadline - time.time()
+            remaining = tile.deadline - time.monotonic()
             async with asyncio.timeout(max(0.0, remaining)):
                 outcome = await self._compute(tile)
         except TimeoutError:

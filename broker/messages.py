@@ -54,6 +54,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "WIRE_INT_MAX",
     "CancelJob",
+    "ClockEcho",
     "DeviceBirth",
     "DeviceCapabilities",
     "DeviceState",
@@ -92,7 +93,7 @@ WIRE_INT_MAX: Final = 2**53 - 1
 """Largest magnitude of any integer field. JSON would carry any size and msgpack up
 to 2**64 - 1: without a bound, a JSON record with a 2**70 epoch is accepted and then
 cannot be packed into the msgpack tasks that cite it. 2**53 - 1 is also the largest
-integer a JavaScript JSON reader (Node-RED) sees exactly; epochs, sessions (unix ms)
+integer a JavaScript JSON reader (Node-RED) sees exactly; epochs, sessions
 and counters stay far below it."""
 
 Encoding = Literal["json", "msgpack"]
@@ -133,6 +134,9 @@ class WireMessage(BaseModel):
 
     wire_encoding: ClassVar[Encoding] = "json"
     """How this kind is encoded on the wire (fixed per kind, matched by its topics)."""
+    added_fields: ClassVar[frozenset[str]] = frozenset()
+    """Optional fields added within this schema version: left out of the bytes while
+    unset, so a message that does not use them encodes as it always did."""
 
     version: Literal[2] = Field(
         default=SCHEMA_VERSION, description="wire schema version (2: the direct data plane)"
@@ -243,15 +247,45 @@ class DeviceState(WireMessage):
     )
 
 
+class ClockEcho(BaseModel):
+    """The leader's note on a heartbeat it heard: which one, and how long it held it."""
+
+    model_config = _FROZEN_STRICT
+
+    device: DeviceIdField = Field(description="the device whose heartbeat this echoes")
+    sequence: NonNegativeInt = Field(description="that heartbeat's sequence number")
+    held_s: NonNegativeFloat = Field(
+        description="seconds from its arrival to this heartbeat's `sent_at` (leader's clock)"
+    )
+
+
 class Heartbeat(WireMessage):
     """A device's periodic load report (not retained)."""
 
     kind: Literal["heartbeat"] = "heartbeat"
+    added_fields: ClassVar[frozenset[str]] = frozenset({"instance", "clock_offset_s", "echoes"})
     device: DeviceIdField = Field(description="the device's id (also in the topic)")
     session: NonNegativeInt = Field(description="the birth's session counter")
     sequence: NonNegativeInt = Field(description="counts up per heartbeat of this session")
     load: NonNegativeFloat = Field(description="busy fraction of the cores since the last beat")
     busy_tiles: NonNegativeInt = Field(description="tiles running or queued on the device")
+    instance: str | None = Field(
+        default=None,
+        pattern=r"^[0-9a-f]{1,32}$",
+        description="random name of the agent process: a heartbeat of our own id with "
+        "another instance is a second agent using the id",
+    )
+    clock_offset_s: FiniteFloat | None = Field(
+        default=None,
+        description="this device's clock minus the leader's, seconds, estimated from "
+        "heartbeat round trips (0 on the leader; null: not known yet). Shown, never used",
+    )
+    echoes: tuple[ClockEcho, ...] | None = Field(
+        default=None,
+        max_length=1024,
+        description="leader only: the heartbeats heard since its previous one, so each "
+        "device can time the round trip (NTP's four timestamps)",
+    )
 
 
 class LeaderRecord(WireMessage):
@@ -408,6 +442,7 @@ class TileTask(_TensorMessage):
     """
 
     kind: Literal["tile_task"] = "tile_task"
+    added_fields: ClassVar[frozenset[str]] = frozenset({"deadline_in_s"})
     job_id: JobIdField = Field(description="the job")
     epoch: NonNegativeInt = Field(description="epoch of the leader that sent it")
     plan_id: Name = Field(description="plan the tile belongs to")
@@ -439,7 +474,15 @@ class TileTask(_TensorMessage):
         description="segment input rows, halo included; null in a direct task whose rows "
         "come from the devices of the previous segment (`TileRows`)"
     )
-    deadline: FiniteFloat = Field(description="unix time after which the result is useless")
+    deadline: FiniteFloat = Field(
+        description="unix time (the leader's clock) after which the result is useless; "
+        "read only when `deadline_in_s` is absent (a leader of an older version)"
+    )
+    deadline_in_s: NonNegativeFloat | None = Field(
+        default=None,
+        description="seconds left before the deadline when the task was sent; the receiver "
+        "counts them on its own monotonic clock, so the two clocks need not agree",
+    )
     attempt: NonNegativeInt = Field(default=0, description="0, then +1 per re-dispatch")
     local_gates: bool = Field(
         default=False,
@@ -621,10 +664,11 @@ def encode(message: WireMessage, limits: Limits = DEFAULT_LIMITS) -> bytes:
     Raises `PayloadTooLarge` when the result exceeds `limits.max_payload_bytes`, so a
     sender fails loudly instead of the broker dropping the message silently.
     """
+    unset = {name for name in message.added_fields if getattr(message, name) is None}
     if message.wire_encoding == "json":
-        payload = message.model_dump_json().encode()
+        payload = message.model_dump_json(exclude=unset).encode()
     else:
-        payload = pack(message.model_dump(mode="python"))
+        payload = pack(message.model_dump(mode="python", exclude=unset))
     if len(payload) > limits.max_payload_bytes:
         raise PayloadTooLarge(
             f"{message.kind} encodes to {len(payload)} bytes, over the limit of "

@@ -5,6 +5,8 @@ flags below (strongest). `--check-config` validates them, prints one
 `field.path: message` line per problem and exits 0 (valid) or 1, without connecting:
 the Ansible role runs it on every rendered configuration before installing it.
 SIGTERM or Ctrl-C stops the agent gracefully (drain, state `stopped`, disconnect).
+An agent whose device id another live agent holds exits with status 78 (EX_CONFIG),
+which the systemd unit does not restart (see edgedi.agent.identity).
 """
 
 from __future__ import annotations
@@ -140,7 +142,8 @@ def _check(settings: AgentSettings) -> list[str]:
     return problems
 
 
-async def _serve(settings: AgentSettings) -> None:
+async def _serve(settings: AgentSettings) -> int:
+    from edgedi.agent.identity import EXIT_DUPLICATE_ID, DuplicateDevice
     from edgedi.agent.runtime import Agent
 
     agent = Agent(settings)
@@ -149,9 +152,15 @@ async def _serve(settings: AgentSettings) -> None:
         loop.add_signal_handler(signum, agent.request_stop)
     try:
         await agent.run()
+    except DuplicateDevice as error:
+        # A configuration error: systemd must not restart us (RestartPreventExitStatus=).
+        logging.getLogger("edgedi.agent").error("%s", error)
+        print(f"edgedi agent: {error}", file=sys.stderr)
+        return EXIT_DUPLICATE_ID
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -177,5 +186,4 @@ def run(args: argparse.Namespace) -> int:
     # The configured level, unless -v on the command line asked for more.
     level = min(logging.getLevelName(settings.log_level.upper()), logging.getLogger().level)
     logging.getLogger("edgedi").setLevel(level)
-    asyncio.run(_serve(settings))
-    return 0
+    return asyncio.run(_serve(settings))

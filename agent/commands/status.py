@@ -43,12 +43,17 @@ def _candidate(candidate: bool | None, priority: int | None) -> str:
     return f"yes (priority {priority})" if priority else "yes"
 
 
+def _offset(seconds: float | None) -> str:
+    """A device's clock against the leader's, as the device estimates it."""
+    return "-" if seconds is None else f"{seconds:+.3f} s"
+
+
 def render(document: dict[str, Any], plan_lines: list[str]) -> list[str]:
     """The human-readable status from `ClusterView.to_json()` and the plan's lines."""
     devices = document["devices"]
     lines = [f"devices ({len(devices)}):"]
     if devices:
-        rows = [["device", "state", "session", "cores", "candidate", "load", "models"]]
+        rows = [["device", "state", "session", "cores", "candidate", "load", "clock", "models"]]
         for device in devices:
             candidate = device["candidate"]
             rows.append(
@@ -59,10 +64,12 @@ def render(document: dict[str, Any], plan_lines: list[str]) -> list[str]:
                     str(device["cores"]) if device["cores"] is not None else "-",
                     _candidate(candidate, device["priority"]),
                     f"{device['load']:.2f}" if device["load"] is not None else "-",
+                    _offset(device.get("clock_offset_s")),
                     ", ".join(device["models"]) or "-",
                 ]
             )
         lines += ["  " + line for line in _table(rows)]
+        lines.append("  (clock: the device's clock minus the leader's, from heartbeat round trips)")
     leader = document["leader"]
     lines.append(
         f"leader: {leader['device']} (epoch {leader['epoch']}, session {leader['session']})"

@@ -82,7 +82,7 @@ class Cluster:
 
     def start(self, device_id: str, speed: float = 1.0, **sections: dict[str, Any]) -> Agent:
         settings = agent_settings(self.broker, self.root, device_id, **sections)
-        agent = Agent(settings, profile=profile(speed), settle_s=0.3)
+        agent = Agent(settings, profile=profile(speed), settle_s=0.3, identity_check_s=0.3)
         self.agents.append(agent)
         self.tasks.append(asyncio.create_task(agent.run(), name=f"agent-{device_id}"))
         return agent

@@ -65,11 +65,19 @@ class FaultCluster:
     replaced: list[subprocess.Popen[bytes]] = field(default_factory=list)
     starts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
-    def start(self, device: str, priority: int) -> None:
+    def start(
+        self,
+        device: str,
+        priority: int,
+        *,
+        environment: dict[str, str] | None = None,
+        state: str | None = None,
+    ) -> subprocess.Popen[bytes]:
         """Start (or restart, as systemd's Restart=always would) one agent process.
 
-        A process of the same device that still runs is kept (and stopped at the end):
-        the new one takes its MQTT client id over, as a replacement board would.
+        A process of the same device that still runs is kept (and stopped at the end).
+        `environment` adds variables (libfaketime's); `state` names another state
+        directory (a second board with the same id).
         """
         self.starts[device] += 1
         previous = self.processes.get(device)
@@ -87,18 +95,20 @@ class FaultCluster:
             "--models", MODEL,
             "--input-size", str(INPUT_SIZE),
             "--priority", str(priority),
-            "--state-dir", str(self.folder / f"state-{device}"),
+            "--state-dir", str(self.folder / f"state-{state or device}"),
             "--log-level", "info",
         ]  # fmt: skip
-        environment = {k: v for k, v in os.environ.items() if not k.startswith("EDGEDI_")}
-        environment.pop("NOTIFY_SOCKET", None)
+        variables = {k: v for k, v in os.environ.items() if not k.startswith("EDGEDI_")}
+        variables.pop("NOTIFY_SOCKET", None)
+        variables.update(environment or {})
         log = self.log_path(device).open("ab")
         try:
-            self.processes[device] = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, env=environment
+            process = self.processes[device] = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env=variables
             )
         finally:
             log.close()
+        return process
 
     def kill(self, device: str) -> None:
         """SIGKILL: no drain, no goodbye; the broker fires its Will."""
@@ -140,16 +150,20 @@ class FaultCluster:
 
 @asynccontextmanager
 async def fault_cluster(
-    folder: Path, devices: dict[str, int], slowdown: float = 20.0
+    folder: Path,
+    devices: dict[str, int],
+    slowdown: float = 20.0,
+    environments: dict[str, dict[str, str]] | None = None,
 ) -> AsyncIterator[FaultCluster]:
-    """Agents `devices` (name → election priority, lower wins) on a private broker."""
+    """Agents `devices` (name → election priority, lower wins) on a private broker;
+    `environments` adds variables to some agents' environment."""
     broker = start_broker(prefer="auto")
     root = TopicRoot(prefix=f"edgedi-faults/{uuid.uuid4().hex[:10]}", cluster="faults")
     cluster = FaultCluster(broker, root, folder, slowdown)
     passed = False
     try:
         for device, priority in devices.items():
-            cluster.start(device, priority)
+            cluster.start(device, priority, environment=(environments or {}).get(device))
         yield cluster
         passed = True
     finally:

@@ -8,9 +8,10 @@
 - A worker frozen with SIGSTOP (a hung board, a silent network loss): its tiles turn
   overdue and are copied to the others, it is dropped from the plan once its
   heartbeats stop, and after SIGCONT it rejoins and is used again.
-- A hung device replaced by a new process with the same id: the broker takes the
-  client id over and publishes the old session's Will *after* the new session's
-  birth; the session counter keeps that late Will from evicting the live device.
+- A hung device replaced by a new process with the same id (its heartbeats have
+  stopped, so the id is free): the broker drops the hung connection at its keepalive
+  and publishes the old session's Will *after* the new session's birth; the session
+  counter keeps that late Will from evicting the live device.
 
 Times are printed, not asserted: the machines are shared and noisy.
 """
@@ -221,13 +222,13 @@ async def test_a_late_will_of_a_replaced_session_does_not_evict_its_successor(
         cluster.freeze("swap-c")  # hung, its connection still open
         old = cluster.processes["swap-c"]
         cluster.start("swap-c", devices["swap-c"])  # the replacement takes the id over
-        # The old process is frozen and cannot leave: the broker drops it when the new
-        # one connects with the same client id and publishes its Will (offline, old
-        # session) after the new session's birth.
+        # The old process is frozen and cannot leave (nor heartbeat: the replacement
+        # finds the id free). The broker drops it at its keepalive and publishes its
+        # Will (offline, old session), possibly after the new session's birth.
         after = await _stream(client, 9, first=3)
         outcomes = before + after
         _check_answers(outcomes, log, references)
-        assert old.poll() is None  # still frozen: the Will came from the takeover
+        assert old.poll() is None  # still frozen: the Will came from the broker
         await wait_for_plan(client, set(devices))
         # The new session computes (a fresh process's first, slow tiles may make it a
         # suspect for a while, so not necessarily in every job).

@@ -52,7 +52,7 @@ TASK_KEYWORDS = {
     "name", "when", "register", "loop", "loop_control", "notify", "become", "delegate_to",
     "delegate_facts", "run_once", "check_mode", "changed_when", "failed_when", "no_log",
     "vars", "environment", "until", "retries", "delay", "tags", "ignore_errors", "listen",
-    "block", "rescue", "always", "diff",
+    "block", "rescue", "always", "diff", "any_errors_fatal",
 }  # fmt: skip
 
 YAML_FILES = sorted([*ANSIBLE.rglob("*.yml"), *ANSIBLE.rglob("*.yaml")])
@@ -128,6 +128,8 @@ def _variables(role: str, **overrides: Any) -> dict[str, Any]:
         "ansible_playbook_python": "/usr/bin/python3",
         "ansible_managed": "Ansible managed",
         "ansible_facts": {},
+        "groups": {"agents": ["pi-1"]},
+        "ansible_play_hosts_all": ["pi-1"],
     }
     context.update(_role_defaults(role))
     context.update(overrides)
@@ -306,6 +308,78 @@ def test_ansible_lint_production_profile_is_clean() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+
+
+def _fleet_check(
+    tmp_path: Path, hosts: dict[str, dict[str, str]]
+) -> subprocess.CompletedProcess[str]:
+    """The role's own id check (tasks/identity.yml, with the role's defaults) on an
+    inventory of local hosts, all in the group agents."""
+    playbook = _tool("ansible-playbook")
+    if playbook is None:
+        pytest.skip("ansible-playbook is not installed (pip install ansible-core)")
+    inventory = {
+        "all": {
+            "hosts": {
+                name: {"ansible_connection": "local", **values} for name, values in hosts.items()
+            },
+            "children": {"agents": {"hosts": dict.fromkeys(hosts)}},
+        }
+    }
+    (tmp_path / "inventory.yml").write_text(yaml.safe_dump(inventory))
+    play = [
+        {
+            "name": "Check the ids",
+            "hosts": "agents",
+            "gather_facts": False,
+            "tasks": [
+                {
+                    "name": "The role's check",
+                    "ansible.builtin.include_role": {
+                        "name": str(ROLES / "edgedi"),
+                        "tasks_from": "identity",
+                    },
+                },
+                {"name": "Went on", "ansible.builtin.debug": {"msg": "went on"}},
+            ],
+        }
+    ]
+    (tmp_path / "play.yml").write_text(yaml.safe_dump(play))
+    environment = dict(
+        os.environ, ANSIBLE_NOCOLOR="1", ANSIBLE_HOME=str(tmp_path / "home"), NO_COLOR="1"
+    )
+    return subprocess.run(
+        [playbook, "-i", "inventory.yml", "play.yml"],
+        cwd=tmp_path,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_the_role_refuses_an_inventory_with_a_duplicate_device_id(tmp_path: Path) -> None:
+    # pi-2 was cloned from pi-1's card and its inventory entry copied with it.
+    result = _fleet_check(tmp_path, {"pi-1": {}, "pi-2": {"edgedi_device_id": "pi-1"}, "pi-3": {}})
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "Device ids used by more than one host: pi-1 (pi-1, pi-2)" in output, output
+    assert "went on" not in output, "a host of the fleet went on after the check failed"
+
+
+def test_the_role_accepts_unique_device_ids(tmp_path: Path) -> None:
+    result = _fleet_check(tmp_path, {"pi-1": {}, "pi-2": {"edgedi_device_id": "cam-2"}, "pi-3": {}})
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert output.count("went on") == 3, output
+
+
+def test_the_unit_does_not_restart_an_agent_whose_id_is_taken() -> None:
+    from edgedi.agent.identity import EXIT_DUPLICATE_ID
+
+    values = _unit_values(UNIT.read_text())
+    assert values[("Service", "RestartPreventExitStatus")] == [str(EXIT_DUPLICATE_ID)]
 
 
 # --- templates ---------------------------------------------------------------------------
@@ -652,7 +726,8 @@ class Acl:
 CATALOGUE: dict[str, tuple[set[str], set[str]]] = {
     "devices/{device}/birth": ({"owner"}, {"device", "owner"}),
     "devices/{device}/state": ({"owner"}, {"device", "owner"}),
-    "devices/{device}/heartbeat": ({"owner"}, {"candidate", "owner"}),
+    # Every device reads the leader's heartbeat: it echoes theirs (clock offsets).
+    "devices/{device}/heartbeat": ({"owner"}, {"device", "owner"}),
     "devices/{device}/tasks": ({"candidate", "owner"}, {"owner"}),
     # The direct data plane: only the sender writes, only the target (and the sender,
     # under its own prefix) reads.
