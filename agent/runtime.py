@@ -17,6 +17,9 @@ Tasks in the group (named, none orphaned):
 - `worker`: the tile executor; `coordinator` (while leading): the jobs;
 - `watchdog`: systemd watchdog pings while the event loop and the compute thread are
   responsive, with or without the broker (returns at once outside systemd).
+- `home-assistant`: Home Assistant discovery configs, published or cleared
+  (`agent.home_assistant`); `metrics` (with `metrics.port`): the Prometheus
+  endpoint (`agent.metrics`).
 
 Message handlers only update state or hand work to a queue; they never await the
 network, so the receive loop keeps up. Messages between the local coordinator and
