@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import urllib.request
 import uuid
 
 import aiomqtt
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from runtime_support import running_cluster, sample_image
 
@@ -141,6 +143,23 @@ async def test_the_metrics_port_answers_only_scrapes_and_survives_garbage(
             == 1
         )
     assert agent.metrics.address is None  # closed with the agent
+
+
+async def test_a_taken_metrics_port_is_logged_and_the_agent_runs_on(
+    broker: BrokerHandle, topic_root: TopicRoot, caplog: pytest.LogCaptureFixture
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        async with running_cluster(
+            broker, topic_root, speeds=(1.0,), metrics={"port": port}
+        ) as cluster:
+            await cluster.wait_for_plan()
+            agent = cluster.agents[0]
+            assert agent.is_leader
+            assert not agent.metrics.listening.is_set()
+    assert f"metrics: cannot listen on 127.0.0.1:{port}" in caplog.text
 
 
 async def retained(
