@@ -182,6 +182,32 @@ class ClockSettings(_Section):
     )
 
 
+class MetricsSettings(_Section):
+    # Off by default: an open port is the operator's choice, and 127.0.0.1 keeps it
+    # for a local scraper (or an SSH tunnel) unless a host is named.
+    port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="serve Prometheus metrics over HTTP on this port (null: off; 0: any free "
+        "port, for tests)",
+    )
+    host: str = Field("127.0.0.1", description="address the metrics server listens on")
+
+
+class HomeAssistantSettings(_Section):
+    discovery: bool = Field(
+        False,
+        description="publish Home Assistant MQTT discovery configs (retained): this device's "
+        "connectivity, and, while leading, the cluster's last result; off: clear them",
+    )
+    discovery_prefix: str = Field(
+        "homeassistant",
+        pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$",
+        description="Home Assistant's discovery prefix",
+    )
+
+
 class AgentSettings(BaseSettings):
     """Everything an `edgedi agent` needs; see `edgedi agent --check-config`."""
 
@@ -197,6 +223,10 @@ class AgentSettings(BaseSettings):
     planner: PlannerSettings = Field(default_factory=PlannerSettings)  # type: ignore[arg-type]
     jobs: JobSettings = Field(default_factory=JobSettings)  # type: ignore[arg-type]
     clock: ClockSettings = Field(default_factory=ClockSettings)  # type: ignore[arg-type]
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)  # type: ignore[arg-type]
+    home_assistant: HomeAssistantSettings = Field(
+        default_factory=HomeAssistantSettings  # type: ignore[arg-type]
+    )
     state_dir: Path | None = Field(
         None,
         description="folder for the cached device profile ($STATE_DIRECTORY under systemd)",

@@ -336,6 +336,7 @@ class Coordinator:
         alive_devices: Callable[[], Collection[str]],
         results: OrderedDict[str, JobResult] | None = None,
         successor: Callable[[], bool] = lambda: False,
+        on_finished: Callable[[JobResult], None] | None = None,
     ) -> None:
         self.device_id = DeviceId(device_id)
         self.epoch = epoch
@@ -348,6 +349,9 @@ class Coordinator:
         # journal and takes over what this coordinator leaves unfinished.
         self.successor = successor
         self.statistics = CoordinatorStatistics()
+        # Told once per job this coordinator ran to its end (metrics, the last result):
+        # not for a resubmitted job answered from the cache.
+        self.on_finished = on_finished
         # Shared across leadership terms of this agent, so a retry after a re-election
         # by the same device still finds the result.
         self._results: OrderedDict[str, JobResult] = (
@@ -577,6 +581,11 @@ class Coordinator:
         else:
             self.statistics.errors += 1
             logger.warning("job %s failed: %s", job.job_id, result.error)
+        if self.on_finished is not None:
+            try:
+                self.on_finished(result)
+            except Exception:  # an observer's bug must not lose the job's result
+                logger.exception("on_finished failed for job %s", job.job_id)
         await self._release(job, result.error or "job finished")
         await self._publish(result)
 

@@ -17,6 +17,9 @@ Tasks in the group (named, none orphaned):
 - `worker`: the tile executor; `coordinator` (while leading): the jobs;
 - `watchdog`: systemd watchdog pings while the event loop and the compute thread are
   responsive, with or without the broker (returns at once outside systemd).
+- `home-assistant`: Home Assistant discovery configs, published or cleared
+  (`agent.home_assistant`); `metrics` (with `metrics.port`): the Prometheus
+  endpoint (`agent.metrics`).
 
 Message handlers only update state or hand work to a queue; they never await the
 network, so the receive loop keeps up. Messages between the local coordinator and
@@ -55,6 +58,7 @@ from edgedi.agent.device import (
     measure_unit_profiles,
 )
 from edgedi.agent.election import Decision, Election, LeaderClaim
+from edgedi.agent.home_assistant import HomeAssistant
 from edgedi.agent.identity import (
     IDENTITY_CHECK_S,
     DuplicateDevice,
@@ -66,6 +70,7 @@ from edgedi.agent.identity import (
 from edgedi.agent.journal import JobJournal, remember_result
 from edgedi.agent.link_probe import LinkMeasurement, LinkProber
 from edgedi.agent.membership import HEARTBEAT_PERIOD_S, SILENT_AFTER_S, Membership
+from edgedi.agent.metrics import AgentMetrics
 from edgedi.agent.model_store import HeldModel, ModelStore
 from edgedi.agent.planning import Planning, PlanningError
 from edgedi.agent.systemd import notify, watchdog_loop
@@ -212,6 +217,8 @@ class Agent:
             max_queued=settings.compute.max_queued_tiles,
             wire_dtype=settings.jobs.wire_dtype,
         )
+        self.metrics = AgentMetrics(self)
+        self.home_assistant = HomeAssistant(self)
         self.ready = asyncio.Event()
         """Set once connected and announced (READY=1)."""
         self._environ = environ
@@ -286,7 +293,18 @@ class Agent:
                         watchdog_loop(self.executor, self._environ),
                         name=f"watchdog-{self.device_id}",
                     ),
+                    group.create_task(
+                        self.home_assistant.run(), name=f"home-assistant-{self.device_id}"
+                    ),
                 ]
+                metrics = self.settings.metrics
+                if metrics.port is not None:
+                    others.append(
+                        group.create_task(
+                            self.metrics.serve(metrics.host, metrics.port),
+                            name=f"metrics-{self.device_id}",
+                        )
+                    )
                 await self._stop.wait()
                 # No election step may start leading once the shutdown has begun.
                 control.cancel()
@@ -970,6 +988,7 @@ class Agent:
             alive_devices=lambda: [r.device for r in self.membership.alive(time.monotonic())],
             results=self._results,
             successor=self._successor_alive,
+            on_finished=self._job_finished,
         )
         self.coordinator = coordinator
         self._coordinator_task = group.create_task(
@@ -990,6 +1009,10 @@ class Agent:
             epoch,
             f"; taking over {len(backlog)} unanswered job(s)" if backlog else "",
         )
+
+    def _job_finished(self, result: JobResult) -> None:
+        self.metrics.job_finished(result)
+        self.home_assistant.job_finished(result)
 
     def _successor_alive(self) -> bool:
         """Is another candidate alive to take over the jobs this leader leaves?"""
@@ -1012,6 +1035,7 @@ class Agent:
             task.cancel()
         for subscription in subscriptions:
             await self.session.unsubscribe(subscription)
+        self.metrics.retire(coordinator.statistics)
         self.coordinator = None
         self._coordinator_task = None
 

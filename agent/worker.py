@@ -106,6 +106,8 @@ class WorkerStatistics:
     cancelled: int = 0
     unanswered: int = 0
     busy_seconds: float = 0.0
+    gate_rounds: int = 0
+    """Attention gates this device's tiles waited at (one partial out, one value back)."""
 
 
 @dataclass
@@ -725,6 +727,7 @@ class Worker:
             waited = time.time()
             value = await self._gate_value(tile, step.index)
             tile.span("gate", waited, time.time())
+            self.statistics.gate_rounds += 1
             step, seconds = await self._step(
                 tile, functools.partial(_advance, runner_holder[0], value, self.wire_dtype)
             )

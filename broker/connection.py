@@ -193,6 +193,10 @@ class SessionStatistics:
     publish_failures: int = 0
     publish_retries: int = 0
     """Publishes sent again on a new connection (the previous one dropped before PUBACK)."""
+    bytes_sent: int = 0
+    """Payload bytes of acknowledged publishes (MQTT headers not counted)."""
+    bytes_received: int = 0
+    """Payload bytes of every incoming message, dropped ones included."""
 
 
 async def _cancel_and_wait(task: asyncio.Task[None]) -> None:
@@ -499,6 +503,7 @@ class MqttSession:
         payload = message.payload
         if not isinstance(payload, bytes | bytearray):
             payload = b"" if payload is None else str(payload).encode()
+        self.statistics.bytes_received += len(payload)
         if not payload:
             # An empty retained payload deletes a retained message; nothing to handle.
             return
@@ -653,6 +658,7 @@ class MqttSession:
             self.statistics.publish_failures += 1
             raise ConnectionLost(f"publish to {item.topic} failed: {error}") from error
         self.statistics.published += 1
+        self.statistics.bytes_sent += len(item.payload)
 
     async def clear_retained(
         self,

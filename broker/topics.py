@@ -71,6 +71,7 @@ __all__ = [
     "JOB_TILES",
     "PLANNER_LEADER",
     "PLAN_CURRENT",
+    "RESULT_SUMMARY",
     "ParsedTopic",
     "Publication",
     "TopicRoot",
@@ -319,6 +320,16 @@ JOB_RESULT: Final = TopicSpec(
     description="Exactly one final result or error per submitted job; JSON, so "
     "`mosquitto_sub`, Node-RED or Home Assistant can read it.",
 )
+RESULT_SUMMARY: Final = TopicSpec(
+    name="result_summary",
+    pattern="summary/last_result",
+    qos=1,
+    retain=True,
+    kinds=(JobResult,),
+    description="The leader's last finished job (its result without the trace), on a "
+    "fixed topic for dashboards: Home Assistant's cluster sensors read it. Published "
+    "only with `home_assistant.discovery` on.",
+)
 CONTROL_REBIRTH: Final = TopicSpec(
     name="control_rebirth",
     pattern="control/rebirth",
@@ -343,6 +354,7 @@ CATALOGUE: Final[tuple[TopicSpec, ...]] = (
     JOB_GATES,
     JOB_TILES,
     JOB_RESULT,
+    RESULT_SUMMARY,
     CONTROL_REBIRTH,
 )
 

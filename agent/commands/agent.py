@@ -80,6 +80,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plan-model", help="model of the published plan (when leading)")
     parser.add_argument("--state-dir", type=Path, help="folder for the cached profile")
     parser.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve Prometheus metrics on this port (see --metrics-host)",
+    )
+    parser.add_argument(
+        "--metrics-host", metavar="ADDRESS", help="metrics listen address (default 127.0.0.1)"
+    )
+    parser.add_argument(
+        "--home-assistant",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="publish (or, with --no-home-assistant, remove) Home Assistant MQTT discovery",
+    )
+    parser.add_argument(
         "--log-level", choices=("debug", "info", "warning", "error"), help="log level"
     )
 
@@ -105,6 +120,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
             "input_size": args.input_size,
             "profile_seconds": args.profile_seconds,
         },
+        "metrics": {"port": args.metrics_port, "host": args.metrics_host},
+        "home_assistant": {"discovery": args.home_assistant},
         "planner": {
             "candidate": args.candidate,
             "priority": args.priority,

@@ -30,7 +30,13 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from edgedi.agent.config import BrokerSettings, JobSettings, load_settings
+from edgedi.agent.config import (
+    BrokerSettings,
+    HomeAssistantSettings,
+    JobSettings,
+    MetricsSettings,
+    load_settings,
+)
 
 try:
     import jinja2
@@ -414,6 +420,10 @@ def test_template_is_well_formed(path: Path) -> None:
             "edgedi_cluster": "line-3",
             "edgedi_wire_dtype": "float16",
             "edgedi_log_level": "debug",
+            "edgedi_metrics_port": 9464,
+            "edgedi_metrics_host": "0.0.0.0",
+            "edgedi_home_assistant_discovery": True,
+            "edgedi_home_assistant_prefix": "ha",
         },
     ],
     ids=["defaults", "plain-mqtt", "worker"],
@@ -452,6 +462,10 @@ def test_agent_yaml_renders_to_settings_the_agent_accepts(
     assert settings.planner.priority == variables["edgedi_priority"]
     assert settings.compute.threads == variables["edgedi_threads"]
     assert settings.jobs.wire_dtype == variables["edgedi_wire_dtype"]
+    assert settings.metrics.port == variables["edgedi_metrics_port"]
+    assert settings.metrics.host == variables["edgedi_metrics_host"]
+    assert settings.home_assistant.discovery is variables["edgedi_home_assistant_discovery"]
+    assert settings.home_assistant.discovery_prefix == variables["edgedi_home_assistant_prefix"]
     assert settings.log_level == variables["edgedi_log_level"]
     if variables["edgedi_models"]:
         assert settings.compute.models == variables["edgedi_models"]
@@ -473,6 +487,15 @@ def test_role_defaults_agree_with_the_agent_and_the_broker() -> None:
     assert broker["mosquitto_message_size_limit"] == _default(JobSettings, "max_payload_bytes")
     assert broker["mosquitto_max_packet_size"] > broker["mosquitto_message_size_limit"]
     assert broker["mosquitto_max_queued_bytes"] >= broker["mosquitto_message_size_limit"]
+    # The ACL grants discovery topics under the prefix the agents publish them to.
+    assert (
+        agent["edgedi_home_assistant_prefix"]
+        == broker["mosquitto_home_assistant_prefix"]
+        == _default(HomeAssistantSettings, "discovery_prefix")
+    )
+    assert agent["edgedi_home_assistant_discovery"] is _default(HomeAssistantSettings, "discovery")
+    assert agent["edgedi_metrics_port"] is _default(MetricsSettings, "port") is None
+    assert agent["edgedi_metrics_host"] == _default(MetricsSettings, "host")
 
 
 @needs_jinja
@@ -621,6 +644,7 @@ DEVICES: list[dict[str, Any]] = [
 CLIENTS: list[dict[str, Any]] = [
     {"username": "dashboard", "password": "password-dashboard"},
     {"username": "operator", "password": "password-operator", "monitor": True},
+    {"username": "home", "password": "password-home", "home_assistant": True},
 ]
 ROOT_TOPIC = "edgedi/v1/line-3"
 
@@ -668,6 +692,7 @@ def test_password_template_lists_every_identity() -> None:
         "cam-1:password-cam-1",
         "dashboard:password-dashboard",
         "operator:password-operator",
+        "home:password-home",
     ]
 
 
@@ -725,7 +750,7 @@ class Acl:
 # "submitter" (a client, or a device with submit_jobs), "monitor" (operators).
 CATALOGUE: dict[str, tuple[set[str], set[str]]] = {
     "devices/{device}/birth": ({"owner"}, {"device", "owner"}),
-    "devices/{device}/state": ({"owner"}, {"device", "owner"}),
+    "devices/{device}/state": ({"owner"}, {"device", "owner", "home_assistant"}),
     # Every device reads the leader's heartbeat: it echoes theirs (clock offsets).
     "devices/{device}/heartbeat": ({"owner"}, {"device", "owner"}),
     "devices/{device}/tasks": ({"candidate", "owner"}, {"owner"}),
@@ -743,6 +768,8 @@ CATALOGUE: dict[str, tuple[set[str], set[str]]] = {
     "jobs/{job}/tiles": ({"device"}, {"candidate"}),
     "results/{job}": ({"candidate"}, {"candidate", "submitter"}),
     "control/rebirth": ({"candidate"}, {"device"}),
+    # The leader's last result, for dashboards (Home Assistant's cluster sensors).
+    "summary/last_result": ({"candidate"}, {"submitter"}),
 }
 
 
@@ -750,7 +777,11 @@ def _roles_of(
     identity: Mapping[str, Any], owner: str | None, target: str | None = None
 ) -> set[str]:
     if "username" in identity:
-        return {"submitter"} | ({"monitor"} if identity.get("monitor") else set())
+        return (
+            {"submitter"}
+            | ({"monitor"} if identity.get("monitor") else set())
+            | ({"home_assistant"} if identity.get("home_assistant") else set())
+        )
     roles = {"device"}
     if identity.get("candidate", True):
         roles.add("candidate")
@@ -866,6 +897,46 @@ def test_acl_gives_every_identity_exactly_what_the_protocol_needs() -> None:
     assert not acl.allows("pi-1", "read", "edgedi/v1/other/plans/current")
     assert not acl.allows("dashboard", "read", "$SYS/broker/uptime")
     assert acl.allows("operator", "read", "$SYS/broker/uptime")
+
+
+@needs_jinja
+def test_acl_binds_home_assistant_discovery_topics_to_their_device() -> None:
+    acl = Acl.parse(
+        _render(
+            "mosquitto",
+            "acl.j2",
+            mosquitto_devices=[*DEVICES, {"id": "pi.4", "password": "p", "candidate": False}],
+            mosquitto_clients=CLIENTS,
+            mosquitto_cluster="line-3",
+        )
+    )
+    own = "homeassistant/binary_sensor/{}/connectivity/config"
+    for device in ("pi-1", "pi-2", "cam-1"):
+        assert acl.allows(device, "write", own.format(device))
+        assert not acl.allows(device, "write", own.format("pi-1" if device != "pi-1" else "pi-2"))
+    # Home Assistant's node ids have no ".": the agent and the ACL both write "_".
+    assert acl.allows("pi.4", "write", own.format("pi_4"))
+    cluster = "homeassistant/sensor/edgedi_line-3/latency/config"
+    assert acl.allows("pi-1", "write", cluster)  # a candidate, maybe the leader
+    assert not acl.allows("pi-2", "write", cluster)
+    assert not acl.allows("pi-1", "write", "homeassistant/sensor/edgedi_other/latency/config")
+    assert acl.allows("home", "read", cluster)
+    assert acl.allows("home", "read", own.format("pi-2"))
+    assert acl.allows("home", "write", "homeassistant/status")
+    assert not acl.allows("dashboard", "read", cluster)
+    assert not acl.allows("home", "write", cluster)
+    # No prefix, no grants.
+    closed = Acl.parse(
+        _render(
+            "mosquitto",
+            "acl.j2",
+            mosquitto_devices=DEVICES,
+            mosquitto_clients=CLIENTS,
+            mosquitto_home_assistant_prefix="",
+        )
+    )
+    assert not closed.allows("pi-1", "write", own.format("pi-1"))
+    assert not closed.allows("home", "read", cluster)
 
 
 def test_topic_matching() -> None:
