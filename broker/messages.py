@@ -86,7 +86,7 @@ __all__ = [
     "new_message_id",
 ]
 
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 """The wire schema version this code speaks; bump it on any incompatible change."""
 
 WIRE_INT_MAX: Final = 2**53 - 1
@@ -138,8 +138,10 @@ class WireMessage(BaseModel):
     """Optional fields added within this schema version: left out of the bytes while
     unset, so a message that does not use them encodes as it always did."""
 
-    version: Literal[2] = Field(
-        default=SCHEMA_VERSION, description="wire schema version (2: the direct data plane)"
+    version: Literal[3] = Field(
+        default=SCHEMA_VERSION,
+        description="wire schema version (2: the direct data plane; 3: traces, the split "
+        "head, gate partials on devices/<id>/partials, deadlines as time left)",
     )
     kind: str = Field(description="message type tag, a stable string")
     sender: str = Field(pattern=ID_PATTERN, description="id of the device or client that sent it")

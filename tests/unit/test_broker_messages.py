@@ -298,7 +298,7 @@ def _msgpack(message: WireMessage, **changes: Any) -> bytes:
     return msgpack.packb(document)
 
 
-@pytest.mark.parametrize("version", [0, 1, 3, "2", 2.0, None])
+@pytest.mark.parametrize("version", [0, 1, 2, 4, "3", 3.0, None])
 def test_wrong_version_is_refused(version: object) -> None:
     state = samples()["device_state"]
     with pytest.raises(SchemaVersionError):

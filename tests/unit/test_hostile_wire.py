@@ -368,10 +368,11 @@ plain_values = st.recursive(
     version=plain_values.filter(lambda v: v != SCHEMA_VERSION or type(v) is not int),
 )
 @example(case=case_of("device_birth"), version=True)  # equal to 1 in Python: still wrong
-@example(case=case_of("device_birth"), version=2.0)  # equal to 2: still wrong
+@example(case=case_of("device_birth"), version=3.0)  # equal to 3: still wrong
 @example(case=case_of("tile_task"), version=True)
 @example(case=case_of("tile_task"), version=1)  # the format before the direct data plane
-@example(case=case_of("tile_task"), version="2")
+@example(case=case_of("tile_task"), version=2)  # the format before traces
+@example(case=case_of("tile_task"), version="3")
 async def test_a_wrong_schema_version_is_refused(
     case: tuple[TopicSpec, str], version: object
 ) -> None:
