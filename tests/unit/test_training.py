@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -244,3 +245,157 @@ def test_train_and_eval_commands_with_resume(
     assert main(["eval", "tiny", "--ckpt", str(out), *common, "--split", "all"]) == 1
     assert main(["eval", "tiny-edgedi", "--ckpt", str(out), *common]) == 1
     assert "holds 'tiny'" in capsys.readouterr().err
+
+
+# --- The recipe: augmentation, fresh images per epoch, schedule, resume ----------------------
+
+
+def test_augmentation_keeps_shapes_and_order_and_is_reproducible_from_the_seed() -> None:
+    from edgedi.models.training import augment_batch
+
+    images, _labels = SyntheticDefects(per_class=2, seed=7, size=SIZE).arrays()
+    batch = torch.as_tensor(images)[:, None].to(torch.float32)
+    first = augment_batch(batch, torch.Generator().manual_seed(11))
+    again = augment_batch(batch, torch.Generator().manual_seed(11))
+    other = augment_batch(batch, torch.Generator().manual_seed(12))
+    assert first.shape == batch.shape and first.dtype == torch.float32
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+    assert not torch.equal(first, batch)
+    assert float(first.min()) >= 0.0 and float(first.max()) <= 255.0
+    # Image i is made from image i alone (so its label still holds): undo the flip and the
+    # shift by trying them all; the best match of each augmented image is its own source.
+    from edgedi.models.training import MAX_SHIFT
+
+    margin = round(MAX_SHIFT * SIZE)
+    inner = SIZE - 2 * margin
+
+    def standard(x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten().to(torch.float32)
+        return (x - x.mean()) / x.std()
+
+    # Pixel noise as sources: nothing but image i itself can explain augmented image i.
+    noise = np.random.default_rng(0).integers(60, 200, size=(8, SIZE, SIZE)).astype(np.uint8)
+    sources = torch.as_tensor(noise).to(torch.float32)
+    first = augment_batch(sources[:, None], torch.Generator().manual_seed(11))
+    for row in range(len(first)):
+        centre = standard(first[row, 0, margin : SIZE - margin, margin : SIZE - margin])
+        best = torch.full((len(sources),), -1.0)
+        for index, source in enumerate(sources):
+            for view in (source, source.flip(-1), source.flip(-2), source.flip(-1, -2)):
+                for dy in range(2 * margin + 1):
+                    for dx in range(2 * margin + 1):
+                        crop = standard(view[dy : dy + inner, dx : dx + inner])
+                        score = float(centre @ crop) / centre.numel()
+                        best[index] = max(float(best[index]), score)
+        assert int(best.argmax()) == row, best
+        # Gamma, lighting and noise change it a little; other images barely correlate.
+        others = torch.cat([best[:row], best[row + 1 :]])
+        assert float(best[row]) > 0.6 and float(best[row]) > float(others.max()) + 0.3, best
+
+
+def test_fresh_images_are_reproducible_from_the_seed_and_new_every_epoch() -> None:
+    from edgedi.models.data import generate_resized
+    from edgedi.models.training import FreshSynthetic
+
+    stream = FreshSynthetic(seed=3, per_class=2, size=32, first=5)
+    epoch0, labels0 = stream(0)
+    epoch1, labels1 = stream(1)
+    assert epoch0.shape == (12, 32, 32) and epoch0.dtype == np.uint8
+    assert labels0.tolist() == labels1.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    again, _ = FreshSynthetic(seed=3, per_class=2, size=32, first=5)(1)
+    assert again.tobytes() == epoch1.tobytes()
+    # Every image of epoch 1 differs from every image of epoch 0, and from another seed.
+    assert all(not np.array_equal(a, b) for a in epoch0 for b in epoch1)
+    assert FreshSynthetic(4, 2, 32, first=5)(1)[0].tobytes() != epoch1.tobytes()
+    # Epoch e starts at generator index first + e * per_class: below `first` stays unseen.
+    assert np.array_equal(epoch1[2], generate_resized(1, 3, 5 + 2, 32))
+    held_out = SyntheticDefects(per_class=5, seed=3).arrays()[0]
+    from edgedi.models.training import resize_images
+
+    small = resize_images(held_out, 32)
+    assert all(not np.array_equal(a, b) for a in small for b in np.concatenate([epoch0, epoch1]))
+
+
+def test_fresh_images_drawn_by_worker_processes_are_the_same() -> None:
+    from edgedi.models.training import FreshSynthetic
+
+    with FreshSynthetic(seed=2, per_class=3, size=24, workers=2) as pooled:
+        images, labels = pooled(4)
+    alone, same_labels = FreshSynthetic(seed=2, per_class=3, size=24)(4)
+    assert images.tobytes() == alone.tobytes()
+    assert labels.tolist() == same_labels.tolist()
+
+
+def test_warmup_then_cosine_schedule_at_key_steps() -> None:
+    from edgedi.models.training import warmup_cosine
+
+    total, warmup = 100, 10
+    assert warmup_cosine(0, total, warmup) == pytest.approx(0.1)
+    assert warmup_cosine(4, total, warmup) == pytest.approx(0.5)
+    assert warmup_cosine(9, total, warmup) == pytest.approx(1.0)
+    assert warmup_cosine(10, total, warmup) == pytest.approx(1.0)
+    assert warmup_cosine(55, total, warmup) == pytest.approx(0.5)  # half-way down
+    assert warmup_cosine(99, total, warmup) == pytest.approx(0.0, abs=1e-3)
+    assert warmup_cosine(0, total, 0) == pytest.approx(1.0)  # no warm-up
+    values = [warmup_cosine(step, total, warmup) for step in range(warmup, total)]
+    assert all(a >= b for a, b in itertools.pairwise(values))
+
+
+def test_fresh_data_training_resumes_to_the_same_weights_and_follows_the_schedule() -> None:
+    from edgedi.models.training import FreshSynthetic, TrainState, train_epochs
+
+    stream = FreshSynthetic(seed=1, per_class=4, size=32, first=10)  # 24 images, 3 batches
+    config = TrainConfig(epochs=2, batch_size=8, learning_rate=1e-2, warmup=0.5, seed=3)
+    straight = build_model("tiny-edgedi", 32, seed=1)
+    full = train_epochs(straight, stream, config)
+    stopped = build_model("tiny-edgedi", 32, seed=1)
+    half = train_epochs(stopped, stream, config, stop_after=1)
+    assert half.epochs_done == 1
+    resumed = build_model("tiny-edgedi", 32, seed=1)
+    resumed.load_state_dict(stopped.state_dict())
+    train_epochs(resumed, stream, config, state=TrainState.from_dict(half.as_dict()))
+    for key, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+    # 6 steps, 3 of warm-up: after epoch 1 (step 3) the peak, after epoch 2 the end (~0).
+    rates = [record.learning_rate for record in full.history]
+    assert rates[0] == pytest.approx(1e-2)
+    assert rates[1] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_a_config_recorded_before_the_recipe_keeps_its_meaning() -> None:
+    old = {
+        "epochs": 20,
+        "batch_size": 32,
+        "learning_rate": 2e-3,
+        "weight_decay": 1e-4,
+        "label_smoothing": 0.05,
+        "seed": 0,
+        "flips": True,
+        "warmup": 0.15,
+    }
+    config = TrainConfig.from_dict(old)
+    assert config.schedule == "onecycle" and config.augment == "flips"
+    assert TrainConfig.from_dict({**old, "flips": False}).augment == "none"
+    assert TrainConfig.from_dict(TrainConfig().as_dict()) == TrainConfig()
+    with pytest.raises(ValueError, match="augment"):
+        TrainConfig(augment="rotate")
+
+
+def test_the_cli_defaults_are_the_recipe() -> None:
+    from edgedi.agent.commands.train import AUGMENTATIONS, RECIPE, SCHEDULES
+    from edgedi.models import training
+
+    defaults = TrainConfig()
+    assert (RECIPE.epochs, RECIPE.batch_size, RECIPE.learning_rate) == (
+        defaults.epochs,
+        defaults.batch_size,
+        defaults.learning_rate,
+    )
+    assert (RECIPE.weight_decay, RECIPE.label_smoothing, RECIPE.warmup) == (
+        defaults.weight_decay,
+        defaults.label_smoothing,
+        defaults.warmup,
+    )
+    assert (RECIPE.schedule, RECIPE.augment) == (defaults.schedule, defaults.augment)
+    assert (AUGMENTATIONS, SCHEDULES) == (training.AUGMENTATIONS, training.SCHEDULES)
