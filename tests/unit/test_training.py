@@ -399,3 +399,73 @@ def test_the_cli_defaults_are_the_recipe() -> None:
     )
     assert (RECIPE.schedule, RECIPE.augment) == (defaults.schedule, defaults.augment)
     assert (AUGMENTATIONS, SCHEDULES) == (training.AUGMENTATIONS, training.SCHEDULES)
+
+
+def _write_neu_folder(folder: Path, per_class: int, seed: int, per_class_folders: bool) -> None:
+    """A folder as NEU-CLS is distributed: 200x200 grayscale BMPs named Cr_1.bmp ... Sc_N.bmp,
+    all in one folder or one sub-folder per class."""
+    from PIL import Image
+
+    from edgedi.models.data import CLASSES, generate_image, sample_name
+
+    for label, name in enumerate(CLASSES):
+        target = folder / name if per_class_folders else folder
+        target.mkdir(parents=True, exist_ok=True)
+        for index in range(per_class):
+            pixels = generate_image(label, seed, 200, index)
+            Image.fromarray(pixels, mode="L").save(target / f"{sample_name(label, index)}.bmp")
+
+
+def test_train_and_eval_read_a_neu_cls_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    flat, nested = tmp_path / "NEU-CLS", tmp_path / "by-class"
+    _write_neu_folder(flat, per_class=4, seed=2, per_class_folders=False)
+    _write_neu_folder(nested, per_class=3, seed=8, per_class_folders=True)
+    assert (flat / "Sc_4.bmp").is_file() and (nested / "pitted_surface" / "PS_3.bmp").is_file()
+    out = tmp_path / "tiny.pt"
+    common = ["--size", "32", "--threads", "1"]
+    command = ["train", "tiny", "--data", str(flat), *common, "--epochs", "1", "--out", str(out)]
+    assert main(command) == 0
+    captured = capsys.readouterr()
+    assert "folder" in captured.err and "training on 18 images" in captured.err
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert record["data"] == {"kind": "folder", "folder": str(flat)}
+    assert record["training_images"] == {"kind": "split", "images": 18}
+    assert record["split"] == {"test_fraction": 0.3, "split_seed": 0, "train": 18, "test": 6}
+    assert record["evaluation"]["total"] == 6
+
+    # The folder it trained on: its held-out split; another folder: every image.
+    assert main(["eval", "tiny", "--ckpt", str(out), "--data", str(flat), *common]) == 0
+    assert "split test (6 images" in capsys.readouterr().out
+    assert main(["eval", "tiny", "--ckpt", str(out), "--data", str(nested), *common]) == 0
+    assert "split all (18 images" in capsys.readouterr().out
+
+
+def test_a_folder_that_is_not_neu_cls_is_refused_clearly(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from PIL import Image
+
+    neither = tmp_path / "holiday"
+    (neither / "photos").mkdir(parents=True)
+    Image.new("L", (200, 200)).save(neither / "photos" / "beach.bmp")
+    out = tmp_path / "x.pt"
+    for command in (
+        ["train", "tiny", "--data", str(neither), "--size", "32", "--out", str(out)],
+        ["eval", "tiny", "--ckpt", str(out), "--data", str(neither), "--size", "32"],
+    ):
+        if command[0] == "eval":  # eval needs a checkpoint before it looks at the data
+            save_checkpoint(build_model("tiny", 32, seed=0), "tiny", out)
+        assert main(command) == 1
+        error = capsys.readouterr().err
+        assert "no images found" in error and "Cr_1.bmp" in error and "one sub-folder" in error
+        assert "Traceback" not in error
+    unnamed = tmp_path / "unnamed"
+    unnamed.mkdir()
+    Image.new("L", (200, 200)).save(unnamed / "image7.bmp")
+    assert main(["train", "tiny", "--data", str(unnamed), "--size", "32", "--out", str(out)]) == 1
+    assert "cannot tell the class" in capsys.readouterr().err
+    fresh = ["--epoch-data", "fresh", "--out", str(out)]
+    assert main(["train", "tiny", "--data", str(unnamed), "--size", "32", *fresh]) == 1
+    assert "needs synthetic data" in capsys.readouterr().err
