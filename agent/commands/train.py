@@ -178,8 +178,9 @@ def _positive(text: str) -> int:
 class ProgressBar:
     """One redrawn line on a terminal; one line per epoch in a log file."""
 
-    def __init__(self, stream: Any = sys.stderr) -> None:
-        self.stream = stream
+    def __init__(self, stream: Any = None) -> None:
+        # Looked up now, not at import: tests and redirections replace sys.stderr.
+        self.stream = stream if stream is not None else sys.stderr
         self.redraw = bool(getattr(stream, "isatty", lambda: False)())
 
     def __call__(self, progress: Progress) -> None:

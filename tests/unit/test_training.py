@@ -469,3 +469,48 @@ def test_a_folder_that_is_not_neu_cls_is_refused_clearly(
     fresh = ["--epoch-data", "fresh", "--out", str(out)]
     assert main(["train", "tiny", "--data", str(unnamed), "--size", "32", *fresh]) == 1
     assert "needs synthetic data" in capsys.readouterr().err
+
+
+def test_device_choice_resolves_and_cuda_without_a_gpu_is_a_clear_error() -> None:
+    from edgedi.models.training import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+    with pytest.raises(ValueError, match="device must be one of"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="sees no CUDA GPU"):
+            resolve_device("cuda")
+
+
+@pytest.mark.parametrize("device", ["cpu", "auto"])
+def test_train_command_on_a_device_writes_a_cpu_checkpoint_that_resumes(
+    device: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "tiny.pt"
+    common = ["--per-class", "4", "--size", "32", "--threads", "1", "--device", device]
+    command = ["train", "tiny-edgedi", *common, "--epochs", "2", "--out", str(out)]
+    assert main([*command, "--keep-state"]) == 0
+    expected = "cuda" if device == "auto" and torch.cuda.is_available() else "cpu"
+    assert f"on {expected}" in capsys.readouterr().err
+    record = read_sidecar(out)
+    assert record is not None and record["device"].startswith(expected)
+    # No map_location: each tensor comes back on the device it was saved from.
+    saved = torch.load(out, weights_only=True)
+    tensors = list(saved["state"].values())
+    for moments in saved["training"]["optimizer"]["state"].values():
+        tensors += [value for value in moments.values() if isinstance(value, torch.Tensor)]
+    assert tensors and all(tensor.device.type == "cpu" for tensor in tensors)
+    state = load_training_state(out)
+    assert state is not None and state.epochs_done == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_train_command_asked_for_cuda_without_one_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "tiny.pt"
+    assert main(["train", "tiny", "--size", "32", "--device", "cuda", "--out", str(out)]) == 1
+    assert "sees no CUDA GPU" in capsys.readouterr().err
+    assert not out.exists()
