@@ -116,6 +116,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="fresh images per class and epoch (default: --per-class)",
     )
     parser.add_argument(
+        "--fresh-skip",
+        type=int,
+        default=0,
+        help="skip this many fresh images per class first (a second stage, e.g. a fine-tune "
+        "at 200 px, then sees scenes the first stage did not)",
+    )
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        help="folder keeping the fresh epochs drawn, for later runs of the same stream",
+    )
+    parser.add_argument(
         "--workers",
         type=_positive,
         default=1,
@@ -243,6 +255,8 @@ def run(args: argparse.Namespace) -> int:
         device = resolve_device(args.device)
         if fresh and args.data is not None:
             raise ValueError("--epoch-data fresh needs synthetic data; a folder is fixed")
+        if args.fresh_skip < 0:
+            raise ValueError(f"--fresh-skip must not be negative, got {args.fresh_skip}")
     except ValueError as error:
         print(f"edgedi train: {error}", file=sys.stderr)
         return 1
@@ -257,8 +271,9 @@ def run(args: argparse.Namespace) -> int:
                 args.seed,
                 args.fresh_per_class or args.per_class,
                 args.size,
-                first=args.per_class,
+                first=args.per_class + args.fresh_skip,
                 workers=args.workers,
+                cache=args.cache,
             )
             epoch_data = stream
             training_images = stream.describe()

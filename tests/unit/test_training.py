@@ -514,3 +514,21 @@ def test_train_command_asked_for_cuda_without_one_says_so(
     assert main(["train", "tiny", "--size", "32", "--device", "cuda", "--out", str(out)]) == 1
     assert "sees no CUDA GPU" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_fresh_epochs_cached_on_disk_are_read_back_identically(tmp_path: Path) -> None:
+    from edgedi.models.training import FreshSynthetic
+
+    drawn, labels = FreshSynthetic(seed=6, per_class=2, size=24, first=3)(2)
+    cached = FreshSynthetic(seed=6, per_class=2, size=24, first=3, cache=tmp_path)
+    cached.prefetch(3)
+    files = sorted(path.name for path in tmp_path.iterdir())
+    assert len(files) == 3 and "fresh-seed6-px24-from7-n2.npy" in files
+    again, same_labels = FreshSynthetic(seed=6, per_class=2, size=24, first=3, cache=tmp_path)(2)
+    assert again.tobytes() == drawn.tobytes() and same_labels.tolist() == labels.tolist()
+    # A file that is not an epoch of this stream is drawn again and replaced.
+    target = cached.cache_file(2)
+    assert target is not None
+    np.save(target, np.zeros((3, 3), dtype=np.uint8))
+    assert cached(2)[0].tobytes() == drawn.tobytes()
+    assert np.load(target).tobytes() == drawn.tobytes()
