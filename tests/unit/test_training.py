@@ -232,6 +232,7 @@ def test_train_and_eval_commands_with_resume(
     assert record["data"] == {"kind": "synthetic", "seed": 4, "per_class": 6}
     assert record["split"]["train"] + record["split"]["test"] == 36
     assert record["command"].startswith("edgedi train tiny")
+    assert "--lr 0.002" in record["command"]  # the default, spelled out to repeat the run
     state = load_training_state(out)
     assert state is not None and state.epochs_done == 2
     assert "confusion" in capsys.readouterr().out
@@ -399,6 +400,10 @@ def test_the_cli_defaults_are_the_recipe() -> None:
     )
     assert (RECIPE.schedule, RECIPE.augment) == (defaults.schedule, defaults.augment)
     assert (AUGMENTATIONS, SCHEDULES) == (training.AUGMENTATIONS, training.SCHEDULES)
+    from edgedi.agent.commands.train import default_learning_rate
+
+    assert default_learning_rate("resnet18-edgedi") == defaults.learning_rate
+    assert default_learning_rate("vgg16-edgedi") == default_learning_rate("vgg16") == 1e-3
 
 
 def _write_neu_folder(folder: Path, per_class: int, seed: int, per_class_folders: bool) -> None:
