@@ -4,7 +4,7 @@
 #
 #   bench/train_zoo_gpu.sh [OUTDIR]        (OUTDIR default: $OUT, else out/zoo-gpu)
 #   env: EPOCHS (40) PER_CLASS (300) SIZE (200) WORKERS (16) UNSEEN_SEED (1000)
-#        EVAL_PER_CLASS (100) EDGEDI PY WORK (cache + originals, default out/zoo-gpu)
+#        EVAL_PER_CLASS (100) DEVICE (cuda) EDGEDI PY WORK (cache + originals, default out/zoo-gpu)
 #
 # Sized for a 16-core machine with one large GPU (about 10 minutes in all):
 #   1. draw the fresh epochs once, in 16 processes, into a cache every run reads
@@ -25,6 +25,8 @@ SEED=0
 UNSEEN_SEED="${UNSEEN_SEED:-1000}"
 SIZE="${SIZE:-200}"
 WORKERS="${WORKERS:-16}"
+# cuda by default: a machine whose torch has no CUDA fails at once instead of training on the CPU.
+DEVICE="${DEVICE:-cuda}"
 EVAL_PER_CLASS="${EVAL_PER_CLASS:-100}"
 work="${WORK:-out/zoo-gpu}"   # cache and the large originals (not brought back)
 cache="$work/cache"
@@ -44,21 +46,28 @@ print(f"drew {epochs} epochs of {6 * per_class} images in {time.perf_counter() -
 ' "$cache" "$EPOCHS" "$PER_CLASS" "$SEED" "$SIZE" "$WORKERS"
 
 common=(--seed "$SEED" --per-class "$PER_CLASS" --size "$SIZE" --epochs "$EPOCHS"
-        --cache "$cache" --device auto --threads 4)
+        --cache "$cache" --device "$DEVICE" --threads 4)
 train() {  # MODEL LR DEST [extra]
   local model=$1 lr=$2 dest=$3; shift 3
   "$EDGEDI" train "$model" "${common[@]}" --lr "$lr" --out "$dest" "$@" \
     > "$out/$model.train.log" 2>&1
 }
 # Peak learning rates from bench/results/recipe_probe.md: the VGGs need a smaller step.
-train vgg16-edgedi 1e-3 "$out/weights/vgg16-edgedi.pt" --half &
-train resnet18-edgedi 2e-3 "$out/weights/resnet18-edgedi.pt" --half &
-train resnet34-edgedi 2e-3 "$out/weights/resnet34-edgedi.pt" --half &
-wait
-train vgg16 1e-3 "$originals/vgg16.pt" &
-train resnet18 2e-3 "$originals/resnet18.pt" &
-train resnet34 2e-3 "$originals/resnet34.pt" &
-wait
+pids=()
+finish_wave() {  # a failed training stops the script, pointing at its log
+  for pid in "${pids[@]}"; do
+    wait "$pid" || { echo "a training failed; see $out/*.train.log" >&2; tail -n 3 "$out"/*.train.log >&2; exit 1; }
+  done
+  pids=()
+}
+train vgg16-edgedi 1e-3 "$out/weights/vgg16-edgedi.pt" --half & pids+=($!)
+train resnet18-edgedi 2e-3 "$out/weights/resnet18-edgedi.pt" --half & pids+=($!)
+train resnet34-edgedi 2e-3 "$out/weights/resnet34-edgedi.pt" --half & pids+=($!)
+finish_wave
+train vgg16 1e-3 "$originals/vgg16.pt" & pids+=($!)
+train resnet18 2e-3 "$originals/resnet18.pt" & pids+=($!)
+train resnet34 2e-3 "$originals/resnet34.pt" & pids+=($!)
+finish_wave
 cp "$originals"/*.json "$out/originals/"
 echo "trained in $(( $(date +%s) - started )) s"
 
