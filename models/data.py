@@ -42,6 +42,7 @@ __all__ = [
     "class_index",
     "contact_sheet",
     "generate_image",
+    "generate_resized",
     "iter_images",
     "load_folder",
     "read_image",
@@ -354,6 +355,20 @@ def generate_image(class_index: int, seed: int, size: int = DEFAULT_SIZE, index:
     brightness = layout.uniform(70.0, 185.0)
     contrast = layout.uniform(9.0, 20.0)
     return np.asarray(np.clip(np.rint(brightness + contrast * field), 0, 255), dtype=np.uint8)
+
+
+def generate_resized(class_index: int, seed: int, index: int, size: int) -> Gray:
+    """``generate_image`` at 200 px, area-resized to ``size`` as ``read_image`` resizes a file.
+
+    Training at a reduced size sees the pixels a camera image resized the same way would
+    give, rather than the generator's own rendering at that size. Module-level (and
+    torch-free) so a process pool can call it cheaply.
+    """
+    image = generate_image(class_index, seed, DEFAULT_SIZE, index)
+    if size == DEFAULT_SIZE:
+        return image
+    resized = Image.fromarray(image).resize((size, size), Image.Resampling.BOX)
+    return np.asarray(resized, dtype=np.uint8)
 
 
 # --------------------------------------------------------------------------------------------

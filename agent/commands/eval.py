@@ -73,13 +73,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         model, origin = load_model(args.model, args.size, path)
         started = time.perf_counter()
-        images, labels = source.load(args.size)
+        chosen = None
+        if split == "test":
+            _train, chosen = split_indices(source.labels(), args.test_fraction, args.split_seed)
+        images, labels = source.load(args.size, chosen)
     except (CheckpointError, DatasetError) as error:
         print(f"edgedi eval: {error}", file=sys.stderr)
         return 1
-    if split == "test":
-        _train, chosen = split_indices(labels.tolist(), args.test_fraction, args.split_seed)
-        images, labels = images[chosen], labels[chosen]
     evaluation = evaluate(model, images, labels)
     elapsed = time.perf_counter() - started
     print(origin)
