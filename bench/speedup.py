@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import math
 import os
 import platform
@@ -35,6 +36,7 @@ from pathlib import Path
 from edgedi.agent.client import JobTimeout, connect
 from edgedi.agent.commands.demo import settle, warm_up_jobs_for_auto
 from edgedi.agent.local_cluster import LocalCluster
+from edgedi.agent.trace_chart import render_comparison
 from edgedi.broker.messages import JobResult
 from edgedi.models.data import iter_images
 
@@ -60,6 +62,8 @@ class Series:
     predicted: list[float] = field(default_factory=list)
     chosen: set[str] = field(default_factory=set)
     failures: int = 0
+    traced: JobResult | None = None
+    """One more job, not counted, with its measured and predicted timelines."""
 
     @property
     def median_ms(self) -> float:
@@ -128,6 +132,11 @@ async def _measure(
                 if result.strategy:
                     series[strategy].chosen.add(result.strategy)
             print(f"  image {position + 1}/{len(items)}", file=sys.stderr, flush=True)
+        if "auto" in series:
+            with contextlib.suppress(JobTimeout):
+                traced = await client.infer(items[0].image, model, timeout=120, trace=True)
+                if traced.status == "ok" and traced.trace:
+                    series["auto"].traced = traced
     return series
 
 
@@ -180,7 +189,25 @@ def _table(run: Run) -> list[str]:
     return lines
 
 
+def _gantts(runs: list[Run], folder: Path) -> list[Path]:
+    """One traced job of `auto` per run: measured above the plan's prediction (Pillow)."""
+    written = []
+    for run in runs:
+        auto = run.series.get("auto")
+        if auto is None or auto.traced is None:
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        traced = auto.traced
+        title = f"{run.model}, {run.link}, {run.devices} devices, {traced.strategy}"
+        image = render_comparison(traced.trace, traced.predicted_trace, title)
+        path = folder / f"gantt_{run.model}_{run.link}_{run.devices}.png"
+        image.save(path)
+        written.append(path)
+    return written
+
+
 def _plots(runs: list[Run], folder: Path) -> list[Path]:
+    written = _gantts(runs, folder)
     try:
         import matplotlib
 
@@ -188,9 +215,8 @@ def _plots(runs: list[Run], folder: Path) -> list[Path]:
         import matplotlib.pyplot as plt
     except ImportError:
         print("no matplotlib: no plots (pip install -e .[plots])", file=sys.stderr)
-        return []
+        return written
     folder.mkdir(parents=True, exist_ok=True)
-    written = []
     figure, axes = plt.subplots(figsize=(7, 4.5))
     for model in sorted({r.model for r in runs}):
         for link in sorted({r.link for r in runs}):
