@@ -117,6 +117,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _IMAGE_DTYPES = ("uint8", "float32", "float64")
+_RUNS_MEMORY = 4096
 _REPLAY_KINDS: dict[str, SpanKind] = {"compute": "compute", "send": "send"}
 _TILE_DTYPES = ("float32", "float16")
 _INBOX_SIZE = 4096
@@ -255,6 +256,8 @@ class _Job:
     """Devices holding direct tasks of the job while the direct plane runs."""
     direct_failed: set[str] = field(default_factory=set)
     """Devices that got direct tasks of a run that gave up: cancelled at the end."""
+    run: int = 0
+    """This coordinator's run of the job id (`TileTask.run`)."""
     trace_origin: float = field(default_factory=time.time)
     """Wall time the job's trace counts from (`JobSubmit.trace`): the devices' spans
     come stamped with their wall clocks."""
@@ -358,6 +361,9 @@ class Coordinator:
             results if results is not None else (OrderedDict())
         )
         self._jobs: dict[str, _Job] = {}
+        # Runs of each job id (bounded): a resubmitted job gets the next, so devices
+        # that cancelled the last run still take its tasks.
+        self._runs: OrderedDict[str, int] = OrderedDict()
         self._slots = asyncio.Semaphore(settings.max_in_flight)
         self._group: asyncio.TaskGroup | None = None
         self._stop = asyncio.Event()
@@ -438,11 +444,16 @@ class Coordinator:
         self.statistics.submitted += 1
         now = time.monotonic() if received_at is None else received_at
         deadline_s = message.deadline_seconds or self.settings.deadline_s
+        run = self._runs.pop(job_id, -1) + 1
+        self._runs[job_id] = run
+        while len(self._runs) > _RUNS_MEMORY:
+            self._runs.popitem(last=False)
         job = _Job(
             submit=message,
             received_at=now,
             deadline=now + deadline_s,
             inbox=asyncio.Queue(maxsize=_INBOX_SIZE),
+            run=run,
         )
         self._jobs[job_id] = job
         capacity = self.settings.max_in_flight + self.settings.max_queued
@@ -567,7 +578,11 @@ class Coordinator:
         devices |= job.direct_failed | job.direct_devices
         for device in sorted(devices):
             cancel = CancelJob(
-                sender=self.device_id, job_id=job.job_id, epoch=self.epoch, reason=reason
+                sender=self.device_id,
+                job_id=job.job_id,
+                epoch=self.epoch,
+                reason=reason,
+                run=job.run,
             )
             try:
                 await self.links.send_cancel(device, cancel)
@@ -1073,6 +1088,7 @@ class Coordinator:
             deadline_in_s=deadline_in_s,
             local_gates=layout.count == 1 and bool(layout.gates),
             trace=job.submit.trace,
+            run=job.run,
         )
 
     async def _send_tasks(self, job: _Job, tasks: list[TileTask]) -> bool:

@@ -185,7 +185,8 @@ class Worker:
         # job id -> (epoch, leader) of the newest cancel: tasks of older epochs and that
         # leader's own are dropped; a later leader's, which took the job over, are not,
         # nor those of a rival that claimed the same epoch and won.
-        self._cancelled: OrderedDict[str, tuple[int, str]] = OrderedDict()
+        # job id -> (epoch, leader, run) of its cancellation (see `drop_job`)
+        self._cancelled: OrderedDict[str, tuple[int, str, int]] = OrderedDict()
         self._slots = asyncio.Semaphore(max_active)
         self._accepting = True
         self._group: asyncio.TaskGroup | None = None
@@ -227,6 +228,10 @@ class Worker:
         if self._is_cancelled(task):
             logger.debug("ignored task of cancelled job %s", task.job_id)
             return
+        if task.job_id in self._cancelled:
+            # A later run of a job id cancelled before (resubmitted after an error):
+            # its rows and partials must not be taken for the old run's.
+            del self._cancelled[task.job_id]
         key = _key(task)
         existing = self._tiles.get(key)
         if existing is not None and existing.task.attempt >= task.attempt:
@@ -512,6 +517,7 @@ class Worker:
             f"cancelled: {message.reason or 'no reason given'}",
             epoch=message.epoch,
             leader=message.sender,
+            run=message.run,
         )
 
     def on_epoch(self, epoch: int) -> None:
@@ -520,14 +526,23 @@ class Worker:
         for job_id in stale:
             self.drop_job(job_id, f"leader epoch {epoch} superseded the task's", epoch=epoch - 1)
 
-    def drop_job(self, job_id: str, why: str, epoch: int | None = None, leader: str = "") -> None:
+    def drop_job(
+        self,
+        job_id: str,
+        why: str,
+        epoch: int | None = None,
+        leader: str = "",
+        run: int = WIRE_INT_MAX,
+    ) -> None:
         """Stop and forget a job's tiles, and ignore its later tasks: those of epochs
-        before `epoch`, and of `epoch` itself from `leader` (from anyone when "").
-        Without an epoch, all of them."""
-        cancel = (WIRE_INT_MAX, "") if epoch is None else (epoch, leader)
+        before `epoch`, and of `epoch` itself from `leader` (from anyone when "") up to
+        run `run` (a resubmitted job's next run is taken). Without an epoch, all of them."""
+        cancel = (WIRE_INT_MAX, "", WIRE_INT_MAX) if epoch is None else (epoch, leader, run)
         known = self._cancelled.get(job_id)
-        if known is not None and known[0] == cancel[0] and known[1] != cancel[1]:
-            cancel = (cancel[0], "")  # two leaders of one epoch cancelled it
+        if known is not None and known[0] == cancel[0]:
+            # Two leaders of one epoch cancelled it: from anyone.
+            who = cancel[1] if known[1] == cancel[1] else ""
+            cancel = (cancel[0], who, max(known[2], cancel[2]))
         elif known is not None and known[0] > cancel[0]:
             cancel = known
         self._cancelled[job_id] = cancel
@@ -557,8 +572,10 @@ class Worker:
         cancel = self._cancelled.get(task.job_id)
         if cancel is None:
             return False
-        epoch, leader = cancel
-        return task.epoch < epoch or (task.epoch == epoch and leader in ("", task.sender))
+        epoch, leader, run = cancel
+        return task.epoch < epoch or (
+            task.epoch == epoch and leader in ("", task.sender) and task.run <= run
+        )
 
     def _drop(self, key: tuple[str, int, int], tile: _Tile) -> None:
         if self._tiles.get(key) is tile:

@@ -506,6 +506,12 @@ class TileTask(_TensorMessage):
     trace: bool = Field(
         default=False, description="send the leader a `TileTrace` of this tile's timeline"
     )
+    run: NonNegativeInt = Field(
+        default=0,
+        description="the leader's run of this job id: a job resubmitted after a retryable "
+        "error runs again under the same id with run + 1, so devices that cancelled the "
+        "earlier run take its tasks",
+    )
     head_partial: bool = Field(
         default=False,
         description="direct data plane, last segment, a head that starts with a linear layer "
@@ -538,6 +544,11 @@ class CancelJob(_TensorMessage):
     job_id: JobIdField = Field(description="the job to drop")
     epoch: NonNegativeInt = Field(description="epoch of the leader that sent it")
     reason: ShortText = Field(default="", description="why, for the logs")
+    run: NonNegativeInt = Field(
+        default=0,
+        description="the run of the job id that is cancelled (see `TileTask.run`); tasks of "
+        "a later run of the same job id are still taken",
+    )
 
 
 class ReductionPartial(_TensorMessage):

@@ -417,3 +417,23 @@ async def test_a_head_partial_for_a_model_without_a_linear_head_is_refused(
     before = worker.statistics.accepted
     worker.accept(task.model_copy(update={"head_partial": True, "attempt": 5}))
     assert worker.statistics.accepted == before  # refused: tiny's head starts with a pool
+
+
+async def test_a_resubmitted_job_runs_again_where_its_last_run_was_cancelled(
+    links: Links, image: npt.NDArray[np.uint8]
+) -> None:
+    # A job that ends in a retryable error is cancelled on every device it used; the
+    # client resubmits it under the same id, the leader (same epoch) runs it again,
+    # and the devices must take the new run's tasks, not ignore them as cancelled.
+    await links.result_of(submit(links, "tiny", image, "equal"))
+    task = next(t for t in links.tasks if t.device != "a")
+    worker = links.workers[task.device]
+    worker.cancel_job(
+        CancelJob(sender="a", job_id=task.job_id, epoch=EPOCH, reason="test", run=task.run)
+    )
+    assert task.run == 0
+    before = worker.statistics.accepted
+    worker.accept(task.model_copy(update={"attempt": task.attempt + 1}))
+    assert worker.statistics.accepted == before  # the cancelled run stays cancelled
+    worker.accept(task.model_copy(update={"run": 1}))
+    assert worker.statistics.accepted == before + 1  # the next run is taken
