@@ -11,6 +11,8 @@ Tasks in the group (named, none orphaned):
 
 - `mqtt`: the connection loop (`edgedi.broker.connection.MqttSession`);
 - `heartbeat`: a load report every second (membership's liveness signal);
+- `loop-lag`: measures how late the loop runs; silence is judged on a clock held
+  back by recent stalls and unread messages (`edgedi.agent.loop_lag`);
 - `control`: membership changes and the election, ticking every 0.25 s; it starts
   the coordinator when this device leads and stops it when it no longer does;
 - `plans`: the leader's debounced re-planning and `plans/current` publication;
@@ -56,6 +58,7 @@ from edgedi.agent.device import (
 from edgedi.agent.election import Decision, Election, LeaderClaim
 from edgedi.agent.journal import JobJournal, remember_result
 from edgedi.agent.link_probe import LinkMeasurement, LinkProber
+from edgedi.agent.loop_lag import LoopLag
 from edgedi.agent.membership import HEARTBEAT_PERIOD_S, SILENT_AFTER_S, Membership
 from edgedi.agent.model_store import HeldModel, ModelStore
 from edgedi.agent.planning import Planning, PlanningError
@@ -219,6 +222,12 @@ class Agent:
         self._heartbeat_sequence = 0
         self._stopping = False
         self._log = RateLimitedLog(logger)
+        # Silence is judged on a clock that stands still while our own loop could not
+        # read (see edgedi.agent.loop_lag): a busy agent must not evict live devices.
+        self.loop_lag = LoopLag(
+            SILENT_AFTER_S + HEARTBEAT_PERIOD_S,
+            behind_since=lambda: self._session.behind_since() if self._session else None,
+        )
 
     # --- public state ---------------------------------------------------------------
 
@@ -255,6 +264,7 @@ class Agent:
                 control = group.create_task(self._control_loop(), name=f"control-{self.device_id}")
                 others = [
                     group.create_task(self._heartbeat_loop(), name=f"heartbeat-{self.device_id}"),
+                    group.create_task(self.loop_lag.run(), name=f"loop-lag-{self.device_id}"),
                     group.create_task(self._plan_loop(), name=f"plans-{self.device_id}"),
                     group.create_task(self.worker.run(), name=f"worker-{self.device_id}"),
                     group.create_task(
@@ -727,7 +737,7 @@ class Agent:
             await self._control_step()
 
     async def _control_step(self) -> None:
-        now = time.monotonic()
+        now = self.loop_lag.judged()
         change = self.membership.changes(now)
         if change:
             logger.info(
@@ -794,7 +804,7 @@ class Agent:
             self.planning,
             self,
             self.settings.jobs,
-            alive_devices=lambda: [r.device for r in self.membership.alive(time.monotonic())],
+            alive_devices=lambda: [r.device for r in self.membership.alive(self.loop_lag.judged())],
             results=self._results,
             successor=self._successor_alive,
         )
@@ -820,7 +830,7 @@ class Agent:
 
     def _successor_alive(self) -> bool:
         """Is another candidate alive to take over the jobs this leader leaves?"""
-        now = time.monotonic()
+        now = self.loop_lag.judged()
         return any(
             record.device != self.device_id and record.candidate
             for record in self.membership.alive(now)
@@ -875,7 +885,7 @@ class Agent:
 
     def describe(self) -> dict[str, Any]:
         """A snapshot for logs and tests."""
-        now = time.monotonic()
+        now = self.loop_lag.judged()
         return {
             "device": self.device_id,
             "session": self.session_counter,
@@ -886,5 +896,6 @@ class Agent:
             "worker": vars(self.worker.statistics),
             "coordinator": vars(self.coordinator.statistics) if self.coordinator else None,
             "mqtt": vars(self.session.statistics) if self._session is not None else None,
+            "worst_loop_stall_s": round(self.loop_lag.worst_s, 3),
             "pid": os.getpid(),
         }

@@ -304,6 +304,7 @@ class MqttSession:
         self._connected = asyncio.Event()
         self._stop_requested = asyncio.Event()
         self._running = False
+        self._caught_up_at = time.monotonic()
         self._random = random.Random()
         self._log = RateLimitedLog(logger)
 
@@ -323,6 +324,16 @@ class MqttSession:
             raise ConnectionLost(
                 f"not connected to {self.settings.host}:{self.settings.port} after {timeout} s"
             ) from None
+
+    def behind_since(self) -> float | None:
+        """While received messages wait to be handled: the monotonic time the queue
+        was last empty (nothing newer than that has been read); None when none wait.
+
+        Silence should not be judged past this point: a heartbeat may be queued."""
+        client = self._client
+        if client is None or len(client.messages) == 0:
+            return None
+        return self._caught_up_at
 
     def tcp_nodelay_enabled(self) -> bool | None:
         """Whether Nagle is off on the live socket; None when not connected."""
@@ -491,7 +502,11 @@ class MqttSession:
 
     async def _receive(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
+            if len(client.messages) == 0:  # nothing was waiting behind this one
+                self._caught_up_at = time.monotonic()
             await self._dispatch(message)
+            if len(client.messages) == 0:
+                self._caught_up_at = time.monotonic()
 
     async def _dispatch(self, message: aiomqtt.Message) -> None:
         self.statistics.received += 1

@@ -23,7 +23,7 @@ from typing import Final, Literal, NewType
 
 from pydantic import BaseModel
 
-from .errors import DecodeError, UnexpectedKind, UnknownTopic, clip
+from .errors import DecodeError, PayloadTooLarge, UnexpectedKind, UnknownTopic, clip
 from .ids import is_topic_level
 from .messages import (
     SCHEMA_VERSION,
@@ -81,6 +81,11 @@ __all__ = [
 
 DEFAULT_PREFIX: Final = "edgedi/v1"
 
+_KIB: Final = 1024
+_MIB: Final = 1024 * _KIB
+# Per-topic payload bounds: generous multiples of the largest real message.
+_SMALL_JSON: Final = 8 * _KIB  # states, heartbeats, leader records, rebirths (~300 bytes)
+
 
 @dataclass(frozen=True, slots=True)
 class TopicRoot:
@@ -117,6 +122,10 @@ class TopicSpec:
     retain: bool
     kinds: tuple[type[WireMessage], ...]
     description: str
+    max_payload_bytes: int | None = None
+    """Largest payload accepted on this topic, checked before parsing (None: only the
+    session's `Limits`). Control topics carry small JSON: a bound far below the
+    global one makes a bloated message cost nothing to refuse."""
     levels: tuple[str, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -203,6 +212,7 @@ DEVICE_BIRTH: Final = TopicSpec(
     kinds=(DeviceBirth,),
     description="A device's capabilities, fitted profile and session counter; "
     "re-published on every (re)connect and on a rebirth request.",
+    max_payload_bytes=256 * _KIB,
 )
 DEVICE_STATE: Final = TopicSpec(
     name="device_state",
@@ -213,6 +223,7 @@ DEVICE_STATE: Final = TopicSpec(
     description="Liveness: `online` after the birth, `stopped` on a graceful exit, "
     "`offline` from the MQTT Last Will. A state whose session differs from the "
     "birth's is stale (a late Will of an older connection).",
+    max_payload_bytes=_SMALL_JSON,
 )
 DEVICE_HEARTBEAT: Final = TopicSpec(
     name="device_heartbeat",
@@ -221,6 +232,7 @@ DEVICE_HEARTBEAT: Final = TopicSpec(
     retain=False,
     kinds=(Heartbeat,),
     description="Periodic load report; losing one is harmless.",
+    max_payload_bytes=_SMALL_JSON,
 )
 PLANNER_LEADER: Final = TopicSpec(
     name="planner_leader",
@@ -230,6 +242,7 @@ PLANNER_LEADER: Final = TopicSpec(
     kinds=(LeaderRecord,),
     description="The elected leader and its epoch. A new leader takes a higher epoch; "
     "everyone ignores plans and tasks of lower epochs.",
+    max_payload_bytes=_SMALL_JSON,
 )
 PLAN_CURRENT: Final = TopicSpec(
     name="plan_current",
@@ -238,6 +251,7 @@ PLAN_CURRENT: Final = TopicSpec(
     retain=True,
     kinds=(PlanAnnouncement,),
     description="The plan in force, wrapped with the epoch of the leader that made it.",
+    max_payload_bytes=1 * _MIB,
 )
 JOB_SUBMIT: Final = TopicSpec(
     name="job_submit",
@@ -247,6 +261,7 @@ JOB_SUBMIT: Final = TopicSpec(
     kinds=(JobSubmit,),
     description="A client submits an image. Job ids make submission idempotent: "
     "a retry with the same id is not run twice.",
+    max_payload_bytes=16 * _MIB,
 )
 DEVICE_TASKS: Final = TopicSpec(
     name="device_tasks",
@@ -307,6 +322,7 @@ JOB_RESULT: Final = TopicSpec(
     kinds=(JobResult,),
     description="Exactly one final result or error per submitted job; JSON, so "
     "`mosquitto_sub`, Node-RED or Home Assistant can read it.",
+    max_payload_bytes=256 * _KIB,
 )
 CONTROL_REBIRTH: Final = TopicSpec(
     name="control_rebirth",
@@ -315,6 +331,7 @@ CONTROL_REBIRTH: Final = TopicSpec(
     retain=False,
     kinds=(RebirthRequest,),
     description="Asks every device to re-announce its birth and state.",
+    max_payload_bytes=_SMALL_JSON,
 )
 
 CATALOGUE: Final[tuple[TopicSpec, ...]] = (
@@ -353,6 +370,11 @@ def decode_for_topic(
     result's `job_id`) agrees with the topic, so a misrouted or forged message is
     rejected (`DecodeError`) instead of being filed under the wrong device or job.
     """
+    most = parsed.spec.max_payload_bytes
+    if most is not None and len(payload) > most:
+        raise PayloadTooLarge(
+            f"payload of {len(payload)} bytes is over the limit of {most} for {parsed.spec.name}"
+        )
     message = decode(payload, parsed.spec.kinds, limits=limits)
     for name, value in parsed.parameters.items():
         carried = getattr(message, name, None)
@@ -395,9 +417,13 @@ def publication(
         if carried is not None and carried != value:
             raise ValueError(f"{message.kind} has {name}={carried!r} but the topic says {value!r}")
     topic = spec.topic(root, **parameters)
-    return Publication(
-        topic=topic, payload=encode(message, limits), qos=spec.qos, retain=spec.retain
-    )
+    payload = encode(message, limits)
+    if spec.max_payload_bytes is not None and len(payload) > spec.max_payload_bytes:
+        raise PayloadTooLarge(
+            f"{message.kind} encodes to {len(payload)} bytes, over the limit of "
+            f"{spec.max_payload_bytes} for {spec.name}"
+        )
+    return Publication(topic=topic, payload=payload, qos=spec.qos, retain=spec.retain)
 
 
 # --- The reference page --------------------------------------------------------------
@@ -472,9 +498,11 @@ def render_markdown(root: TopicRoot | None = None) -> str:
         lines.append(f"| `{spec.pattern}` | {spec.qos} | {retained} | {spec.encoding} | {kinds} |")
     for spec in CATALOGUE:
         lines += ["", f"## `{spec.pattern}`", "", spec.description, ""]
+        most = spec.max_payload_bytes
         lines.append(
             f"Example: `{spec.filter(root)}` — QoS {spec.qos}, "
-            f"{'retained' if spec.retain else 'not retained'}, {spec.encoding}."
+            f"{'retained' if spec.retain else 'not retained'}, {spec.encoding}"
+            + (f", at most {most // _KIB} KiB." if most is not None else ".")
         )
         for kind in spec.kinds:
             tag = kind.model_fields["kind"].default
