@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import re
+import subprocess
 from pathlib import Path
 
+import numpy as np
 from fault_support import FaultCluster, fault_cluster, observed, picture, wait_for_plan
-from hostile_support import Attacker, bloated, flood
+from hostile_support import Attacker, bloated, flood, png_claiming
+from PIL import Image
+from system_support import SystemCluster
 
 from edgedi.agent.client import InferenceClient
 from edgedi.broker.messages import JobResult
@@ -89,3 +93,36 @@ async def test_slow_to_reject_messages_on_every_read_topic_fail_no_job(tmp_path:
         assert departures(cluster) == before, departures(cluster)
         assert all(process.poll() is None for process in cluster.processes.values())
         print(f"\n{sent} bloated messages (~3 MB each) on {len(targets)} topics: 40/40 jobs ok")
+
+
+def test_edgedi_infer_answers_a_batch_past_its_bad_files(
+    system_cluster: SystemCluster, tmp_path: Path
+) -> None:
+    size = 64
+    good = picture(2)
+    Image.fromarray(good).save(tmp_path / "good.png")
+    # The same picture at 16 bits per sample: the same answer, not a white image.
+    Image.fromarray(good.astype(np.uint16) * 257).save(tmp_path / "wide.png")
+    png_claiming(tmp_path / "bomb.png", 15000, 15000)
+    Image.new("L", (3, 3), 128).save(tmp_path / "tiny.png")
+    (tmp_path / "junk.png").write_bytes(b"junk")
+    names = ["bomb.png", "good.png", "tiny.png", "junk.png", "wide.png"]
+    arguments = ["--broker", system_cluster.address, *system_cluster.root_arguments()]
+    arguments += ["--model", "tiny-edgedi", "--size", str(size), "--json", "--timeout", "30"]
+    completed = subprocess.run(
+        system_cluster.cli("infer", *arguments, *(str(tmp_path / name) for name in names)),
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    assert completed.returncode == 1, completed.stderr + completed.stdout
+    assert "Traceback" not in completed.stderr, completed.stderr
+    errors = completed.stderr.strip().splitlines()
+    assert len(errors) == 3, errors
+    assert any("bomb.png" in line and "pixels" in line for line in errors), errors
+    assert any("tiny.png" in line and "minimum input" in line for line in errors), errors
+    assert any("junk.png" in line and "not a readable image" in line for line in errors), errors
+    results = [JobResult.model_validate_json(line) for line in completed.stdout.splitlines()]
+    assert [result.status for result in results] == ["ok", "ok"], results
+    np.testing.assert_allclose(results[0].probabilities, results[1].probabilities, atol=1e-6)
