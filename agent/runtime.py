@@ -104,6 +104,7 @@ from edgedi.broker.topics import (
     JOB_TILES,
     PLAN_CURRENT,
     PLANNER_LEADER,
+    ParsedTopic,
     Publication,
     TopicRoot,
 )
@@ -122,6 +123,12 @@ CONTROL_TICK_S = 0.25
 REPLAN_DEBOUNCE_S = 0.5
 _ANNOUNCE_TIMEOUT_S = 5.0
 _STOPPED_TIMEOUT_S = 3.0
+# Repairs of retained state are rate-bounded: a leader says its record again, and a
+# device its birth and state, at most this often; a device asks everyone for a
+# rebirth (when the membership it sees is inconsistent) at most every
+# _REBIRTH_REQUEST_S. A record rewritten in a loop cannot start a publishing storm.
+_REPUBLISH_S = 1.0
+_REBIRTH_REQUEST_S = 5.0
 
 
 def _first_unit(held: HeldModel, x: torch.Tensor) -> None:
@@ -220,6 +227,10 @@ class Agent:
         self._results: OrderedDict[str, JobResult] = OrderedDict()
         self._group: asyncio.TaskGroup | None = None
         self._heartbeat_sequence = 0
+        self._announced_at = -float("inf")
+        self._leader_published_at = -float("inf")
+        self._rebirth_requested_at = -float("inf")
+        self._ask_rebirth: str | None = None
         self._stopping = False
         self._log = RateLimitedLog(logger)
         # Silence is judged on a clock that stands still while our own loop could not
@@ -338,7 +349,12 @@ class Agent:
         if broker.tls_ca_file is not None:
             tls = ssl.create_default_context(cafile=str(broker.tls_ca_file))
         return MqttSession(
-            settings, self.root, will=self._will, on_connect=self._on_connect, tls_context=tls
+            settings,
+            self.root,
+            will=self._will,
+            on_connect=self._on_connect,
+            tls_context=tls,
+            on_retained_damage=self._on_retained_damage,
         )
 
     def _will(self) -> Publication:
@@ -460,6 +476,7 @@ class Agent:
         await session.publish(
             DEVICE_STATE, self._state(status), device=self.device_id, timeout=_ANNOUNCE_TIMEOUT_S
         )
+        self._announced_at = time.monotonic()
         if self._connected_at is None:
             self._connected_at = time.monotonic()
         if not self.ready.is_set():
@@ -511,6 +528,12 @@ class Agent:
     async def _on_birth(self, received: Received) -> None:
         birth = received.message
         assert isinstance(birth, DeviceBirth)
+        if birth.device == self.device_id and (
+            birth.session != self.session_counter or birth.sender != self.device_id
+        ):
+            self._repair("a birth of this device that is not ours")
+            if birth.session > self.session_counter:
+                return  # keep our own record of ourselves
         known = self.births.get(birth.device)
         if known is not None and birth.session < known.session:
             return
@@ -539,21 +562,38 @@ class Agent:
     async def _on_state(self, received: Received) -> None:
         state = received.message
         assert isinstance(state, DeviceState)
+        if state.device == self.device_id and not self._stopping and state.status != "online":
+            # Our Will from a connection that has been replaced, or a forged state.
+            self._repair(f"state {state.status} of this device while it runs")
         self.membership.state(state.device, state.session, state.status, now=time.monotonic())
         self._wake.set()
 
     async def _on_heartbeat(self, received: Received) -> None:
         beat = received.message
         assert isinstance(beat, Heartbeat)
+        birth = self.births.get(beat.device)
+        if birth is None or birth.session < beat.session:
+            # A live device whose (current) birth we never saw: deleted retained
+            # state, or a birth lost. Ask everyone to announce themselves again.
+            self._ask_rebirth = f"heartbeat of {beat.device} without its birth"
+            self._wake.set()
         self.membership.heartbeat(beat.device, beat.session, now=time.monotonic())
 
     async def _on_leader(self, received: Received) -> None:
         record = received.message
         assert isinstance(record, LeaderRecord)
         before = self.election.highest_epoch
-        self.election.observe(
+        if not self.election.observe(
             LeaderClaim(record.epoch, record.priority, record.device, record.session)
-        )
+        ):
+            self._log.warning(
+                "implausible leader",
+                "ignored a leader record of %s with implausible epoch %d (highest seen %d)",
+                record.device,
+                record.epoch,
+                before,
+            )
+            self._on_retained_damage(received.topic)
         if self.election.highest_epoch > before:
             self.worker.on_epoch(self.election.highest_epoch)
         self._wake.set()
@@ -613,6 +653,27 @@ class Agent:
         assert isinstance(message, ReductionPartial | TileResult | TileFailed)
         if self.coordinator is not None:
             self.coordinator.route(message)
+
+    def _on_retained_damage(self, topic: ParsedTopic) -> None:
+        """A retained message we subscribe to was deleted, refused or not believed:
+        whoever it belongs to says it again (rate-bounded, in the control loop)."""
+        spec, device = topic.spec, topic.parameters.get("device")
+        if spec in (DEVICE_BIRTH, DEVICE_STATE) and device == self.device_id:
+            self._repair(f"retained {spec.name} of this device damaged")
+        elif spec is PLANNER_LEADER and self.election.my_claim is not None:
+            self.election.contested = True  # say our record again
+            self._wake.set()
+        elif spec is PLAN_CURRENT and self.is_leader:
+            self._plan_dirty.set()
+
+    def _repair(self, why: str) -> None:
+        """Announce this device's birth and state again soon (rate-bounded)."""
+        if not self._rebirth:
+            self._log.log(
+                logging.INFO, "repair", "%s: announcing it again (%s)", self.device_id, why
+            )
+        self._rebirth = True
+        self._wake.set()
 
     async def _on_rebirth(self, received: Received) -> None:
         assert isinstance(received.message, RebirthRequest)
@@ -725,16 +786,31 @@ class Agent:
             self._wake.clear()
             if self._stopping or not self.session.connected.is_set():
                 continue
-            if self._rebirth:
+            now = time.monotonic()
+            if self._rebirth and now - self._announced_at >= _REPUBLISH_S:
                 self._rebirth = False
                 try:
                     await self._announce()
                 except BrokerError as error:
                     logger.warning("rebirth announcement failed: %s", error)
+            if self._ask_rebirth is not None and now - self._rebirth_requested_at >= (
+                _REBIRTH_REQUEST_S
+            ):
+                await self._request_rebirth(self._ask_rebirth)
             connected_at = self._connected_at
             if connected_at is None or time.monotonic() - connected_at < self._settle_s:
                 continue
             await self._control_step()
+
+    async def _request_rebirth(self, reason: str) -> None:
+        self._ask_rebirth = None
+        self._rebirth_requested_at = time.monotonic()
+        logger.info("%s asks every device to announce itself again: %s", self.device_id, reason)
+        request = RebirthRequest(sender=self.device_id, reason=reason)
+        try:
+            await self.session.publish(CONTROL_REBIRTH, request)
+        except BrokerError as error:
+            logger.warning("could not ask for a rebirth: %s", error)
 
     async def _control_step(self) -> None:
         now = self.loop_lag.judged()
@@ -754,7 +830,10 @@ class Agent:
             logger.info("%s claims leadership with epoch %d", self.device_id, claim.epoch)
             await self._publish_leader(claim)
         elif decision is Decision.REASSERT and self.election.my_claim is not None:
-            await self._publish_leader(self.election.my_claim)
+            if time.monotonic() - self._leader_published_at >= _REPUBLISH_S:
+                await self._publish_leader(self.election.my_claim)
+            else:
+                self.election.contested = True  # say it on a later tick
         reconnected, self._reconnected = self._reconnected, False
         if reconnected and decision is Decision.LEAD and self.election.my_claim is not None:
             # The broker may have restarted and lost its retained copies: publish again.
@@ -780,6 +859,7 @@ class Agent:
             logger.info("leader view: %s epoch %d%s", view[0], view[1], mine)
 
     async def _publish_leader(self, claim: LeaderClaim) -> None:
+        self._leader_published_at = time.monotonic()
         record = LeaderRecord(
             sender=self.device_id,
             device=DeviceId(claim.device),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+import threading
 import time
 import uuid
 import zlib
@@ -23,6 +24,7 @@ class Attacker:
 
     def __init__(self, broker: BrokerHandle, root: TopicRoot) -> None:
         self.root = root
+        self.host, self.port = broker.host, broker.port
         self.client = paho.Client(
             paho.CallbackAPIVersion.VERSION2, client_id=f"attacker-{uuid.uuid4().hex[:8]}"
         )
@@ -35,6 +37,32 @@ class Attacker:
     def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
         info = self.client.publish(topic, payload, qos=1, retain=retain)
         info.wait_for_publish(timeout=30)
+
+    def retained(self, spec: TopicSpec, wait_s: float = 1.0) -> dict[str, bytes]:
+        """What the broker retains on `spec`'s topics now (topic → payload), read by a
+        fresh subscription (retained copies come at once)."""
+        found: dict[str, bytes] = {}
+        lock = threading.Lock()
+        reader = paho.Client(
+            paho.CallbackAPIVersion.VERSION2, client_id=f"reader-{uuid.uuid4().hex[:8]}"
+        )
+
+        def on_message(client: paho.Client, userdata: object, message: paho.MQTTMessage) -> None:
+            if message.retain:
+                with lock:
+                    found[message.topic] = message.payload
+
+        reader.on_message = on_message
+        reader.connect(self.host, self.port)
+        reader.subscribe(spec.filter(self.root), qos=1)
+        reader.loop_start()
+        try:
+            time.sleep(wait_s)
+        finally:
+            reader.disconnect()
+            reader.loop_stop()
+        with lock:
+            return dict(found)
 
     def close(self) -> None:
         self.client.disconnect()

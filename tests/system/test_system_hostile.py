@@ -8,8 +8,10 @@ attack would break: a departure declared, a job failed, an agent down.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +20,9 @@ from hostile_support import Attacker, bloated, flood, png_claiming
 from PIL import Image
 from system_support import SystemCluster
 
-from edgedi.agent.client import InferenceClient
-from edgedi.broker.messages import JobResult
+from edgedi.agent.client import InferenceClient, JobTimeout
+from edgedi.broker.errors import ProtocolError
+from edgedi.broker.messages import JobResult, LeaderRecord, decode_as
 from edgedi.broker.topics import (
     CONTROL_REBIRTH,
     DEVICE_BIRTH,
@@ -126,3 +129,138 @@ def test_edgedi_infer_answers_a_batch_past_its_bad_files(
     results = [JobResult.model_validate_json(line) for line in completed.stdout.splitlines()]
     assert [result.status for result in results] == ["ok", "ok"], results
     np.testing.assert_allclose(results[0].probabilities, results[1].probabilities, atol=1e-6)
+
+
+def _record(device: str, epoch: int, session: int) -> bytes:
+    """A leader record as anyone who may publish could write it."""
+    forged = LeaderRecord(sender="attacker", device=device, epoch=epoch, session=session)
+    return forged.model_dump_json().encode()
+
+
+def _sessions(attacker: Attacker) -> dict[str, int]:
+    births = [json.loads(payload) for payload in attacker.retained(DEVICE_BIRTH).values()]
+    return {birth["device"]: birth["session"] for birth in births}
+
+
+async def _sane_retained_leader(
+    attacker: Attacker, devices: set[str], within_s: float
+) -> LeaderRecord:
+    """The retained leader record, once it is a real one again (an agent of the
+    cluster with its own session, a plausible epoch)."""
+    deadline = time.monotonic() + within_s
+    record = None
+    while time.monotonic() < deadline:
+        payload = (await asyncio.to_thread(attacker.retained, PLANNER_LEADER, 0.3)).get(
+            attacker.topic(PLANNER_LEADER)
+        )
+        if payload:
+            try:
+                record = decode_as(payload, LeaderRecord)
+            except ProtocolError:
+                record = None
+            sessions = await asyncio.to_thread(_sessions, attacker)
+            if (
+                record is not None
+                and record.sender in devices
+                and sessions.get(record.device) == record.session
+                and record.epoch < 2**40
+            ):
+                return record
+    raise AssertionError(f"no sane retained leader record within {within_s} s: {record}")
+
+
+async def test_a_leader_again_within_five_seconds_whatever_the_retained_record(
+    tmp_path: Path,
+) -> None:
+    devices = {"elect-a": 0, "elect-b": 1, "elect-c": 2}
+    async with (
+        fault_cluster(tmp_path, devices, slowdown=1.0) as cluster,
+        observed(cluster) as (
+            client,
+            log,
+        ),
+    ):
+        await wait_for_plan(client, set(devices))
+        attacker = Attacker(cluster.broker, cluster.root)
+        try:
+            topic = attacker.topic(PLANNER_LEADER)
+            sessions = await asyncio.to_thread(_sessions, attacker)
+            assert set(sessions) == set(devices)
+            leader = log.leader()
+            assert leader is not None
+            epoch = leader.epoch
+            far = 2**53 - 2
+            forgeries = {
+                "a live device that is not the top candidate, not its session": _record(
+                    "elect-b", epoch + 1, sessions["elect-b"] + 7
+                ),
+                "the leader's earlier session": _record(
+                    leader.device, epoch + 2, sessions[leader.device] - 60_000
+                ),
+                "an unknown device": _record("nobody", epoch + 3, 1),
+                "an absurd epoch for a live device": _record(
+                    "elect-c", far, sessions["elect-c"] + 1
+                ),
+                "an absurd epoch for an unknown device": _record("mallory", far, 1),
+                "garbage": b"\xc1 garbage",
+                "a cleared record": b"",
+            }
+            for number, (name, payload) in enumerate(forgeries.items()):
+                published_before = len(log.leaders)
+                await asyncio.to_thread(attacker.publish, topic, payload, retain=True)
+                forged_at = time.monotonic()
+                try:
+                    result = await client.infer(
+                        picture(number), MODEL, strategy="equal", timeout=5.0, retry_s=0.5
+                    )
+                except JobTimeout:
+                    raise AssertionError(f"{name}: no job answered within 5 s") from None
+                assert result.status == "ok", (name, result.error)
+                record = await _sane_retained_leader(attacker, set(devices), within_s=5.0)
+                took = time.monotonic() - forged_at
+                # Rate-bounded: a few records per forgery, not a storm.
+                said = len(log.leaders) - published_before
+                assert said <= 10, (name, said)
+                print(
+                    f"\n{name}: answered, leader {record.device} epoch {record.epoch}, "
+                    f"{took:.2f} s, {said} leader record(s) published"
+                )
+            # Seven forgeries moved the real epoch on by a few terms, not to the edge.
+            assert record.epoch < epoch + 100, record
+        finally:
+            attacker.close()
+        assert all(process.poll() is None for process in cluster.processes.values())
+
+
+async def test_a_restarted_leader_finds_its_peers_after_their_retained_births_are_deleted(
+    tmp_path: Path,
+) -> None:
+    devices = {"reborn-a": 0, "reborn-b": 1, "reborn-c": 2}
+    async with (
+        fault_cluster(tmp_path, devices, slowdown=1.0) as cluster,
+        observed(cluster) as (
+            client,
+            _log,
+        ),
+    ):
+        await wait_for_plan(client, set(devices))
+        attacker = Attacker(cluster.broker, cluster.root)
+        try:
+            cluster.kill("reborn-a")  # the top candidate; b takes over
+            await wait_for_plan(client, {"reborn-b", "reborn-c"})
+            for device in ("reborn-b", "reborn-c"):
+                for spec in (DEVICE_BIRTH, DEVICE_STATE):
+                    await asyncio.to_thread(
+                        attacker.publish, attacker.topic(spec, device), b"", retain=True
+                    )
+            cluster.start("reborn-a", devices["reborn-a"])
+            # Without a rebirth it would see no peers, lead and plan for itself alone.
+            await wait_for_plan(client, set(devices))
+            result = await client.infer(picture(1), MODEL, strategy="equal", timeout=30)
+            assert result.status == "ok", result.error
+            assert set(result.devices) == set(devices), result.devices
+            # And the retained births are back.
+            births = await asyncio.to_thread(_sessions, attacker)
+            assert set(births) == set(devices), births
+        finally:
+            attacker.close()
