@@ -12,6 +12,10 @@ tile lost, the leader changing) is retried the same way and returned only when
 time runs out; any other error result is returned at once (`status == "error"`).
 Only a timeout with no answer at all raises.
 
+A result is believed only from the device that led the cluster in the result's
+epoch (as the leader records this client has seen say): on a broker that does not
+enforce identities, anyone could publish one.
+
 Used by `edgedi infer`, the demo and the tests.
 """
 
@@ -29,6 +33,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from edgedi.agent.journal import remember_leader
 from edgedi.broker.connection import MqttSession, Received, SessionSettings
 from edgedi.broker.errors import ConnectionLost
 from edgedi.broker.ids import JobId
@@ -63,6 +68,9 @@ class InferenceClient:
         self._leader: LeaderRecord | None = None
         self._plan_seen = asyncio.Event()
         self._leader_seen = asyncio.Event()
+        self._leaders: set[tuple[int, str]] = set()
+        self.refused_results = 0
+        """Results ignored because their sender did not lead their epoch."""
 
     async def _watch(self) -> None:
         await self.session.subscribe(PLAN_CURRENT, self._on_plan)
@@ -78,6 +86,8 @@ class InferenceClient:
     async def _on_leader(self, received: Received) -> None:
         message = received.message
         assert isinstance(message, LeaderRecord)
+        if message.sender == message.device:
+            remember_leader(self._leaders, message.epoch, message.device)
         if self._leader is None or message.epoch >= self._leader.epoch:
             self._leader = message
             self._leader_seen.set()
@@ -127,6 +137,15 @@ class InferenceClient:
         async def on_result(received: Received) -> None:
             message = received.message
             if isinstance(message, JobResult) and message.job_id == job_id:
+                if (message.epoch, message.sender) not in self._leaders:
+                    self.refused_results += 1
+                    logger.warning(
+                        "ignored a result of job %s from %s, who did not lead epoch %s",
+                        job_id,
+                        message.sender,
+                        message.epoch,
+                    )
+                    return
                 with contextlib.suppress(asyncio.QueueFull):  # only the latest few matter
                     results.put_nowait(message)
 

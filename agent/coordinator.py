@@ -382,7 +382,20 @@ class Coordinator:
             self._results.move_to_end(job_id)
             self.statistics.duplicates += 1
             logger.info("job %s was resubmitted: publishing its result again", job_id)
-            group.create_task(self._publish(cached), name=f"republish-{job_id}")
+            again = cached
+            if (cached.sender, cached.epoch) != (self.device_id, self.epoch):
+                # A predecessor's answer, said again by the leader in force, which
+                # vouches for it: a client that never saw the leader of the original
+                # epoch believes only a result from the one it knows.
+                again = cached.model_copy(
+                    update={
+                        "sender": self.device_id,
+                        "epoch": self.epoch,
+                        "message_id": new_message_id(),
+                        "sent_at": time.time(),
+                    }
+                )
+            group.create_task(self._publish(again), name=f"republish-{job_id}")
             return
         if job_id in self._jobs:
             self.statistics.duplicates += 1

@@ -56,7 +56,7 @@ from edgedi.agent.device import (
     measure_unit_profiles,
 )
 from edgedi.agent.election import Decision, Election, LeaderClaim
-from edgedi.agent.journal import JobJournal, remember_result
+from edgedi.agent.journal import JobJournal, remember_leader, remember_result
 from edgedi.agent.link_probe import LinkMeasurement, LinkProber
 from edgedi.agent.loop_lag import LoopLag
 from edgedi.agent.membership import HEARTBEAT_PERIOD_S, SILENT_AFTER_S, Membership
@@ -225,6 +225,9 @@ class Agent:
         self._coordinator_task: asyncio.Task[None] | None = None
         self._leader_subscriptions: list[Subscription] = []
         self._results: OrderedDict[str, JobResult] = OrderedDict()
+        # Who led in each recent epoch (from leader records): a result is believed
+        # only from the leader of its epoch.
+        self._leaders_by_epoch: set[tuple[int, str]] = set()
         self._group: asyncio.TaskGroup | None = None
         self._heartbeat_sequence = 0
         self._announced_at = -float("inf")
@@ -446,6 +449,16 @@ class Agent:
         leader publishes its record and plan again once settled (`_control_step`).
         """
         first = self._connected_at is None
+        if first and self.settings.broker.username is None:
+            # One line, once: an operator reading the journal must know.
+            logger.warning(
+                "%s connected to %s:%d without a login: the broker cannot bind device ids "
+                "to logins, so any client that reaches it may publish as any device "
+                "(configure users and the ACL: docs/deploy.md)",
+                self.device_id,
+                self.settings.broker.host,
+                self.settings.broker.port,
+            )
         await self._announce()
         if first:
             group = self._group
@@ -594,6 +607,8 @@ class Agent:
                 before,
             )
             self._on_retained_damage(received.topic)
+        elif record.sender == record.device:
+            remember_leader(self._leaders_by_epoch, record.epoch, record.device)
         if self.election.highest_epoch > before:
             self.worker.on_epoch(self.election.highest_epoch)
         self._wake.set()
@@ -643,6 +658,17 @@ class Agent:
     async def _on_result(self, received: Received) -> None:
         result = received.message
         assert isinstance(result, JobResult)
+        if result.epoch is None or (result.epoch, result.sender) not in self._leaders_by_epoch:
+            # Not from the leader of its epoch: it answers nothing (and a leader does
+            # not drop the job for it).
+            self._log.warning(
+                "foreign result",
+                "ignored a result of job %s from %s, who did not lead epoch %s",
+                result.job_id,
+                result.sender,
+                result.epoch,
+            )
+            return
         self.journal.answered(result.job_id)
         remember_result(self._results, result, self.settings.jobs.result_cache)
         if self.coordinator is not None:
@@ -701,7 +727,7 @@ class Agent:
             await self.session.publish(DEVICE_TASKS, message, device=device)
 
     async def send_result(self, result: JobResult) -> None:
-        await self.session.publish(JOB_RESULT, result, job_id=result.job_id)
+        await self.session.publish(JOB_RESULT, result, job_id=result.job_id, device=self.device_id)
 
     async def compute(self, function: Callable[[], T]) -> T:
         loop = asyncio.get_running_loop()
@@ -712,7 +738,9 @@ class Agent:
         if coordinator is not None and coordinator.owns(message.job_id):
             coordinator.route(message)
         else:
-            await self.session.publish(JOB_PARTIALS, message, job_id=message.job_id)
+            await self.session.publish(
+                JOB_PARTIALS, message, job_id=message.job_id, device=self.device_id
+            )
 
     async def send_peer(self, device: str, message: TileRows | ReductionPartial) -> None:
         if device == self.device_id:
@@ -728,7 +756,9 @@ class Agent:
         if coordinator is not None and coordinator.owns(message.job_id):
             coordinator.route(message)
         else:
-            await self.session.publish(JOB_TILES, message, job_id=message.job_id)
+            await self.session.publish(
+                JOB_TILES, message, job_id=message.job_id, device=self.device_id
+            )
 
     # --- loops ----------------------------------------------------------------------
 
@@ -860,6 +890,7 @@ class Agent:
 
     async def _publish_leader(self, claim: LeaderClaim) -> None:
         self._leader_published_at = time.monotonic()
+        remember_leader(self._leaders_by_epoch, claim.epoch, claim.device)
         record = LeaderRecord(
             sender=self.device_id,
             device=DeviceId(claim.device),

@@ -9,6 +9,10 @@ subscribers `spec.filter(root, ...)`, receivers `parse_topic(root, topic)`.
 
 The root is `<prefix>/<cluster>` — `edgedi/v1/default` unless configured — so
 several clusters, or several test runs, share one broker without crosstalk.
+
+Identity: every topic a device writes carries its own id in `{device}` (its
+`sender_parameter`), so the broker's ACL can bind it to the device's login, and a
+receiver refuses a message whose `sender` is not the device the topic names.
 """
 
 from __future__ import annotations
@@ -122,6 +126,11 @@ class TopicSpec:
     retain: bool
     kinds: tuple[type[WireMessage], ...]
     description: str
+    writers: str = ""
+    """Who may publish on it (the shipped ACL grants exactly this; docs/topics.md)."""
+    sender_parameter: str | None = None
+    """The topic parameter that names the writer: the message's `sender` must equal
+    it (the broker's ACL binds that level to the writer's login)."""
     max_payload_bytes: int | None = None
     """Largest payload accepted on this topic, checked before parsing (None: only the
     session's `Limits`). Control topics carry small JSON: a bound far below the
@@ -213,6 +222,8 @@ DEVICE_BIRTH: Final = TopicSpec(
     description="A device's capabilities, fitted profile and session counter; "
     "re-published on every (re)connect and on a rebirth request.",
     max_payload_bytes=256 * _KIB,
+    sender_parameter="device",
+    writers="the device `device` only",
 )
 DEVICE_STATE: Final = TopicSpec(
     name="device_state",
@@ -224,6 +235,8 @@ DEVICE_STATE: Final = TopicSpec(
     "`offline` from the MQTT Last Will. A state whose session differs from the "
     "birth's is stale (a late Will of an older connection).",
     max_payload_bytes=_SMALL_JSON,
+    sender_parameter="device",
+    writers="the device `device` only (and the broker, its Will)",
 )
 DEVICE_HEARTBEAT: Final = TopicSpec(
     name="device_heartbeat",
@@ -233,6 +246,8 @@ DEVICE_HEARTBEAT: Final = TopicSpec(
     kinds=(Heartbeat,),
     description="Periodic load report; losing one is harmless.",
     max_payload_bytes=_SMALL_JSON,
+    sender_parameter="device",
+    writers="the device `device` only",
 )
 PLANNER_LEADER: Final = TopicSpec(
     name="planner_leader",
@@ -243,6 +258,7 @@ PLANNER_LEADER: Final = TopicSpec(
     description="The elected leader and its epoch. A new leader takes a higher epoch; "
     "everyone ignores plans and tasks of lower epochs.",
     max_payload_bytes=_SMALL_JSON,
+    writers="planner candidates",
 )
 PLAN_CURRENT: Final = TopicSpec(
     name="plan_current",
@@ -252,6 +268,7 @@ PLAN_CURRENT: Final = TopicSpec(
     kinds=(PlanAnnouncement,),
     description="The plan in force, wrapped with the epoch of the leader that made it.",
     max_payload_bytes=1 * _MIB,
+    writers="planner candidates (the leader)",
 )
 JOB_SUBMIT: Final = TopicSpec(
     name="job_submit",
@@ -262,6 +279,7 @@ JOB_SUBMIT: Final = TopicSpec(
     description="A client submits an image. Job ids make submission idempotent: "
     "a retry with the same id is not run twice.",
     max_payload_bytes=16 * _MIB,
+    writers="clients and devices allowed to submit jobs",
 )
 DEVICE_TASKS: Final = TopicSpec(
     name="device_tasks",
@@ -270,6 +288,7 @@ DEVICE_TASKS: Final = TopicSpec(
     retain=False,
     kinds=(TileTask, CancelJob),
     description="The leader's work for one device: tile tasks, and job cancellations.",
+    writers="planner candidates (the leader)",
 )
 DEVICE_PEER: Final = TopicSpec(
     name="device_peer",
@@ -280,6 +299,8 @@ DEVICE_PEER: Final = TopicSpec(
     description="The direct data plane, from device `device` to device `target`: rows of "
     "a tile's output that a tile of the next segment needs, and gate partial sums for "
     "the other holders of a segment (each combines them itself, in tile order).",
+    sender_parameter="device",
+    writers="the device `device` only",
 )
 DEVICE_PROBE: Final = TopicSpec(
     name="device_probe",
@@ -289,14 +310,19 @@ DEVICE_PROBE: Final = TopicSpec(
     kinds=(LinkProbe,),
     description="A device's own round trips through the broker, at start: the latency "
     "per message and the bandwidth it announces for the planner.",
+    sender_parameter="device",
+    writers="the device `device` only",
 )
 JOB_PARTIALS: Final = TopicSpec(
     name="job_partials",
-    pattern="jobs/{job_id}/partials",
+    pattern="jobs/{job_id}/partials/{device}",
     qos=1,
     retain=False,
     kinds=(ReductionPartial,),
-    description="Workers' per-channel partial sums for an attention gate, to the leader.",
+    description="Workers' per-channel partial sums for an attention gate, to the leader; "
+    "`device` is the worker.",
+    sender_parameter="device",
+    writers="the device `device` only",
 )
 JOB_GATES: Final = TopicSpec(
     name="job_gates",
@@ -305,24 +331,31 @@ JOB_GATES: Final = TopicSpec(
     retain=False,
     kinds=(GateValue,),
     description="The leader's combined gate vector, to the workers of that job.",
+    writers="planner candidates (the leader)",
 )
 JOB_TILES: Final = TopicSpec(
     name="job_tiles",
-    pattern="jobs/{job_id}/tiles",
+    pattern="jobs/{job_id}/tiles/{device}",
     qos=1,
     retain=False,
     kinds=(TileResult, TileFailed),
-    description="Workers' tile outputs (or failures), to the leader.",
+    description="Workers' tile outputs (or failures), to the leader; `device` is the worker.",
+    sender_parameter="device",
+    writers="the device `device` only",
 )
 JOB_RESULT: Final = TopicSpec(
     name="job_result",
-    pattern="results/{job_id}",
+    pattern="results/{job_id}/{device}",
     qos=1,
     retain=False,
     kinds=(JobResult,),
-    description="Exactly one final result or error per submitted job; JSON, so "
-    "`mosquitto_sub`, Node-RED or Home Assistant can read it.",
+    description="Exactly one final result or error per submitted job, from the leader "
+    "`device` (subscribe to `results/<job_id>/+`); JSON, so `mosquitto_sub`, Node-RED or "
+    "Home Assistant can read it. Believe it only when `device` led the cluster in the "
+    "result's `epoch` (the leader record of that epoch names it).",
     max_payload_bytes=256 * _KIB,
+    sender_parameter="device",
+    writers="the planner candidate `device` only (the leader)",
 )
 CONTROL_REBIRTH: Final = TopicSpec(
     name="control_rebirth",
@@ -332,6 +365,7 @@ CONTROL_REBIRTH: Final = TopicSpec(
     kinds=(RebirthRequest,),
     description="Asks every device to re-announce its birth and state.",
     max_payload_bytes=_SMALL_JSON,
+    writers="planner candidates",
 )
 
 CATALOGUE: Final[tuple[TopicSpec, ...]] = (
@@ -383,6 +417,12 @@ def decode_for_topic(
                 f"{message.kind} on {parsed.topic!r} carries {name}={carried!r}, "
                 f"the topic says {value!r}"
             )
+    writer = parsed.spec.sender_parameter
+    if writer is not None and message.sender != parsed.parameters.get(writer):
+        raise DecodeError(
+            f"{message.kind} on {parsed.topic!r} is sent by {message.sender!r}, "
+            f"not by the device the topic names"
+        )
     return message
 
 
@@ -416,6 +456,9 @@ def publication(
         carried = getattr(message, name, None)
         if carried is not None and carried != value:
             raise ValueError(f"{message.kind} has {name}={carried!r} but the topic says {value!r}")
+    writer = spec.sender_parameter
+    if writer is not None and writer in parameters and message.sender != parameters[writer]:
+        raise ValueError(f"{message.kind} is sent by {message.sender!r} on {writer}'s topic")
     topic = spec.topic(root, **parameters)
     payload = encode(message, limits)
     if spec.max_payload_bytes is not None and len(payload) > spec.max_payload_bytes:
@@ -489,13 +532,24 @@ def render_markdown(root: TopicRoot | None = None) -> str:
         "`sender` (device or client id), `message_id` (uuid4 hex) and `sent_at` (unix",
         "seconds). Messages from an older leader `epoch` are ignored.",
         "",
-        "| topic | QoS | retained | encoding | payload kinds |",
-        "|---|---|---|---|---|",
+        "Who may publish what: every topic a device writes carries its own id as",
+        "`{device}`; the shipped ACL (`deploy/ansible/roles/mosquitto/templates/acl.j2`)",
+        "lets each login write only under its own id, and receivers refuse a message",
+        "whose `sender` is not the device its topic names. Clients may only write",
+        "`jobs/submit` and read results. A result is believed only from the device that",
+        "led the cluster in the result's epoch. On a broker without logins and ACL",
+        "(tests, a bench) none of this is enforced, and every agent says so at start-up.",
+        "",
+        "| topic | QoS | retained | encoding | payload kinds | written by |",
+        "|---|---|---|---|---|---|",
     ]
     for spec in CATALOGUE:
         kinds = ", ".join(f"`{kind.model_fields['kind'].default}`" for kind in spec.kinds)
         retained = "yes" if spec.retain else "no"
-        lines.append(f"| `{spec.pattern}` | {spec.qos} | {retained} | {spec.encoding} | {kinds} |")
+        lines.append(
+            f"| `{spec.pattern}` | {spec.qos} | {retained} | {spec.encoding} | {kinds} "
+            f"| {spec.writers} |"
+        )
     for spec in CATALOGUE:
         lines += ["", f"## `{spec.pattern}`", "", spec.description, ""]
         most = spec.max_payload_bytes

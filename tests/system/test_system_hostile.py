@@ -15,7 +15,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-from fault_support import FaultCluster, fault_cluster, observed, picture, wait_for_plan
+from fault_support import (
+    FaultCluster,
+    fault_cluster,
+    observed,
+    picture,
+    reference,
+    wait_for_plan,
+)
 from hostile_support import Attacker, bloated, flood, png_claiming
 from PIL import Image
 from system_support import SystemCluster
@@ -264,3 +271,59 @@ async def test_a_restarted_leader_finds_its_peers_after_their_retained_births_ar
             assert set(births) == set(devices), births
         finally:
             attacker.close()
+
+
+async def test_a_forged_result_answers_nothing_and_drops_no_job(tmp_path: Path) -> None:
+    devices = {"forge-a": 0, "forge-b": 1, "forge-c": 2}
+    async with (
+        fault_cluster(tmp_path, devices, slowdown=5.0) as cluster,
+        observed(cluster) as (
+            client,
+            log,
+        ),
+    ):
+        await wait_for_plan(client, set(devices))
+        leader = log.leader()
+        assert leader is not None and leader.device == "forge-a"
+        attacker = Attacker(cluster.broker, cluster.root)
+        try:
+            outcomes = []
+            for number in range(3):
+                # The workers hang for a moment, so the forgeries arrive while the job runs.
+                cluster.freeze("forge-b")
+                cluster.freeze("forge-c")
+                job_id = client.new_job_id()
+                job = asyncio.create_task(
+                    client.infer(picture(number), MODEL, job_id=job_id, strategy="equal")
+                )
+                await asyncio.sleep(0.5)
+                assert not job.done()
+                fake = JobResult(
+                    sender="mallory",
+                    job_id=job_id,
+                    status="ok",
+                    epoch=leader.epoch,
+                    label=0,
+                    probabilities=(1.0,) + (0.0,) * 5,
+                )
+                forged = fake.model_dump_json().encode()
+                # From a device that does not lead, on its own topic: believed by nobody.
+                mallory = JOB_RESULT.topic(cluster.root, job_id=job_id, device="mallory")
+                # On the leader's topic: refused on receipt (the sender is not the leader).
+                spoofed = JOB_RESULT.topic(cluster.root, job_id=job_id, device=leader.device)
+                for topic in (mallory, spoofed):
+                    await asyncio.to_thread(attacker.publish, topic, forged)
+                await asyncio.sleep(0.3)
+                cluster.thaw("forge-b")
+                cluster.thaw("forge-c")
+                outcomes.append((number, await job))
+        finally:
+            attacker.close()
+        for number, result in outcomes:
+            assert result.status == "ok", result.error
+            assert result.sender == leader.device
+            np.testing.assert_allclose(result.probabilities, reference(number), atol=1e-4)
+        assert client.refused_results >= 3
+        # The leader never dropped a job for the forgery (nor took it into its cache).
+        assert "answered by mallory" not in cluster.log_path("forge-a").read_text()
+        assert "who did not lead epoch" in cluster.log_path("forge-a").read_text()

@@ -103,7 +103,7 @@ def test_a_sender_cannot_publish_over_its_topics_bound() -> None:
     count = spec.max_payload_bytes // 10
     result = VALID["job_result"].model_copy(update={"probabilities": (0.123456789,) * count})
     with pytest.raises(PayloadTooLarge, match="job_result"):
-        publication(TopicRoot(), spec, result, job_id="job-1")
+        publication(TopicRoot(), spec, result, job_id="job-1", device="pi-1")
 
 
 def test_loop_lag_holds_the_membership_clock_back_by_recent_stalls() -> None:
