@@ -3,7 +3,7 @@
     async with connect("127.0.0.1", 1883) as client:
         result = await client.infer(image, "tiny-edgedi", timeout=30)
 
-`infer` subscribes to `results/<job_id>` before it publishes the job (so the
+`infer` subscribes to `results/<job_id>/+` before it publishes the job (so the
 result cannot slip past), and re-submits the *same* job id every `retry_s` seconds
 until a result arrives or `timeout` runs out: submission is idempotent, so a retry
 is safe — it reaches a newly elected leader after a failover, and a finished job

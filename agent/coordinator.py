@@ -4,7 +4,7 @@ A job arrives on `jobs/submit`. Submission is idempotent by job id: a job in
 progress is not started twice, and a finished one gets its cached result
 re-published (a bounded LRU). Up to `jobs.max_in_flight` jobs run at once; up to
 `jobs.max_queued` more wait for a slot; beyond that a job is refused with an error
-result. Every job ends with exactly one `JobResult` on `results/<job_id>`: ok, or
+result. Every job ends with exactly one `JobResult` on `results/<job_id>/<leader>`: ok, or
 an explicit error (unknown model, bad image, no workers, a tile that failed on
 every device it was tried on, deadline exceeded, leadership lost).
 

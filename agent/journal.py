@@ -1,7 +1,7 @@
 """Every candidate's record of the jobs the cluster owes an answer, for a failover.
 
 A leader that dies takes its jobs with it. So every candidate, leader or not,
-listens to `jobs/submit` and `results/+`: a submission enters the journal, a
+listens to `jobs/submit` and `results/+/+`: a submission enters the journal, a
 result on its topic takes it out (and goes into the result cache, so a client
 that re-submits a finished job id is answered from it, whoever computed it). A
 candidate that becomes leader runs what is still in its journal, with each job's
