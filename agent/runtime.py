@@ -575,7 +575,12 @@ class Agent:
     async def _on_state(self, received: Received) -> None:
         state = received.message
         assert isinstance(state, DeviceState)
-        if state.device == self.device_id and not self._stopping and state.status != "online":
+        if (
+            state.device == self.device_id
+            and state.session == self.session_counter
+            and state.status != "online"
+            and not self._stopping
+        ):
             # Our Will from a connection that has been replaced, or a forged state.
             self._repair(f"state {state.status} of this device while it runs")
         self.membership.state(state.device, state.session, state.status, now=time.monotonic())
