@@ -1173,7 +1173,12 @@ class Coordinator:
         left.
         """
         holders = {birth.device for birth in self.planning.devices_for(job.submit.model)}
-        candidates = sorted((set(self.alive_devices()) & holders) - set(exclude))
+        suspects = self._suspects()
+        # A device on probation with its trial tile out gets no second one (until it
+        # answers, or its probation period ends).
+        candidates = sorted(
+            (set(self.alive_devices()) & holders) - set(exclude) - set(self._trial_since)
+        )
         if not candidates:
             return None
         load = dict.fromkeys(candidates, 0)
@@ -1181,7 +1186,6 @@ class Coordinator:
             for device in other.devices:
                 if device in load:
                     load[device] += 1
-        suspects = self._suspects()
         fresh = [d for d in candidates if d not in avoid and d not in suspects]
         fresh = fresh or [device for device in candidates if device not in avoid]
         return min(fresh or candidates, key=lambda device: (load[device], device))

@@ -545,8 +545,7 @@ class Agent:
             birth.session != self.session_counter or birth.sender != self.device_id
         ):
             self._repair("a birth of this device that is not ours")
-            if birth.session > self.session_counter:
-                return  # keep our own record of ourselves
+            return  # keep our own record of ourselves
         known = self.births.get(birth.device)
         if known is not None and birth.session < known.session:
             return
@@ -575,14 +574,12 @@ class Agent:
     async def _on_state(self, received: Received) -> None:
         state = received.message
         assert isinstance(state, DeviceState)
-        if (
-            state.device == self.device_id
-            and state.session == self.session_counter
-            and state.status != "online"
-            and not self._stopping
-        ):
-            # Our Will from a connection that has been replaced, or a forged state.
-            self._repair(f"state {state.status} of this device while it runs")
+        if state.device == self.device_id:
+            if state.session != self.session_counter:
+                return  # nobody else defines this device's session in its own table
+            if state.status != "online" and not self._stopping:
+                # Our Will from a connection that has been replaced, or a forged state.
+                self._repair(f"state {state.status} of this device while it runs")
         self.membership.state(state.device, state.session, state.status, now=time.monotonic())
         self._wake.set()
 

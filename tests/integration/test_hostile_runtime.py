@@ -16,9 +16,9 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Awaitable, Callable
 
 import pytest
-from conftest import SessionFactory
 from runtime_support import MODELS, profile, running_cluster, sample_image
 
 from edgedi.agent.client import connect
@@ -43,6 +43,8 @@ from edgedi.broker.topics import (
 )
 
 MODEL = "tiny-edgedi"
+# The `sessions` fixture of conftest (not imported: the system tests have a conftest too).
+SessionFactory = Callable[..., Awaitable[MqttSession]]
 
 
 async def test_a_stalled_loop_declares_no_departure(
