@@ -1174,11 +1174,7 @@ class Coordinator:
         """
         holders = {birth.device for birth in self.planning.devices_for(job.submit.model)}
         suspects = self._suspects()
-        # A device on probation with its trial tile out gets no second one (until it
-        # answers, or its probation period ends).
-        candidates = sorted(
-            (set(self.alive_devices()) & holders) - set(exclude) - set(self._trial_since)
-        )
+        candidates = sorted((set(self.alive_devices()) & holders) - set(exclude))
         if not candidates:
             return None
         load = dict.fromkeys(candidates, 0)
