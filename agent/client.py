@@ -3,7 +3,7 @@
     async with connect("127.0.0.1", 1883) as client:
         result = await client.infer(image, "tiny-edgedi", timeout=30)
 
-`infer` subscribes to `results/<job_id>` before it publishes the job (so the
+`infer` subscribes to `results/<job_id>/+` before it publishes the job (so the
 result cannot slip past), and re-submits the *same* job id every `retry_s` seconds
 until a result arrives or `timeout` runs out: submission is idempotent, so a retry
 is safe — it reaches a newly elected leader after a failover, and a finished job
@@ -11,6 +11,10 @@ just has its result published again. A `retryable` error (no workers just now, a
 tile lost, the leader changing) is retried the same way and returned only when
 time runs out; any other error result is returned at once (`status == "error"`).
 Only a timeout with no answer at all raises.
+
+A result is believed only from the device that led the cluster in the result's
+epoch (as the leader records this client has seen say): on a broker that does not
+enforce identities, anyone could publish one.
 
 Used by `edgedi infer`, the demo and the tests.
 """
@@ -29,6 +33,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from edgedi.agent.journal import remember_leader
 from edgedi.broker.connection import MqttSession, Received, SessionSettings
 from edgedi.broker.errors import ConnectionLost
 from edgedi.broker.ids import JobId
@@ -63,6 +68,9 @@ class InferenceClient:
         self._leader: LeaderRecord | None = None
         self._plan_seen = asyncio.Event()
         self._leader_seen = asyncio.Event()
+        self._leaders: set[tuple[int, str]] = set()
+        self.refused_results = 0
+        """Results ignored because their sender did not lead their epoch."""
 
     async def _watch(self) -> None:
         await self.session.subscribe(PLAN_CURRENT, self._on_plan)
@@ -78,6 +86,8 @@ class InferenceClient:
     async def _on_leader(self, received: Received) -> None:
         message = received.message
         assert isinstance(message, LeaderRecord)
+        if message.sender == message.device:
+            remember_leader(self._leaders, message.epoch, message.device)
         if self._leader is None or message.epoch >= self._leader.epoch:
             self._leader = message
             self._leader_seen.set()
@@ -130,6 +140,15 @@ class InferenceClient:
         async def on_result(received: Received) -> None:
             message = received.message
             if isinstance(message, JobResult) and message.job_id == job_id:
+                if (message.epoch, message.sender) not in self._leaders:
+                    self.refused_results += 1
+                    logger.warning(
+                        "ignored a result of job %s from %s, who did not lead epoch %s",
+                        job_id,
+                        message.sender,
+                        message.epoch,
+                    )
+                    return
                 with contextlib.suppress(asyncio.QueueFull):  # only the latest few matter
                     results.put_nowait(message)
 

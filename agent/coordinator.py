@@ -4,7 +4,7 @@ A job arrives on `jobs/submit`. Submission is idempotent by job id: a job in
 progress is not started twice, and a finished one gets its cached result
 re-published (a bounded LRU). Up to `jobs.max_in_flight` jobs run at once; up to
 `jobs.max_queued` more wait for a slot; beyond that a job is refused with an error
-result. Every job ends with exactly one `JobResult` on `results/<job_id>`: ok, or
+result. Every job ends with exactly one `JobResult` on `results/<job_id>/<leader>`: ok, or
 an explicit error (unknown model, bad image, no workers, a tile that failed on
 every device it was tried on, deadline exceeded, leadership lost).
 
@@ -42,9 +42,12 @@ valid result wins. A tile that has given its partial for the gate being combined
 only waits for the others and is left alone. The straggler's device is then
 *suspect*: new tiles go elsewhere until it answers again, restarts (a new session)
 or 10 s have passed, so a hung device costs one overdue wait, not one per
-segment. A gate that was already combined is re-sent to any late copy. Measured
-tile times go back to `Planning.observe_tile`, so the next plan fits the devices
-as they are.
+segment. A device that has not yet answered a tile (new, or a new session) is on
+*probation*: it gets one trial tile (or one direct run) and no second until it
+answers or 10 s have passed, so a ghost that announces itself and never computes
+costs one overdue wait per 10 s, however often it is born again. A gate that was
+already combined is re-sent to any late copy. Measured tile times go back to
+`Planning.observe_tile`, so the next plan fits the devices as they are.
 
 Errors say whether they are `retryable` (the cluster's state: no workers, a tile
 lost, the deadline) or final (bad input, unknown model). A job that a stopping
@@ -375,6 +378,10 @@ class Coordinator:
         # Devices with an overdue tile and no word since: new tiles go elsewhere until
         # they answer again (a hung device costs one overdue wait, not one per segment).
         self._suspect_since: dict[str, float] = {}
+        # Probation: devices that have answered a tile, and when an unproven device
+        # got its trial tile (no second one until it answers, or _SUSPECT_S passes).
+        self._proven: set[str] = {self.device_id}
+        self._trial_since: dict[str, float] = {}
         self._log = RateLimitedLog(logger)
 
     # --- lifecycle ------------------------------------------------------------------
@@ -435,7 +442,20 @@ class Coordinator:
             self._results.move_to_end(job_id)
             self.statistics.duplicates += 1
             logger.info("job %s was resubmitted: publishing its result again", job_id)
-            group.create_task(self._publish(cached), name=f"republish-{job_id}")
+            again = cached
+            if (cached.sender, cached.epoch) != (self.device_id, self.epoch):
+                # A predecessor's answer, said again by the leader in force, which
+                # vouches for it: a client that never saw the leader of the original
+                # epoch believes only a result from the one it knows.
+                again = cached.model_copy(
+                    update={
+                        "sender": self.device_id,
+                        "epoch": self.epoch,
+                        "message_id": new_message_id(),
+                        "sent_at": time.time(),
+                    }
+                )
+            group.create_task(self._publish(again), name=f"republish-{job_id}")
             return
         if job_id in self._jobs:
             self.statistics.duplicates += 1
@@ -495,16 +515,22 @@ class Coordinator:
                     message.device, span.what, span.start, span.end, message.segment, message.tile
                 )
             return
-        if message.device in self._suspect_since and any(
+        held_a_copy = message.device in job.direct_devices | job.direct_failed or any(
             message.device in record.sent.values() for record in job.tiles.values()
-        ):
+        )
+        if held_a_copy and message.device in self._suspect_since:
             logger.info("%s answers again", message.device)
             del self._suspect_since[message.device]
+        if held_a_copy:
+            self._prove(message.device)
         self._deliver(job, message)
 
     def device_restarted(self, device: str) -> None:
-        """A new session of `device` (a restart, a replacement): it starts unsuspected."""
+        """A new session of `device` (a restart, a replacement): it starts unsuspected,
+        and on probation (a trial tile still out stays out: a re-birth earns no new one)."""
         self._suspect_since.pop(device, None)
+        if device != self.device_id:
+            self._proven.discard(device)
 
     def devices_left(self, devices: Collection[str]) -> None:
         """Membership change: unfinished tiles on these devices are re-dispatched."""
@@ -738,6 +764,8 @@ class Coordinator:
         tasks.sort(key=lambda t: (t.segment > 0, t.device != self.device_id))
         job.direct_devices = used
         job.devices |= used
+        for device in used:
+            self._on_trial(device)
         if not await self._send_tasks(job, tasks):
             return None
         job.add_time("scatter", time.monotonic() - started)
@@ -780,6 +808,9 @@ class Coordinator:
             outputs[item.tile] = item.tensor.array.astype(np.float32, copy=False)
             worker_compute = max(worker_compute, item.compute_seconds)
         job.direct_devices = set()
+        if not reason:
+            for device in used:  # every one of them delivered: the result needs them all
+                self._prove(device)
         if reason:
             self.statistics.direct_fallbacks += 1
             job.direct_failed = used
@@ -924,6 +955,7 @@ class Coordinator:
             )
             job.tiles[(position, task.tile)] = record
             job.devices.add(task.device)
+            self._on_trial(task.device)
             records.append(record)
         await self._send_tasks(job, [record.task for record in records])
         scattered = time.monotonic()
@@ -1034,12 +1066,26 @@ class Coordinator:
         )
 
     def _suspects(self) -> set[str]:
-        """Devices that left a tile overdue lately and have not answered since."""
+        """Devices that left a tile overdue lately and have not answered since, and
+        devices on probation whose trial tile is out."""
         now = time.monotonic()
-        for device, since in list(self._suspect_since.items()):
-            if now - since > _SUSPECT_S:
-                del self._suspect_since[device]  # give it another chance
-        return set(self._suspect_since)
+        for table in (self._suspect_since, self._trial_since):
+            for device, since in list(table.items()):
+                if now - since > _SUSPECT_S:
+                    del table[device]  # give it another chance
+        return set(self._suspect_since) | set(self._trial_since)
+
+    def _on_trial(self, device: str) -> None:
+        """`device` was just given a tile (or a direct run's tasks): if it is on
+        probation, that was its trial."""
+        if device not in self._proven:
+            self._trial_since.setdefault(device, time.monotonic())
+
+    def _prove(self, device: str) -> None:
+        """`device` answered: off probation."""
+        if device not in self._proven:
+            self._proven.add(device)
+            self._trial_since.pop(device, None)
 
     def _overdue_after(self, expected_s: float) -> float:
         """How long a copy of a tile may take before it counts as a straggler."""
@@ -1261,6 +1307,7 @@ class Coordinator:
         left.
         """
         holders = {birth.device for birth in self.planning.devices_for(job.submit.model)}
+        suspects = self._suspects()
         candidates = sorted((set(self.alive_devices()) & holders) - set(exclude))
         if not candidates:
             return None
@@ -1269,7 +1316,6 @@ class Coordinator:
             for device in other.devices:
                 if device in load:
                     load[device] += 1
-        suspects = self._suspects()
         fresh = [d for d in candidates if d not in avoid and d not in suspects]
         fresh = fresh or [device for device in candidates if device not in avoid]
         return min(fresh or candidates, key=lambda device: (load[device], device))
@@ -1310,6 +1356,7 @@ class Coordinator:
             }
         )
         job.devices.add(device)
+        self._on_trial(device)
         logger.warning(
             "job %s: %s tile %d of segment %d to %s (attempt %d): %s",
             job.job_id,

@@ -15,6 +15,13 @@ them to the same retained record (`planner/leader`) and membership table:
   only when the leader dies, so plans stay stable.
 * Everything that carries an epoch (plans, tasks, gate values) from below the
   highest epoch seen is ignored, so a deposed leader can never act twice.
+* A record is believed only while it names an alive candidate *of the session it
+  carries*: one of a device's earlier session (a restart at the wrong moment), of
+  a worker, of an unknown or dead device is no leader, and the best candidate
+  claims over it. Whatever the retained record holds, the cluster elects.
+* An epoch cannot be driven to the edge of its range: a record more than
+  `MAX_EPOCH_STEP` above the highest epoch seen is ignored (a real cluster counts
+  up by one), and the first record an agent sees must leave `EPOCH_HEADROOM`.
 """
 
 from __future__ import annotations
@@ -24,6 +31,12 @@ from enum import Enum
 
 from edgedi.agent.membership import DeviceRecord
 from edgedi.broker.messages import WIRE_INT_MAX
+
+EPOCH_HEADROOM = 2**40
+"""Epochs this close to the wire's bound are never believed: room for 2**40 terms."""
+MAX_EPOCH_STEP = 2**20
+"""Largest jump above the highest epoch seen that a record may make (an agent away
+through a million elections would miss nothing it could act on anyway)."""
 
 
 @dataclass(frozen=True, order=True)
@@ -67,12 +80,18 @@ class Election:
     contested: bool = False
     """A worse record arrived while we lead: it may now be the retained one."""
 
-    def observe(self, claim: LeaderClaim) -> None:
-        """A record arrived on planner/leader (retained or live)."""
-        if claim.epoch >= WIRE_INT_MAX:
-            # No claim could follow it (the next epoch would not fit the wire): a
-            # record there is forged or corrupt, never a real term.
-            return
+    def plausible(self, epoch: int) -> bool:
+        """Could a real term have this epoch? (Near the wire's bound no claim could
+        follow it; far above what we have seen, it would spend the range.)"""
+        if self.highest_epoch == 0:  # the first record this agent sees
+            return epoch <= WIRE_INT_MAX - EPOCH_HEADROOM
+        return epoch < WIRE_INT_MAX and epoch <= self.highest_epoch + MAX_EPOCH_STEP
+
+    def observe(self, claim: LeaderClaim) -> bool:
+        """A record arrived on planner/leader (retained or live); False: ignored as
+        forged or corrupt (`plausible`)."""
+        if not self.plausible(claim.epoch):
+            return False
         self.highest_epoch = max(self.highest_epoch, claim.epoch)
         if claim.beats(self.current):
             self.current = claim
@@ -82,6 +101,7 @@ class Election:
             # Two candidates claimed at once and the loser wrote last: the broker now
             # retains its record, which newcomers would believe. Say ours again.
             self.contested = True
+        return True
 
     @property
     def leader(self) -> str | None:
@@ -95,7 +115,7 @@ class Election:
         return self.my_claim is not None and self.my_claim == self.current
 
     def decide(self, alive: list[DeviceRecord]) -> Decision:
-        alive_ids = {r.device for r in alive}
+        sessions = {r.device: r.session for r in alive if r.candidate}
         if self.my_claim is not None:
             if self.current is not None and self.current != self.my_claim:
                 if self.my_claim.beats(self.current):
@@ -106,12 +126,13 @@ class Election:
                 return Decision.REASSERT
             else:
                 return Decision.LEAD
-        if self.current is not None and self.current.device in alive_ids:
-            if self.current.device == self.device and self.current.session == self.session:
+        current = self.current
+        if current is not None and sessions.get(current.device) == current.session:
+            if current.device == self.device and current.session == self.session:
                 # Our own record from this session (e.g. after a reconnect): keep leading.
-                self.my_claim = self.current
+                self.my_claim = current
                 return Decision.LEAD
-            if self.current.device != self.device:
+            if current.device != self.device:
                 return Decision.FOLLOW
         if not self.candidate:
             return Decision.FOLLOW

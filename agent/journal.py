@@ -1,7 +1,7 @@
 """Every candidate's record of the jobs the cluster owes an answer, for a failover.
 
 A leader that dies takes its jobs with it. So every candidate, leader or not,
-listens to `jobs/submit` and `results/+`: a submission enters the journal, a
+listens to `jobs/submit` and `results/+/+`: a submission enters the journal, a
 result on its topic takes it out (and goes into the result cache, so a client
 that re-submits a finished job id is answered from it, whoever computed it). A
 candidate that becomes leader runs what is still in its journal, with each job's
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from edgedi.broker.messages import JobResult, JobSubmit
 from edgedi.broker.ratelimit import RateLimitedLog
 
-__all__ = ["JobJournal", "JournalEntry", "remember_result"]
+__all__ = ["LEADERS_REMEMBERED", "JobJournal", "JournalEntry", "remember_leader", "remember_result"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,3 +81,20 @@ def remember_result(cache: OrderedDict[str, JobResult], result: JobResult, capac
     cache.move_to_end(result.job_id)
     while len(cache) > capacity:
         cache.popitem(last=False)
+
+
+LEADERS_REMEMBERED = 64
+"""Leader records remembered: results of older terms are long answered."""
+
+
+def remember_leader(leaders: set[tuple[int, str]], epoch: int, device: str) -> None:
+    """Note that `device` claimed `epoch` (bounded: the newest epochs are kept).
+
+    Results are believed only from a device that led in their epoch: one that did
+    not, or a forger, answers nothing. Two devices may claim one epoch at once
+    (the election then keeps the better-ranked); both are remembered, as the loser
+    may have answered a job before it stood down.
+    """
+    leaders.add((epoch, device))
+    while len(leaders) > LEADERS_REMEMBERED:
+        leaders.remove(min(leaders))

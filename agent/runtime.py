@@ -11,6 +11,8 @@ Tasks in the group (named, none orphaned):
 
 - `mqtt`: the connection loop (`edgedi.broker.connection.MqttSession`);
 - `heartbeat`: a load report every second (membership's liveness signal);
+- `loop-lag`: measures how late the loop runs; silence is judged on a clock held
+  back by recent stalls and unread messages (`edgedi.agent.loop_lag`);
 - `control`: membership changes and the election, ticking every 0.25 s; it starts
   the coordinator when this device leads and stops it when it no longer does;
 - `plans`: the leader's debounced re-planning and `plans/current` publication;
@@ -67,8 +69,9 @@ from edgedi.agent.identity import (
     new_instance,
     next_session,
 )
-from edgedi.agent.journal import JobJournal, remember_result
+from edgedi.agent.journal import JobJournal, remember_leader, remember_result
 from edgedi.agent.link_probe import LinkMeasurement, LinkProber
+from edgedi.agent.loop_lag import LoopLag
 from edgedi.agent.membership import HEARTBEAT_PERIOD_S, SILENT_AFTER_S, Membership
 from edgedi.agent.metrics import AgentMetrics
 from edgedi.agent.model_store import HeldModel, ModelStore
@@ -118,6 +121,7 @@ from edgedi.broker.topics import (
     JOB_TILES,
     PLAN_CURRENT,
     PLANNER_LEADER,
+    ParsedTopic,
     Publication,
     TopicRoot,
 )
@@ -136,6 +140,12 @@ CONTROL_TICK_S = 0.25
 REPLAN_DEBOUNCE_S = 0.5
 _ANNOUNCE_TIMEOUT_S = 5.0
 _STOPPED_TIMEOUT_S = 3.0
+# Repairs of retained state are rate-bounded: a leader says its record again, and a
+# device its birth and state, at most this often; a device asks everyone for a
+# rebirth (when the membership it sees is inconsistent) at most every
+# _REBIRTH_REQUEST_S. A record rewritten in a loop cannot start a publishing storm.
+_REPUBLISH_S = 1.0
+_REBIRTH_REQUEST_S = 5.0
 
 
 def _first_unit(held: HeldModel, x: torch.Tensor) -> None:
@@ -238,6 +248,9 @@ class Agent:
         self._coordinator_task: asyncio.Task[None] | None = None
         self._leader_subscriptions: list[Subscription] = []
         self._results: OrderedDict[str, JobResult] = OrderedDict()
+        # Who led in each recent epoch (from leader records): a result is believed
+        # only from the leader of its epoch.
+        self._leaders_by_epoch: set[tuple[int, str]] = set()
         self._group: asyncio.TaskGroup | None = None
         self._heartbeat_sequence = 0
         # Clock offset to the leader (agent.clock): our recent heartbeats (sequence,
@@ -247,8 +260,18 @@ class Agent:
         self._beats_heard: dict[str, tuple[int, float]] = {}
         self._offset_leader: str | None = None
         self._offset_warned = False
+        self._announced_at = -float("inf")
+        self._leader_published_at = -float("inf")
+        self._rebirth_requested_at = -float("inf")
+        self._ask_rebirth: str | None = None
         self._stopping = False
         self._log = RateLimitedLog(logger)
+        # Silence is judged on a clock that stands still while our own loop could not
+        # read (see edgedi.agent.loop_lag): a busy agent must not evict live devices.
+        self.loop_lag = LoopLag(
+            SILENT_AFTER_S + HEARTBEAT_PERIOD_S,
+            behind_since=lambda: self._session.behind_since() if self._session else None,
+        )
 
     # --- public state ---------------------------------------------------------------
 
@@ -287,6 +310,7 @@ class Agent:
                 control = group.create_task(self._control_loop(), name=f"control-{self.device_id}")
                 others = [
                     group.create_task(self._heartbeat_loop(), name=f"heartbeat-{self.device_id}"),
+                    group.create_task(self.loop_lag.run(), name=f"loop-lag-{self.device_id}"),
                     group.create_task(self._plan_loop(), name=f"plans-{self.device_id}"),
                     group.create_task(self.worker.run(), name=f"worker-{self.device_id}"),
                     group.create_task(
@@ -430,6 +454,7 @@ class Agent:
             will=self._will,
             on_connect=self._on_connect,
             tls_context=self._tls(),
+            on_retained_damage=self._on_retained_damage,
         )
 
     def _will(self) -> Publication:
@@ -521,6 +546,16 @@ class Agent:
         leader publishes its record and plan again once settled (`_control_step`).
         """
         first = self._connected_at is None
+        if first and self.settings.broker.username is None:
+            # One line, once: an operator reading the journal must know.
+            logger.warning(
+                "%s connected to %s:%d without a login: the broker cannot bind device ids "
+                "to logins, so any client that reaches it may publish as any device "
+                "(configure users and the ACL: docs/deploy.md)",
+                self.device_id,
+                self.settings.broker.host,
+                self.settings.broker.port,
+            )
         await self._announce()
         if first:
             group = self._group
@@ -551,6 +586,7 @@ class Agent:
         await session.publish(
             DEVICE_STATE, self._state(status), device=self.device_id, timeout=_ANNOUNCE_TIMEOUT_S
         )
+        self._announced_at = time.monotonic()
         if self._connected_at is None:
             self._connected_at = time.monotonic()
         if not self.ready.is_set():
@@ -605,6 +641,11 @@ class Agent:
     async def _on_birth(self, received: Received) -> None:
         birth = received.message
         assert isinstance(birth, DeviceBirth)
+        if birth.device == self.device_id and (
+            birth.session != self.session_counter or birth.sender != self.device_id
+        ):
+            self._repair("a birth of this device that is not ours")
+            return  # keep our own record of ourselves
         known = self.births.get(birth.device)
         if known is not None and birth.session < known.session:
             return
@@ -633,14 +674,16 @@ class Agent:
     async def _on_state(self, received: Received) -> None:
         state = received.message
         assert isinstance(state, DeviceState)
-        if (
-            state.device == self.device_id
-            and state.session < self.session_counter
-            and not self._stopping
-        ):
-            # The late Will of an older connection of ours (or the record a stopped
-            # duplicate left) is now what the broker retains: say who we are again.
-            self._rebirth = True
+        if state.device == self.device_id:
+            if state.session != self.session_counter:
+                if state.session < self.session_counter and not self._stopping:
+                    # The late Will of an older connection of ours (or the record a
+                    # stopped duplicate left) is what the broker retains: say who we are.
+                    self._rebirth = True
+                return  # nobody else defines this device's session in its own table
+            if state.status != "online" and not self._stopping:
+                # Our Will from a connection that has been replaced, or a forged state.
+                self._repair(f"state {state.status} of this device while it runs")
         self.membership.state(state.device, state.session, state.status, now=time.monotonic())
         self._wake.set()
 
@@ -650,6 +693,12 @@ class Agent:
         if beat.device == self.device_id and (beat.instance or "") != self.instance:
             self._another_agent(beat)
             return
+        birth = self.births.get(beat.device)
+        if birth is None or birth.session < beat.session:
+            # A live device whose (current) birth we never saw: deleted retained
+            # state, or a birth lost. Ask everyone to announce themselves again.
+            self._ask_rebirth = f"heartbeat of {beat.device} without its birth"
+            self._wake.set()
         now = time.monotonic()
         self.membership.heartbeat(beat.device, beat.session, now=now)
         if beat.device != self.device_id and self.is_leader and beat.device in self.births:
@@ -716,9 +765,19 @@ class Agent:
         record = received.message
         assert isinstance(record, LeaderRecord)
         before = self.election.highest_epoch
-        self.election.observe(
+        if not self.election.observe(
             LeaderClaim(record.epoch, record.priority, record.device, record.session)
-        )
+        ):
+            self._log.warning(
+                "implausible leader",
+                "ignored a leader record of %s with implausible epoch %d (highest seen %d)",
+                record.device,
+                record.epoch,
+                before,
+            )
+            self._on_retained_damage(received.topic)
+        elif record.sender == record.device:
+            remember_leader(self._leaders_by_epoch, record.epoch, record.device)
         if self.election.highest_epoch > before:
             self.worker.on_epoch(self.election.highest_epoch)
         self._wake.set()
@@ -770,6 +829,17 @@ class Agent:
     async def _on_result(self, received: Received) -> None:
         result = received.message
         assert isinstance(result, JobResult)
+        if result.epoch is None or (result.epoch, result.sender) not in self._leaders_by_epoch:
+            # Not from the leader of its epoch: it answers nothing (and a leader does
+            # not drop the job for it).
+            self._log.warning(
+                "foreign result",
+                "ignored a result of job %s from %s, who did not lead epoch %s",
+                result.job_id,
+                result.sender,
+                result.epoch,
+            )
+            return
         self.journal.answered(result.job_id)
         remember_result(self._results, result, self.settings.jobs.result_cache)
         if self.coordinator is not None:
@@ -780,6 +850,27 @@ class Agent:
         assert isinstance(message, ReductionPartial | TileResult | TileFailed | TileTrace)
         if self.coordinator is not None:
             self.coordinator.route(message)
+
+    def _on_retained_damage(self, topic: ParsedTopic) -> None:
+        """A retained message we subscribe to was deleted, refused or not believed:
+        whoever it belongs to says it again (rate-bounded, in the control loop)."""
+        spec, device = topic.spec, topic.parameters.get("device")
+        if spec in (DEVICE_BIRTH, DEVICE_STATE) and device == self.device_id:
+            self._repair(f"retained {spec.name} of this device damaged")
+        elif spec is PLANNER_LEADER and self.election.my_claim is not None:
+            self.election.contested = True  # say our record again
+            self._wake.set()
+        elif spec is PLAN_CURRENT and self.is_leader:
+            self._plan_dirty.set()
+
+    def _repair(self, why: str) -> None:
+        """Announce this device's birth and state again soon (rate-bounded)."""
+        if not self._rebirth:
+            self._log.log(
+                logging.INFO, "repair", "%s: announcing it again (%s)", self.device_id, why
+            )
+        self._rebirth = True
+        self._wake.set()
 
     async def _on_rebirth(self, received: Received) -> None:
         assert isinstance(received.message, RebirthRequest)
@@ -807,7 +898,7 @@ class Agent:
             await self.session.publish(DEVICE_TASKS, message, device=device)
 
     async def send_result(self, result: JobResult) -> None:
-        await self.session.publish(JOB_RESULT, result, job_id=result.job_id)
+        await self.session.publish(JOB_RESULT, result, job_id=result.job_id, device=self.device_id)
 
     async def compute(self, function: Callable[[], T]) -> T:
         loop = asyncio.get_running_loop()
@@ -818,7 +909,9 @@ class Agent:
         if coordinator is not None and coordinator.owns(message.job_id):
             coordinator.route(message)
         else:
-            await self.session.publish(JOB_PARTIALS, message, job_id=message.job_id)
+            await self.session.publish(
+                JOB_PARTIALS, message, job_id=message.job_id, device=self.device_id
+            )
 
     async def send_peer(self, device: str, message: TileRows | ReductionPartial) -> None:
         if device == self.device_id:
@@ -837,7 +930,9 @@ class Agent:
         if coordinator is not None and coordinator.owns(message.job_id):
             coordinator.route(message)
         else:
-            await self.session.publish(JOB_TILES, message, job_id=message.job_id)
+            await self.session.publish(
+                JOB_TILES, message, job_id=message.job_id, device=self.device_id
+            )
 
     # --- loops ----------------------------------------------------------------------
 
@@ -906,19 +1001,34 @@ class Agent:
             self._wake.clear()
             if self._stopping or not self.session.connected.is_set():
                 continue
-            if self._rebirth:
+            now = time.monotonic()
+            if self._rebirth and now - self._announced_at >= _REPUBLISH_S:
                 self._rebirth = False
                 try:
                     await self._announce()
                 except BrokerError as error:
                     logger.warning("rebirth announcement failed: %s", error)
+            if self._ask_rebirth is not None and now - self._rebirth_requested_at >= (
+                _REBIRTH_REQUEST_S
+            ):
+                await self._request_rebirth(self._ask_rebirth)
             connected_at = self._connected_at
             if connected_at is None or time.monotonic() - connected_at < self._settle_s:
                 continue
             await self._control_step()
 
+    async def _request_rebirth(self, reason: str) -> None:
+        self._ask_rebirth = None
+        self._rebirth_requested_at = time.monotonic()
+        logger.info("%s asks every device to announce itself again: %s", self.device_id, reason)
+        request = RebirthRequest(sender=self.device_id, reason=reason)
+        try:
+            await self.session.publish(CONTROL_REBIRTH, request)
+        except BrokerError as error:
+            logger.warning("could not ask for a rebirth: %s", error)
+
     async def _control_step(self) -> None:
-        now = time.monotonic()
+        now = self.loop_lag.judged()
         change = self.membership.changes(now)
         if change:
             logger.info(
@@ -935,7 +1045,10 @@ class Agent:
             logger.info("%s claims leadership with epoch %d", self.device_id, claim.epoch)
             await self._publish_leader(claim)
         elif decision is Decision.REASSERT and self.election.my_claim is not None:
-            await self._publish_leader(self.election.my_claim)
+            if time.monotonic() - self._leader_published_at >= _REPUBLISH_S:
+                await self._publish_leader(self.election.my_claim)
+            else:
+                self.election.contested = True  # say it on a later tick
         reconnected, self._reconnected = self._reconnected, False
         if reconnected and decision is Decision.LEAD and self.election.my_claim is not None:
             # The broker may have restarted and lost its retained copies: publish again.
@@ -961,6 +1074,8 @@ class Agent:
             logger.info("leader view: %s epoch %d%s", view[0], view[1], mine)
 
     async def _publish_leader(self, claim: LeaderClaim) -> None:
+        self._leader_published_at = time.monotonic()
+        remember_leader(self._leaders_by_epoch, claim.epoch, claim.device)
         record = LeaderRecord(
             sender=self.device_id,
             device=DeviceId(claim.device),
@@ -985,7 +1100,7 @@ class Agent:
             self.planning,
             self,
             self.settings.jobs,
-            alive_devices=lambda: [r.device for r in self.membership.alive(time.monotonic())],
+            alive_devices=lambda: [r.device for r in self.membership.alive(self.loop_lag.judged())],
             results=self._results,
             successor=self._successor_alive,
             on_finished=self._job_finished,
@@ -1016,7 +1131,7 @@ class Agent:
 
     def _successor_alive(self) -> bool:
         """Is another candidate alive to take over the jobs this leader leaves?"""
-        now = time.monotonic()
+        now = self.loop_lag.judged()
         return any(
             record.device != self.device_id and record.candidate
             for record in self.membership.alive(now)
@@ -1072,7 +1187,7 @@ class Agent:
 
     def describe(self) -> dict[str, Any]:
         """A snapshot for logs and tests."""
-        now = time.monotonic()
+        now = self.loop_lag.judged()
         return {
             "device": self.device_id,
             "session": self.session_counter,
@@ -1084,5 +1199,6 @@ class Agent:
             "worker": vars(self.worker.statistics),
             "coordinator": vars(self.coordinator.statistics) if self.coordinator else None,
             "mqtt": vars(self.session.statistics) if self._session is not None else None,
+            "worst_loop_stall_s": round(self.loop_lag.worst_s, 3),
             "pid": os.getpid(),
         }

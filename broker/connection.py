@@ -23,6 +23,9 @@ Choices, and why:
 - **A peer's bad message never ends the loop**: an unknown topic, a malformed or
   oversized payload, or a handler's exception is logged (rate-limited) and counted.
   Only `asyncio.CancelledError` ends it.
+- **Retained state that is damaged**: an empty retained payload (a deletion) or a
+  refused one on a retained topic we subscribe to is reported to
+  `on_retained_damage` (its owner publishes it again), never to the handlers.
 - **Topic check on receipt**: amqtt sends, on connect, retained messages matching
   *any* client's filters; a message whose topic matches none of our subscriptions
   is dropped.
@@ -290,6 +293,7 @@ class MqttSession:
         will: Publication | Callable[[], Publication | None] | None = None,
         on_connect: Callable[[], Awaitable[None]] | None = None,
         tls_context: ssl.SSLContext | None = None,
+        on_retained_damage: Callable[[ParsedTopic], None] | None = None,
     ) -> None:
         self.settings = settings
         self.root = root
@@ -297,6 +301,9 @@ class MqttSession:
         self._limits = settings.limits
         self._will = will
         self._on_connect = on_connect
+        self.on_retained_damage = on_retained_damage
+        """Called (no awaiting) with the topic of a retained message on a subscribed
+        retained topic that was deleted (empty) or refused as malformed."""
         self._tls_context = tls_context
         self._subscriptions: list[Subscription] = []
         self._subscription_lock = asyncio.Lock()
@@ -308,6 +315,7 @@ class MqttSession:
         self._connected = asyncio.Event()
         self._stop_requested = asyncio.Event()
         self._running = False
+        self._caught_up_at = time.monotonic()
         self._random = random.Random()
         self._log = RateLimitedLog(logger)
 
@@ -327,6 +335,16 @@ class MqttSession:
             raise ConnectionLost(
                 f"not connected to {self.settings.host}:{self.settings.port} after {timeout} s"
             ) from None
+
+    def behind_since(self) -> float | None:
+        """While received messages wait to be handled: the monotonic time the queue
+        was last empty (nothing newer than that has been read); None when none wait.
+
+        Silence should not be judged past this point: a heartbeat may be queued."""
+        client = self._client
+        if client is None or len(client.messages) == 0:
+            return None
+        return self._caught_up_at
 
     def tcp_nodelay_enabled(self) -> bool | None:
         """Whether Nagle is off on the live socket; None when not connected."""
@@ -495,7 +513,11 @@ class MqttSession:
 
     async def _receive(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
+            if len(client.messages) == 0:  # nothing was waiting behind this one
+                self._caught_up_at = time.monotonic()
             await self._dispatch(message)
+            if len(client.messages) == 0:
+                self._caught_up_at = time.monotonic()
 
     async def _dispatch(self, message: aiomqtt.Message) -> None:
         self.statistics.received += 1
@@ -504,10 +526,13 @@ class MqttSession:
         if not isinstance(payload, bytes | bytearray):
             payload = b"" if payload is None else str(payload).encode()
         self.statistics.bytes_received += len(payload)
-        if not payload:
-            # An empty retained payload deletes a retained message; nothing to handle.
-            return
         matching = [s for s in self._subscriptions if s.matches(topic)]
+        if not payload:
+            # An empty retained payload deletes a retained message; nothing to handle,
+            # but the message's owner may want to say it again.
+            if matching:
+                self._retained_damage(topic)
+            return
         if not matching:
             self.statistics.dropped_unrouted += 1
             logger.debug("dropped message on %s: no subscription matches", topic)
@@ -516,6 +541,9 @@ class MqttSession:
             parsed = parse_topic(self.root, topic)
             decoded = decode_for_topic(parsed, bytes(payload), self._limits)
         except ProtocolError as error:
+            # A live delivery says nothing of what the broker retained (the flag is
+            # only set for old copies): on a retained topic, assume the worst.
+            self._retained_damage(topic)
             self.statistics.dropped_malformed += 1
             # Keyed by catalogue topic, not by the topic string: its levels are the
             # sender's choice and would grow the rate limiter's table without bound.
@@ -545,6 +573,17 @@ class MqttSession:
                 )
             else:
                 self.statistics.handled += 1
+
+    def _retained_damage(self, topic: str) -> None:
+        callback = self.on_retained_damage
+        if callback is None:
+            return
+        try:
+            parsed = parse_topic(self.root, topic)
+        except ProtocolError:
+            return
+        if parsed.spec.retain:
+            callback(parsed)
 
     # --- subscribing -----------------------------------------------------------------
 

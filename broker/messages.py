@@ -13,7 +13,8 @@ Two encodings, fixed per message kind (`WireMessage.wire_encoding`):
   share a topic with tensors), with the tensor as raw bytes.
 
 `encode(message) -> bytes` and `decode(payload, kinds) -> message` are the only
-ways in and out. Decoding checks, in order: payload size, well-formed bytes, an
+ways in and out. Decoding checks, in order: payload size, well-formed bytes
+within the structural limits (`Limits`: container sizes, items, nesting), an
 object, the `version`, the `kind` (known and expected), then the schema; each
 failure raises its own `ProtocolError` subclass (see `errors`).
 
@@ -48,7 +49,15 @@ from .errors import (
 )
 from .ids import ID_PATTERN, DeviceIdField, JobIdField
 from .plan import Plan
-from .tensors import DEFAULT_LIMITS, LIMITS_CONTEXT_KEY, Limits, Tensor, pack, unpack
+from .tensors import (
+    DEFAULT_LIMITS,
+    LIMITS_CONTEXT_KEY,
+    Limits,
+    Tensor,
+    check_structure,
+    pack,
+    unpack,
+)
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -710,7 +719,7 @@ def decode(
             f"payload of {len(payload)} bytes is over the limit of {limits.max_payload_bytes}"
         )
     encoding = encodings.pop() if len(encodings) == 1 else _sniff_encoding(payload)
-    raw = _parse_json(payload) if encoding == "json" else unpack(payload, limits)
+    raw = _parse_json(payload, limits) if encoding == "json" else unpack(payload, limits)
     if not isinstance(raw, Mapping):
         raise DecodeError(f"a message is a {encoding} object, not {type(raw).__name__}")
     version = raw.get("version")
@@ -755,11 +764,15 @@ def _reject_constant(name: str) -> object:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def _parse_json(payload: bytes) -> object:
+def _parse_json(payload: bytes, limits: Limits) -> object:
     try:
-        return json.loads(payload, parse_constant=_reject_constant)
+        value = json.loads(payload, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as error:  # JSONDecodeError, UnicodeDecodeError
         raise DecodeError(f"malformed JSON: {error}") from error
+    # JSON's parser has no limits of its own: its work is bounded by the topic's
+    # payload size; what it built is checked before any validator walks it.
+    check_structure(value, limits)
+    return value
 
 
 _MAX_ERROR_TEXT: Final = 300

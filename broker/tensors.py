@@ -44,6 +44,7 @@ __all__ = [
     "Limits",
     "Tensor",
     "WireDtype",
+    "check_structure",
     "pack",
     "require_finite",
     "unpack",
@@ -83,6 +84,17 @@ class Limits:
     """Largest declared element count of one tensor (64 MiB of fp32)."""
     max_dimensions: int = 8
     """Most dimensions a tensor may declare."""
+    max_map_keys: int = 256
+    """Most keys of one map (object); every message's maps have a few dozen at most."""
+    max_array_items: int = 16384
+    """Most items of one array (a result's class probabilities are the longest)."""
+    max_items: int = 65536
+    """Most items (array items and map values) of a whole message: the work of
+    parsing it is bounded by this, not by its size in bytes (bin data is cheap)."""
+    max_depth: int = 32
+    """Deepest nesting of arrays and maps."""
+    max_string_bytes: int = 64 * 1024
+    """Longest string (every text field is far shorter)."""
 
 
 DEFAULT_LIMITS: Final = Limits()
@@ -297,19 +309,86 @@ def unpack(payload: bytes, limits: Limits = DEFAULT_LIMITS) -> object:
     """msgpack-decode `payload` into plain values (arrays as tuples, bin as bytes).
 
     Raises `PayloadTooLarge` above `limits.max_payload_bytes` and `DecodeError` for
-    anything that is not exactly one well-formed msgpack value.
+    anything that is not exactly one well-formed msgpack value, or one that breaks
+    the structural limits (`check_structure`). Those are enforced while parsing:
+    msgpack refuses an oversized container or string from its header, and the item
+    budget stops a message of many small containers long before it is all read.
     """
     if len(payload) > limits.max_payload_bytes:
         raise PayloadTooLarge(
             f"payload of {len(payload)} bytes is over the limit of {limits.max_payload_bytes}"
         )
+    budget = _ItemBudget(limits)
     try:
         # use_list=False: arrays become tuples, which strict pydantic accepts for the
         # tuple fields that keep our frozen models immutable.
-        return msgpack.unpackb(payload, raw=False, use_list=False, strict_map_key=True)
+        value = msgpack.unpackb(
+            payload,
+            raw=False,
+            use_list=False,
+            strict_map_key=True,
+            max_str_len=limits.max_string_bytes,
+            max_bin_len=limits.max_payload_bytes,
+            max_array_len=limits.max_array_items,
+            max_map_len=limits.max_map_keys,
+            max_ext_len=0,
+            list_hook=budget.count,
+            object_hook=budget.count,
+        )
+    except DecodeError:
+        raise
     except (ValueError, TypeError, msgpack.UnpackException) as error:
         detail = str(error) or _UNPACK_ERRORS.get(type(error), type(error).__name__)
         raise DecodeError(f"malformed msgpack: {detail}") from error
+    check_structure(value, limits)
+    return value
+
+
+class _ItemBudget:
+    """Counts the items of the containers msgpack has built so far (its hooks)."""
+
+    __slots__ = ("_left", "_limit")
+
+    def __init__(self, limits: Limits) -> None:
+        self._limit = limits.max_items
+        self._left = limits.max_items
+
+    def count(self, container: Any) -> Any:
+        self._left -= len(container)
+        if self._left < 0:
+            raise DecodeError(f"more than {self._limit} items in one message")
+        return container
+
+
+def check_structure(value: object, limits: Limits = DEFAULT_LIMITS) -> None:
+    """Raise `DecodeError` when a parsed value nests too deep or holds too much.
+
+    Checked before any schema validation: a validator that reports each of 200,000
+    unexpected keys would hold the event loop for a second. The walk stops at the
+    first bound exceeded, so its cost is bounded by the limits, not by the value.
+    """
+    items = 0
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        current, depth = stack.pop()
+        if isinstance(current, dict):
+            size, what, most = len(current), "map", limits.max_map_keys
+            children: Any = current.values()
+        elif isinstance(current, list | tuple):
+            size, what, most = len(current), "array", limits.max_array_items
+            children = current
+        else:
+            if isinstance(current, str) and len(current) > limits.max_string_bytes:
+                raise DecodeError(f"a string of {len(current)} characters is over the limit")
+            continue
+        if depth > limits.max_depth:
+            raise DecodeError(f"nested deeper than {limits.max_depth} levels")
+        if size > most:
+            raise DecodeError(f"a {what} of {size} items is over the limit of {most}")
+        items += size
+        if items > limits.max_items:
+            raise DecodeError(f"more than {limits.max_items} items in one message")
+        stack.extend((child, depth + 1) for child in children)
 
 
 # msgpack raises these two with an empty message.

@@ -9,6 +9,10 @@ subscribers `spec.filter(root, ...)`, receivers `parse_topic(root, topic)`.
 
 The root is `<prefix>/<cluster>` — `edgedi/v1/default` unless configured — so
 several clusters, or several test runs, share one broker without crosstalk.
+
+Identity: every topic a device writes carries its own id in `{device}` (its
+`sender_parameter`), so the broker's ACL can bind it to the device's login, and a
+receiver refuses a message whose `sender` is not the device the topic names.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import Final, Literal, NewType
 
 from pydantic import BaseModel
 
-from .errors import DecodeError, UnexpectedKind, UnknownTopic, clip
+from .errors import DecodeError, PayloadTooLarge, UnexpectedKind, UnknownTopic, clip
 from .ids import is_topic_level
 from .messages import (
     SCHEMA_VERSION,
@@ -84,6 +88,11 @@ __all__ = [
 
 DEFAULT_PREFIX: Final = "edgedi/v1"
 
+_KIB: Final = 1024
+_MIB: Final = 1024 * _KIB
+# Per-topic payload bounds: generous multiples of the largest real message.
+_SMALL_JSON: Final = 8 * _KIB  # states, heartbeats, leader records, rebirths (~300 bytes)
+
 
 @dataclass(frozen=True, slots=True)
 class TopicRoot:
@@ -120,6 +129,15 @@ class TopicSpec:
     retain: bool
     kinds: tuple[type[WireMessage], ...]
     description: str
+    writers: str = ""
+    """Who may publish on it (the shipped ACL grants exactly this; docs/topics.md)."""
+    sender_parameter: str | None = None
+    """The topic parameter that names the writer: the message's `sender` must equal
+    it (the broker's ACL binds that level to the writer's login)."""
+    max_payload_bytes: int | None = None
+    """Largest payload accepted on this topic, checked before parsing (None: only the
+    session's `Limits`). Control topics carry small JSON: a bound far below the
+    global one makes a bloated message cost nothing to refuse."""
     levels: tuple[str, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -206,6 +224,9 @@ DEVICE_BIRTH: Final = TopicSpec(
     kinds=(DeviceBirth,),
     description="A device's capabilities, fitted profile and session counter; "
     "re-published on every (re)connect and on a rebirth request.",
+    max_payload_bytes=256 * _KIB,
+    sender_parameter="device",
+    writers="the device `device` only",
 )
 DEVICE_STATE: Final = TopicSpec(
     name="device_state",
@@ -216,6 +237,9 @@ DEVICE_STATE: Final = TopicSpec(
     description="Liveness: `online` after the birth, `stopped` on a graceful exit, "
     "`offline` from the MQTT Last Will. A state whose session differs from the "
     "birth's is stale (a late Will of an older connection).",
+    max_payload_bytes=_SMALL_JSON,
+    sender_parameter="device",
+    writers="the device `device` only (and the broker, its Will)",
 )
 DEVICE_HEARTBEAT: Final = TopicSpec(
     name="device_heartbeat",
@@ -224,6 +248,9 @@ DEVICE_HEARTBEAT: Final = TopicSpec(
     retain=False,
     kinds=(Heartbeat,),
     description="Periodic load report; losing one is harmless.",
+    max_payload_bytes=_SMALL_JSON,
+    sender_parameter="device",
+    writers="the device `device` only",
 )
 PLANNER_LEADER: Final = TopicSpec(
     name="planner_leader",
@@ -233,6 +260,8 @@ PLANNER_LEADER: Final = TopicSpec(
     kinds=(LeaderRecord,),
     description="The elected leader and its epoch. A new leader takes a higher epoch; "
     "everyone ignores plans and tasks of lower epochs.",
+    max_payload_bytes=_SMALL_JSON,
+    writers="planner candidates",
 )
 PLAN_CURRENT: Final = TopicSpec(
     name="plan_current",
@@ -241,6 +270,8 @@ PLAN_CURRENT: Final = TopicSpec(
     retain=True,
     kinds=(PlanAnnouncement,),
     description="The plan in force, wrapped with the epoch of the leader that made it.",
+    max_payload_bytes=1 * _MIB,
+    writers="planner candidates (the leader)",
 )
 JOB_SUBMIT: Final = TopicSpec(
     name="job_submit",
@@ -250,6 +281,8 @@ JOB_SUBMIT: Final = TopicSpec(
     kinds=(JobSubmit,),
     description="A client submits an image. Job ids make submission idempotent: "
     "a retry with the same id is not run twice.",
+    max_payload_bytes=16 * _MIB,
+    writers="clients and devices allowed to submit jobs",
 )
 DEVICE_TASKS: Final = TopicSpec(
     name="device_tasks",
@@ -258,6 +291,7 @@ DEVICE_TASKS: Final = TopicSpec(
     retain=False,
     kinds=(TileTask, CancelJob),
     description="The leader's work for one device: tile tasks, and job cancellations.",
+    writers="planner candidates (the leader)",
 )
 DEVICE_PEER: Final = TopicSpec(
     name="device_peer",
@@ -267,6 +301,8 @@ DEVICE_PEER: Final = TopicSpec(
     kinds=(TileRows,),
     description="The direct data plane, from device `device` to device `target`: rows of "
     "a tile's output that a tile of the next segment needs.",
+    sender_parameter="device",
+    writers="the device `device` only",
 )
 DEVICE_PARTIALS: Final = TopicSpec(
     name="device_partials",
@@ -277,6 +313,8 @@ DEVICE_PARTIALS: Final = TopicSpec(
     description="The direct data plane: a tile's gate partial sums, published once by its "
     "device; every device reads all devices' (`devices/+/partials`) and the holders of "
     "that segment combine them, each itself, in tile order.",
+    sender_parameter="device",
+    writers="the device `device` only",
 )
 DEVICE_PROBE: Final = TopicSpec(
     name="device_probe",
@@ -286,14 +324,19 @@ DEVICE_PROBE: Final = TopicSpec(
     kinds=(LinkProbe,),
     description="A device's own round trips through the broker, at start: the latency "
     "per message and the bandwidth it announces for the planner.",
+    sender_parameter="device",
+    writers="the device `device` only",
 )
 JOB_PARTIALS: Final = TopicSpec(
     name="job_partials",
-    pattern="jobs/{job_id}/partials",
+    pattern="jobs/{job_id}/partials/{device}",
     qos=1,
     retain=False,
     kinds=(ReductionPartial,),
-    description="Workers' per-channel partial sums for an attention gate, to the leader.",
+    description="Workers' per-channel partial sums for an attention gate, to the leader; "
+    "`device` is the worker.",
+    sender_parameter="device",
+    writers="the device `device` only",
 )
 JOB_GATES: Final = TopicSpec(
     name="job_gates",
@@ -302,23 +345,32 @@ JOB_GATES: Final = TopicSpec(
     retain=False,
     kinds=(GateValue,),
     description="The leader's combined gate vector, to the workers of that job.",
+    writers="planner candidates (the leader)",
 )
 JOB_TILES: Final = TopicSpec(
     name="job_tiles",
-    pattern="jobs/{job_id}/tiles",
+    pattern="jobs/{job_id}/tiles/{device}",
     qos=1,
     retain=False,
     kinds=(TileResult, TileFailed, TileTrace),
-    description="Workers' tile outputs (or failures), and traced tiles' timelines, to the leader.",
+    description="Workers' tile outputs (or failures), and traced tiles' timelines, to the "
+    "leader; `device` is the worker.",
+    sender_parameter="device",
+    writers="the device `device` only",
 )
 JOB_RESULT: Final = TopicSpec(
     name="job_result",
-    pattern="results/{job_id}",
+    pattern="results/{job_id}/{device}",
     qos=1,
     retain=False,
     kinds=(JobResult,),
-    description="Exactly one final result or error per submitted job; JSON, so "
-    "`mosquitto_sub`, Node-RED or Home Assistant can read it.",
+    description="Exactly one final result or error per submitted job, from the leader "
+    "`device` (subscribe to `results/<job_id>/+`); JSON, so `mosquitto_sub`, Node-RED or "
+    "Home Assistant can read it. Believe it only when `device` led the cluster in the "
+    "result's `epoch` (the leader record of that epoch names it).",
+    max_payload_bytes=256 * _KIB,
+    sender_parameter="device",
+    writers="the planner candidate `device` only (the leader)",
 )
 RESULT_SUMMARY: Final = TopicSpec(
     name="result_summary",
@@ -329,6 +381,7 @@ RESULT_SUMMARY: Final = TopicSpec(
     description="The leader's last finished job (its result without the trace), on a "
     "fixed topic for dashboards: Home Assistant's cluster sensors read it. Published "
     "only with `home_assistant.discovery` on.",
+    writers="planner candidates (the leader)",
 )
 CONTROL_REBIRTH: Final = TopicSpec(
     name="control_rebirth",
@@ -337,6 +390,8 @@ CONTROL_REBIRTH: Final = TopicSpec(
     retain=False,
     kinds=(RebirthRequest,),
     description="Asks every device to re-announce its birth and state.",
+    max_payload_bytes=_SMALL_JSON,
+    writers="planner candidates",
 )
 
 CATALOGUE: Final[tuple[TopicSpec, ...]] = (
@@ -377,6 +432,11 @@ def decode_for_topic(
     result's `job_id`) agrees with the topic, so a misrouted or forged message is
     rejected (`DecodeError`) instead of being filed under the wrong device or job.
     """
+    most = parsed.spec.max_payload_bytes
+    if most is not None and len(payload) > most:
+        raise PayloadTooLarge(
+            f"payload of {len(payload)} bytes is over the limit of {most} for {parsed.spec.name}"
+        )
     message = decode(payload, parsed.spec.kinds, limits=limits)
     for name, value in parsed.parameters.items():
         carried = getattr(message, name, None)
@@ -385,6 +445,12 @@ def decode_for_topic(
                 f"{message.kind} on {parsed.topic!r} carries {name}={carried!r}, "
                 f"the topic says {value!r}"
             )
+    writer = parsed.spec.sender_parameter
+    if writer is not None and message.sender != parsed.parameters.get(writer):
+        raise DecodeError(
+            f"{message.kind} on {parsed.topic!r} is sent by {message.sender!r}, "
+            f"not by the device the topic names"
+        )
     return message
 
 
@@ -418,10 +484,17 @@ def publication(
         carried = getattr(message, name, None)
         if carried is not None and carried != value:
             raise ValueError(f"{message.kind} has {name}={carried!r} but the topic says {value!r}")
+    writer = spec.sender_parameter
+    if writer is not None and writer in parameters and message.sender != parameters[writer]:
+        raise ValueError(f"{message.kind} is sent by {message.sender!r} on {writer}'s topic")
     topic = spec.topic(root, **parameters)
-    return Publication(
-        topic=topic, payload=encode(message, limits), qos=spec.qos, retain=spec.retain
-    )
+    payload = encode(message, limits)
+    if spec.max_payload_bytes is not None and len(payload) > spec.max_payload_bytes:
+        raise PayloadTooLarge(
+            f"{message.kind} encodes to {len(payload)} bytes, over the limit of "
+            f"{spec.max_payload_bytes} for {spec.name}"
+        )
+    return Publication(topic=topic, payload=payload, qos=spec.qos, retain=spec.retain)
 
 
 # --- The reference page --------------------------------------------------------------
@@ -487,18 +560,31 @@ def render_markdown(root: TopicRoot | None = None) -> str:
         "`sender` (device or client id), `message_id` (uuid4 hex) and `sent_at` (unix",
         "seconds). Messages from an older leader `epoch` are ignored.",
         "",
-        "| topic | QoS | retained | encoding | payload kinds |",
-        "|---|---|---|---|---|",
+        "Who may publish what: every topic a device writes carries its own id as",
+        "`{device}`; the shipped ACL (`deploy/ansible/roles/mosquitto/templates/acl.j2`)",
+        "lets each login write only under its own id, and receivers refuse a message",
+        "whose `sender` is not the device its topic names. Clients may only write",
+        "`jobs/submit` and read results. A result is believed only from the device that",
+        "led the cluster in the result's epoch. On a broker without logins and ACL",
+        "(tests, a bench) none of this is enforced, and every agent says so at start-up.",
+        "",
+        "| topic | QoS | retained | encoding | payload kinds | written by |",
+        "|---|---|---|---|---|---|",
     ]
     for spec in CATALOGUE:
         kinds = ", ".join(f"`{kind.model_fields['kind'].default}`" for kind in spec.kinds)
         retained = "yes" if spec.retain else "no"
-        lines.append(f"| `{spec.pattern}` | {spec.qos} | {retained} | {spec.encoding} | {kinds} |")
+        lines.append(
+            f"| `{spec.pattern}` | {spec.qos} | {retained} | {spec.encoding} | {kinds} "
+            f"| {spec.writers} |"
+        )
     for spec in CATALOGUE:
         lines += ["", f"## `{spec.pattern}`", "", spec.description, ""]
+        most = spec.max_payload_bytes
         lines.append(
             f"Example: `{spec.filter(root)}` — QoS {spec.qos}, "
-            f"{'retained' if spec.retain else 'not retained'}, {spec.encoding}."
+            f"{'retained' if spec.retain else 'not retained'}, {spec.encoding}"
+            + (f", at most {most // _KIB} KiB." if most is not None else ".")
         )
         for kind in spec.kinds:
             tag = kind.model_fields["kind"].default

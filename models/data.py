@@ -558,16 +558,71 @@ def load_folder(path: str | Path, check: bool = True) -> list[tuple[Path, int]]:
     return sorted(found, key=_natural_key)
 
 
-def read_image(path: str | Path, size: int = DEFAULT_SIZE) -> Gray:
-    """One image as grayscale uint8 ``(size, size)``, resized (area-averaged) if needed."""
+DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+"""Largest image `read_image` decodes by default (40 Mpixel: a 6000x6000 photo fits;
+a decompression bomb does not). Checked from the file's header, before decoding."""
+
+# Pillow modes of more than 8 bits per sample, one channel: converting them to "L"
+# clips every value above 255 instead of scaling it.
+_WIDE_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I", "F"})
+
+
+def read_image(
+    path: str | Path,
+    size: int = DEFAULT_SIZE,
+    *,
+    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    min_side: int = 1,
+) -> Gray:
+    """One image as grayscale uint8 ``(size, size)``, resized (area-averaged) if needed.
+
+    Raises `DatasetError` (and nothing else) for a file that is not a readable
+    image, one of more than `max_pixels` pixels (checked from its header, before
+    anything is decoded; None: no bound) and one whose shorter side is below
+    `min_side` pixels (too small to say anything at the model's input size).
+    Images of more than 8 bits per sample (16-bit PNG, TIFF) are scaled by their
+    real range: by the smallest bit depth that holds their largest value, so a
+    12-bit sensor's 4095 is white, and nothing is clipped.
+    """
     try:
         with Image.open(path) as opened:
-            image = opened.convert("L")
+            width, height = opened.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise DatasetError(
+                    f"{path}: {width}x{height} is {width * height} pixels, over the "
+                    f"limit of {max_pixels}"
+                )
+            if min(width, height) < min_side:
+                raise DatasetError(
+                    f"{path}: {width}x{height} is smaller than the model's minimum input "
+                    f"of {min_side}x{min_side}"
+                )
+            image = _wide_to_gray(opened) if opened.mode in _WIDE_MODES else opened.convert("L")
             if image.size != (size, size):
                 image = image.resize((size, size), Image.Resampling.BOX)
             return np.asarray(image, dtype=np.uint8).copy()
+    except DatasetError:
+        raise
+    except Image.DecompressionBombError as error:  # Pillow's own bound, at open
+        raise DatasetError(f"{path}: too many pixels to decode safely ({error})") from error
+    # A truncated file raises OSError, an unknown format UnidentifiedImageError (one too).
     except (OSError, SyntaxError, ValueError) as error:
         raise DatasetError(f"{path}: not a readable image ({error})") from error
+
+
+def _wide_to_gray(image: Image.Image) -> Image.Image:
+    """An image of more than 8 bits per sample as 8-bit grayscale, scaled by its range."""
+    values = np.asarray(image, dtype=np.float64)
+    if values.size and not np.isfinite(values).all():
+        raise DatasetError("the image holds non-finite values")
+    values = np.clip(values, 0.0, None)
+    top = float(values.max()) if values.size else 0.0
+    if image.mode == "F" and top <= 1.0:
+        full = 1.0  # a float image in [0, 1]
+    else:
+        full = float(2 ** max(8, math.ceil(math.log2(top + 1))) - 1) if top > 0 else 255.0
+    scaled = np.rint(values * (255.0 / full)).astype(np.uint8)
+    return Image.fromarray(scaled)
 
 
 class FolderDefects(Sequence[tuple[Gray, int]]):

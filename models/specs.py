@@ -56,6 +56,7 @@ __all__ = [
     "UnknownModelError",
     "get_architecture",
     "get_spec",
+    "minimum_input_size",
 ]
 
 NUM_CLASSES = 6
@@ -414,3 +415,19 @@ def get_spec(name: str, input_size: int = DEFAULT_INPUT_SIZE) -> ModelSpec:
     an input too small to reach the head.
     """
     return build_spec(get_architecture(name), input_size)
+
+
+@lru_cache(maxsize=64)
+def minimum_input_size(name: str) -> int:
+    """The smallest square input model `name` can take (its maps reach the head).
+
+    Raises `UnknownModelError` for a name outside `MODEL_NAMES`.
+    """
+    architecture = get_architecture(name)
+    for size in range(1, 4097):
+        try:
+            build_spec(architecture, size)
+        except ValueError:
+            continue
+        return size
+    raise ValueError(f"{name} takes no input up to 4096 pixels")  # pragma: no cover

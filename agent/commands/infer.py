@@ -4,7 +4,11 @@
     edgedi infer --broker 127.0.0.1:1883 --synthetic 12 --model tiny-edgedi
 
 Images (PNG, BMP, ...) are read as grayscale and resized to the cluster's input
-size (`--size`, by default the published plan's; all models share it).
+size (`--size`, by default the published plan's; all models share it). Images of
+more than 8 bits per sample are scaled by their real range. An image that cannot
+be read, has more than `--max-pixels` pixels (checked from its header, before it
+is decoded) or a side shorter than the model's minimum input (at least
+`MIN_IMAGE_SIDE`) gets its own error line; the rest of the batch still runs.
 Without `--model`, the model of the published plan is used. Jobs are submitted
 concurrently (at most `--parallel` at once), each retried with the same job id
 until its result arrives or `--timeout` runs out. Exit status: 0 when every image
@@ -25,6 +29,10 @@ import numpy.typing as npt
 
 from edgedi.agent.commands.agent import broker_address
 
+# Below this many pixels a side an image holds no texture to classify, whatever
+# the smallest input the model could technically take.
+MIN_IMAGE_SIDE = 8
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="*", type=Path, metavar="IMAGE", help="image files")
@@ -41,6 +49,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--synthetic", type=int, default=0, metavar="N", help="also submit N generated images"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated images")
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=None,
+        metavar="N",
+        help="refuse image files of more pixels than this, before decoding them (default 40000000)",
+    )
     parser.add_argument("--parallel", type=int, default=4, metavar="N", help="jobs at once")
     parser.add_argument("--cluster", default="default", help="cluster name")
     parser.add_argument("--topic-root", default="edgedi/v1", help="topic prefix")
@@ -49,15 +64,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print each result as JSON")
 
 
+def _minimum_side(model: str) -> int:
+    from edgedi.models.specs import UnknownModelError, minimum_input_size
+
+    try:
+        return max(MIN_IMAGE_SIDE, minimum_input_size(model))
+    except UnknownModelError:  # the cluster says so in the job's result
+        return MIN_IMAGE_SIDE
+
+
 def _inputs(
-    args: argparse.Namespace, size: int
+    args: argparse.Namespace, size: int, model: str
 ) -> Iterator[tuple[str, npt.NDArray[np.uint8] | None, str | None]]:
     """(name, image or None, error) for every requested image."""
-    from edgedi.models.data import DatasetError, iter_images, read_image
+    from edgedi.models.data import DEFAULT_MAX_IMAGE_PIXELS, DatasetError, iter_images, read_image
 
+    max_pixels = DEFAULT_MAX_IMAGE_PIXELS if args.max_pixels is None else args.max_pixels
+    min_side = _minimum_side(model)
     for path in args.images:
         try:
-            yield str(path), read_image(path, size), None
+            yield str(path), read_image(path, size, max_pixels=max_pixels, min_side=min_side), None
         except DatasetError as error:
             yield str(path), None, str(error)
     if args.synthetic > 0:
@@ -115,7 +141,7 @@ async def _main(args: argparse.Namespace) -> int:
                     return name, result
 
             jobs = []
-            for name, image, error in _inputs(args, size):
+            for name, image, error in _inputs(args, size, model):
                 if image is None:
                     print(f"{name}: error: {error}", file=sys.stderr)
                     failures += 1

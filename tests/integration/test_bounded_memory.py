@@ -220,7 +220,9 @@ async def test_a_session_drops_counts_and_logs_what_its_queue_cannot_hold(
     publisher = await sessions("flooder")
     with caplog.at_level(logging.WARNING, logger="edgedi.broker.connection"):
         for number in range(count):
-            await publisher.publish(JOB_RESULT, _result(number), job_id=f"job-{number}")
+            await publisher.publish(
+                JOB_RESULT, _result(number), device="flooder", job_id=f"job-{number}"
+            )
         # One message in the handler, `capacity` waiting: the rest cannot be held.
         dropped = count - capacity - 1
         async with asyncio.timeout(WAIT_S):
@@ -236,7 +238,7 @@ async def test_a_session_drops_counts_and_logs_what_its_queue_cannot_hold(
     warnings = [r for r in caplog.records if "incoming queue full" in r.getMessage()]
     assert len(warnings) == 1  # rate-limited, not one line per dropped message
     # The session works on.
-    await publisher.publish(JOB_RESULT, _result(count), job_id=f"job-{count}")
+    await publisher.publish(JOB_RESULT, _result(count), device="flooder", job_id=f"job-{count}")
     async with asyncio.timeout(WAIT_S):
         while handled[-1] != f"job-{count}":  # noqa: ASYNC110 - polling a list
             await asyncio.sleep(0.02)

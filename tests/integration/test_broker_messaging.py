@@ -77,12 +77,12 @@ async def test_tensor_round_trip(sessions: SessionFactory) -> None:
     await leader.subscribe(JOB_TILES, inbox, job_id="job-1")
     array = np.random.default_rng(0).standard_normal((16, 128, 128)).astype(np.float32)  # 1 MiB
     sent = _tile_result(Tensor(array))
-    await worker.publish(JOB_TILES, sent, job_id="job-1")
+    await worker.publish(JOB_TILES, sent, device=sent.device, job_id="job-1")
     received = await inbox.get()
     assert received.message == sent
     assert isinstance(received.message, TileResult)
     assert np.array_equal(received.message.tensor.array, array)
-    assert received.topic.parameters == {"job_id": "job-1"}
+    assert received.topic.parameters == {"job_id": "job-1", "device": sent.device}
     assert not received.retained
 
 
@@ -107,14 +107,14 @@ async def test_malformed_messages_are_logged_and_the_loop_goes_on(
         await inbox(received)
 
     await subscriber.subscribe(JOB_RESULT, flaky)
-    topic = JOB_RESULT.topic(topic_root, job_id="j-1")
+    topic = JOB_RESULT.topic(topic_root, job_id="j-1", device="leader")
     good = JobResult(sender="leader", job_id="j-1", status="error", error="fine")
     bad = JobResult(sender="leader", job_id="j-1", status="error", error="explode")
     with caplog.at_level(logging.WARNING, logger="edgedi.broker.connection"):
         for payload in (b"\x00garbage", b'{"version": 99, "kind": "job_result"}', b"[]"):
             await publisher.publish_raw(Publication(topic, payload, qos=1, retain=False))
-        await publisher.publish(JOB_RESULT, bad, job_id="j-1")
-        await publisher.publish(JOB_RESULT, good, job_id="j-1")
+        await publisher.publish(JOB_RESULT, bad, device=bad.sender, job_id="j-1")
+        await publisher.publish(JOB_RESULT, good, device=good.sender, job_id="j-1")
         received = await inbox.get()
     assert received.message == good
     assert subscriber.statistics.dropped_malformed == 3
@@ -263,7 +263,7 @@ async def test_session_reconnects_and_resubscribes_after_broker_restart(
             group.create_task(publisher.run(), name="publisher")
             try:
                 await subscriber.wait_connected(WAIT)
-                await publisher.publish(JOB_RESULT, result, job_id="j-1")
+                await publisher.publish(JOB_RESULT, result, device=result.sender, job_id="j-1")
                 assert (await inbox.get()).message == result
 
                 # Off the loop: amqtt's shutdown talks to our (then blocked) clients.
@@ -273,7 +273,9 @@ async def test_session_reconnects_and_resubscribes_after_broker_restart(
                         await asyncio.sleep(0.02)
                 handle = await asyncio.to_thread(start_broker, port=port, prefer=broker_kind)
                 await subscriber.wait_connected(WAIT)
-                await publisher.publish(JOB_RESULT, result, job_id="j-1", timeout=WAIT)
+                await publisher.publish(
+                    JOB_RESULT, result, device=result.sender, job_id="j-1", timeout=WAIT
+                )
                 assert (await inbox.get()).message == result
                 assert connects == 2
                 assert subscriber.statistics.connection_failures >= 1
@@ -296,6 +298,7 @@ async def test_publish_without_a_broker_fails_in_time_and_stop_still_works() -> 
                 JOB_RESULT,
                 JobResult(sender="lonely", job_id="j", status="error", error="x"),
                 job_id="j",
+                device="lonely",
                 timeout=0.5,
             )
         assert session.statistics.connection_failures >= 1
@@ -308,7 +311,7 @@ async def test_results_are_readable_with_mosquitto_sub(
     client = shutil.which("mosquitto_sub")
     if client is None:
         pytest.skip("mosquitto_sub is not installed")
-    topic = JOB_RESULT.topic(topic_root, job_id="j-7")
+    topic = JOB_RESULT.topic(topic_root, job_id="j-7", device="leader")
     reader = await asyncio.create_subprocess_exec(
         client,
         "-h",
@@ -334,7 +337,7 @@ async def test_results_are_readable_with_mosquitto_sub(
         )
         async with asyncio.timeout(WAIT):
             while True:  # mosquitto_sub subscribes asynchronously: repeat until it has one
-                await publisher.publish(JOB_RESULT, result, job_id="j-7")
+                await publisher.publish(JOB_RESULT, result, device=result.sender, job_id="j-7")
                 try:
                     async with asyncio.timeout(0.3):
                         line = await reader.stdout.readline()  # type: ignore[union-attr]

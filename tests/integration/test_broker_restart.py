@@ -257,7 +257,8 @@ async def test_operations_waiting_for_the_broker_survive_its_restart(
                 os.kill(mosquitto.process.pid, signal.SIGSTOP)  # no acknowledgement comes now
                 result = JobResult(sender="leader", job_id="late", status="error", error="x")  # type: ignore[arg-type]
                 publishing = asyncio.create_task(
-                    publisher.publish(JOB_RESULT, result, job_id="late"), name="publishing"
+                    publisher.publish(JOB_RESULT, result, device=result.sender, job_id="late"),
+                    name="publishing",
                 )
                 subscribing = asyncio.create_task(
                     subscriber.subscribe(JOB_RESULT, on_result, job_id="late"), name="subscribing"
@@ -272,7 +273,7 @@ async def test_operations_waiting_for_the_broker_survive_its_restart(
                 assert publisher.statistics.publish_retries >= 1
                 # The subscription made while the broker hung is in place after reconnecting.
                 await subscriber.wait_connected(WAIT_S)
-                await publisher.publish(JOB_RESULT, result, job_id="late")
+                await publisher.publish(JOB_RESULT, result, device=result.sender, job_id="late")
                 while (await received.get()).job_id != "late":
                     pass
         finally:

@@ -80,8 +80,8 @@ def garbage(root: TopicRoot, device: str) -> list[tuple[str, bytes]]:
         f"{base}/jobs/submit",
         f"{base}/devices/{device}/tasks",
         f"{base}/jobs/some-job/gates",
-        f"{base}/jobs/some-job/partials",
-        f"{base}/jobs/some-job/tiles",
+        f"{base}/jobs/some-job/partials/{device}",
+        f"{base}/jobs/some-job/tiles/{device}",
         f"{base}/devices/{device}/birth",
         f"{base}/devices/{device}/heartbeat",
         f"{base}/planner/leader",
@@ -319,6 +319,8 @@ async def test_tiles_of_a_device_that_vanishes_are_redispatched(
         )
         coordinator = cluster.leader().coordinator
         assert coordinator is not None
-        # Re-sent when it is found gone, or copied before that when it turns overdue.
-        assert coordinator.statistics.redispatched + coordinator.statistics.speculative >= 1
+        # Re-sent when it is found gone, or copied before that when it turns overdue, or
+        # (a device on probation, whose direct run overran) the job relayed around it.
+        statistics = coordinator.statistics
+        assert statistics.redispatched + statistics.speculative + statistics.direct_fallbacks >= 1
         assert victim.device_id in result.devices  # it was sent a tile before it was missed

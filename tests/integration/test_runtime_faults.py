@@ -75,7 +75,10 @@ async def test_a_joining_device_is_used_and_a_slow_one_is_copied_then_given_less
         assert "agent-3" in results[0].devices  # used from the plan after it joined
         coordinator = leader.coordinator
         assert coordinator is not None
-        assert coordinator.statistics.speculative >= 1
+        # Its tiles were copied to others, or (a newcomer on probation: its direct run
+        # overran) the job was relayed around it.
+        statistics = coordinator.statistics
+        assert statistics.speculative + statistics.direct_fallbacks >= 1
         assert _learnt(planning)
         relearnt = await planning.plan_for(MODEL, "proportional")
         assert _rows(relearnt, "agent-3") < _rows(initial, "agent-3")
@@ -140,8 +143,12 @@ async def test_a_job_resubmitted_after_a_failover_is_answered_from_the_cache(
             await cluster.wait_for_plan(devices=1)
             second = cluster.leader()
             again = await client.infer(image, MODEL, job_id=job_id, timeout=20, retry_s=2)
-        assert again == before  # the same answer, computed once, by the first leader
-        assert again.sender == first.device_id
+        # The same answer, computed once, by the first leader; said again by the leader
+        # in force, which vouches for it (a client may never have seen the first).
+        same = {"sender", "epoch", "message_id", "sent_at"}
+        assert again.model_dump(exclude=same) == before.model_dump(exclude=same)
+        assert before.sender == first.device_id
+        assert (again.sender, again.epoch) == (second.device_id, second.election.epoch)
         assert second.coordinator is not None
         assert second.coordinator.statistics.duplicates >= 1
         assert second.coordinator.statistics.submitted == 0

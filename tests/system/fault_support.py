@@ -203,7 +203,10 @@ class ResultLog:
 
 
 def _answer(result: JobResult) -> tuple[Any, ...]:
-    return (result.status, result.sender, result.epoch, result.probabilities, result.error)
+    # Not the sender or epoch: a leader re-publishing a cached answer (a predecessor's,
+    # perhaps) says it as itself. A second computation has timings of its own.
+    timings = tuple(sorted(result.latency_ms.items()))
+    return (result.status, result.probabilities, result.error, result.plan_id, timings)
 
 
 @asynccontextmanager

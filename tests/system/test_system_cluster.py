@@ -122,8 +122,11 @@ async def test_a_plain_mqtt_client_reads_results_as_json(system_cluster: SystemC
     finally:
         listener.close()
     assert result.status == "ok", result.error
-    topic, payload, retained = next(m for m in messages if m[0].endswith(result.job_id))
-    assert topic == JOB_RESULT.topic(system_cluster.root, job_id=result.job_id)
+    topic, payload, retained = next(m for m in messages if f"/{result.job_id}/" in m[0])
+    # results/<job_id>/<leader>: the leader's own id, which the broker's ACL binds.
+    assert topic == JOB_RESULT.topic(
+        system_cluster.root, job_id=result.job_id, device=result.sender
+    )
     assert not retained
     document = json.loads(payload)
     assert set(document) >= RESULT_FIELDS

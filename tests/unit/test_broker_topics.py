@@ -62,9 +62,10 @@ def test_topics_and_filters_look_as_documented() -> None:
     assert DEVICE_BIRTH.topic(root, device="pi-1") == "edgedi/v1/default/devices/pi-1/birth"
     assert DEVICE_BIRTH.filter(root) == "edgedi/v1/default/devices/+/birth"
     assert DEVICE_TASKS.filter(root, device="pi-2") == "edgedi/v1/default/devices/pi-2/tasks"
-    assert JOB_RESULT.topic(TopicRoot("plant/a", "line-3"), job_id="j1") == (
-        "plant/a/line-3/results/j1"
+    assert JOB_RESULT.topic(TopicRoot("plant/a", "line-3"), job_id="j1", device="pi-1") == (
+        "plant/a/line-3/results/j1/pi-1"
     )
+    assert JOB_RESULT.filter(TopicRoot(), job_id="j1") == "edgedi/v1/default/results/j1/+"
     assert PLANNER_LEADER.topic(root) == "edgedi/v1/default/planner/leader"
 
 
@@ -157,7 +158,23 @@ def test_publication_carries_the_topic_settings() -> None:
     with pytest.raises(ValueError, match="topic says"):
         publication(root, DEVICE_STATE, _state(), device="pi-9")
     result: WireMessage = JobResult(sender="leader", job_id="j-1", status="error", error="boom")
-    assert publication(root, JOB_RESULT, result, job_id="j-1").retain is False
+    assert publication(root, JOB_RESULT, result, job_id="j-1", device="leader").retain is False
+
+
+def test_a_message_is_refused_on_a_topic_of_another_sender() -> None:
+    # Every topic a device writes names it; the sender must be that device.
+    root = TopicRoot()
+    writers = [spec for spec in CATALOGUE if spec.sender_parameter is not None]
+    assert {spec.name for spec in writers} >= {"job_tiles", "job_partials", "job_result"}
+    forged = JobResult(sender="mallory", job_id="j-1", status="error", error="x")
+    parsed = parse_topic(root, JOB_RESULT.topic(root, job_id="j-1", device="leader"))
+    with pytest.raises(DecodeError, match="sent by 'mallory'"):
+        decode_for_topic(parsed, encode(forged))
+    state = _state().model_copy(update={"sender": "mallory"})
+    with pytest.raises(DecodeError, match="sent by 'mallory'"):
+        decode_for_topic(parse_topic(root, DEVICE_STATE.topic(root, device="pi-1")), encode(state))
+    with pytest.raises(ValueError, match="sent by 'mallory'"):
+        publication(root, JOB_RESULT, forged, job_id="j-1", device="leader")
 
 
 def test_topic_reference_page_is_up_to_date() -> None:

@@ -763,10 +763,11 @@ CATALOGUE: dict[str, tuple[set[str], set[str]]] = {
     "planner/leader": ({"candidate"}, {"device"}),
     "plans/current": ({"candidate"}, {"device"}),
     "jobs/submit": ({"submitter"}, {"candidate"}),
-    "jobs/{job}/partials": ({"device"}, {"candidate"}),
+    # What a worker or the leader answers carries its own id: nobody writes another's.
+    "jobs/{job}/partials/{device}": ({"owner"}, {"candidate"}),
     "jobs/{job}/gates": ({"candidate"}, {"device"}),
-    "jobs/{job}/tiles": ({"device"}, {"candidate"}),
-    "results/{job}": ({"candidate"}, {"candidate", "submitter"}),
+    "jobs/{job}/tiles/{device}": ({"owner"}, {"candidate"}),
+    "results/{job}/{device}": ({"owning candidate"}, {"candidate", "submitter"}),
     "control/rebirth": ({"candidate"}, {"device"}),
     # The leader's last result, for dashboards (Home Assistant's cluster sensors).
     "summary/last_result": ({"candidate"}, {"submitter"}),
@@ -789,6 +790,8 @@ def _roles_of(
         roles.add("submitter")
     if identity["id"] == owner:
         roles.add("owner")
+        if "candidate" in roles:
+            roles.add("owning candidate")
     if identity["id"] == target:
         roles.add("target")
     return roles
@@ -801,11 +804,14 @@ def _placeholder(level: str) -> bool:
 def _normalise(topic: str) -> str:
     """`devices/<id>/birth`, `devices/+/birth`, `devices/{device}/birth` → one spelling."""
     levels = topic.split("/")
-    names = {"devices": "{device}", "peer": "{target}"}
-    return "/".join(
-        names.get(levels[i - 1], "{job}") if _placeholder(level) else level
-        for i, level in enumerate(levels)
-    )
+    names = {"devices": "{device}", "peer": "{target}", "tiles": "{device}", "partials": "{device}"}
+
+    def name(i: int) -> str:
+        if levels[0] == "results" and i == 2:
+            return "{device}"  # results/{job}/{device}
+        return names.get(levels[i - 1], "{job}")
+
+    return "/".join(name(i) if _placeholder(level) else level for i, level in enumerate(levels))
 
 
 def _documented_topics(text: str) -> set[str]:

@@ -689,7 +689,7 @@ async def test_malformed_results_of_many_jobs_log_one_line() -> None:
     await session.subscribe(JOB_RESULT, handler)
     with captured_log() as records:
         for number in range(50):
-            topic = JOB_RESULT.topic(ROOT, job_id=f"job-{number}")
+            topic = JOB_RESULT.topic(ROOT, job_id=f"job-{number}", device="pi-1")
             await session._dispatch(
                 aiomqtt.Message(topic, b"{}", qos=1, retain=False, mid=1, properties=None)
             )
