@@ -343,6 +343,7 @@ class Coordinator:
         results: OrderedDict[str, JobResult] | None = None,
         successor: Callable[[], bool] = lambda: False,
         on_finished: Callable[[JobResult], None] | None = None,
+        proven: Collection[str] = (),
     ) -> None:
         self.device_id = DeviceId(device_id)
         self.epoch = epoch
@@ -380,7 +381,10 @@ class Coordinator:
         self._suspect_since: dict[str, float] = {}
         # Probation: devices that have answered a tile, and when an unproven device
         # got its trial tile (no second one until it answers, or _SUSPECT_S passes).
-        self._proven: set[str] = {self.device_id}
+        # A new leader takes over the devices that have been working in their current
+        # session for a while (`proven`): probation is for newcomers and ghosts, not
+        # for a cluster that merely changed leaders.
+        self._proven: set[str] = {self.device_id, *proven}
         self._trial_since: dict[str, float] = {}
         self._log = RateLimitedLog(logger)
 

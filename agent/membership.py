@@ -38,6 +38,8 @@ class DeviceRecord:
     capabilities: dict[str, Any] = field(default_factory=dict)
     born_at: float = 0.0
     last_heartbeat: float | None = None
+    session_since: float = 0.0
+    """When this session was first heard of (a re-announced birth keeps it)."""
 
 
 @dataclass(frozen=True)
@@ -99,8 +101,10 @@ class Membership:
             return
         status: DeviceStatus = "online"
         heartbeat = None
+        since = now
         if current is not None and session == current.session:
             status, heartbeat = current.status, current.last_heartbeat
+            since = current.session_since
         self._devices[device] = DeviceRecord(
             device=device,
             session=session,
@@ -110,6 +114,7 @@ class Membership:
             capabilities=dict(capabilities or {}),
             born_at=now,
             last_heartbeat=heartbeat,
+            session_since=since,
         )
 
     def state(self, device: str, session: int, status: DeviceStatus, *, now: float) -> bool:
@@ -119,14 +124,16 @@ class Membership:
             if status != "online" or not self._make_room(now):
                 return False
             # State before birth (retained order is not guaranteed): remember the session.
-            self._devices[device] = DeviceRecord(device=device, session=session, born_at=now)
+            self._devices[device] = DeviceRecord(
+                device=device, session=session, born_at=now, session_since=now
+            )
             return True
         if session < current.session:
             return False
         if session > current.session:
             # A newer connection's state arrived before its birth.
             self._devices[device] = replace(
-                current, session=session, status=status, last_heartbeat=None
+                current, session=session, status=status, last_heartbeat=None, session_since=now
             )
             return True
         self._devices[device] = replace(current, status=status)

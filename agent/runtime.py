@@ -130,6 +130,13 @@ __all__ = ["Agent"]
 
 logger = logging.getLogger(__name__)
 
+# A device alive in one session this long is no newcomer (see `_settled_devices`).
+_SETTLED_S = 10.0
+# Two agents of one id that started together settle it within this long of announcing;
+# later, a heartbeat of our id from elsewhere never stops a running agent (a forged
+# one would otherwise shut any device down): the newcomer's start-up check stops it.
+_DUPLICATE_RACE_S = 10.0
+
 T = TypeVar("T")
 
 # After connecting, wait this long for retained births, states and the leader record
@@ -261,6 +268,7 @@ class Agent:
         self._offset_leader: str | None = None
         self._offset_warned = False
         self._announced_at = -float("inf")
+        self._first_announced_at: float | None = None
         self._leader_published_at = -float("inf")
         self._rebirth_requested_at = -float("inf")
         self._ask_rebirth: str | None = None
@@ -587,6 +595,8 @@ class Agent:
             DEVICE_STATE, self._state(status), device=self.device_id, timeout=_ANNOUNCE_TIMEOUT_S
         )
         self._announced_at = time.monotonic()
+        if self._first_announced_at is None:
+            self._first_announced_at = self._announced_at
         if self._connected_at is None:
             self._connected_at = time.monotonic()
         if not self.ready.is_set():
@@ -742,7 +752,9 @@ class Agent:
         checked before the other announced). One of the two stops (agent.identity)."""
         if self._duplicate is not None or self._stopping:
             return
-        if loses_to((self.session_counter, self.instance), beat):
+        first = self._first_announced_at
+        racing = first is not None and time.monotonic() - first < _DUPLICATE_RACE_S
+        if racing and loses_to((self.session_counter, self.instance), beat):
             self._duplicate = DuplicateDevice(
                 f"device id {self.device_id} is also used by another agent (session "
                 f"{beat.session}), which keeps it. This agent stops. Give every device "
@@ -1066,6 +1078,16 @@ class Agent:
             logger.info("%s is no longer the leader", self.device_id)
             await self._stop_leading(0.0)
 
+    def _settled_devices(self) -> list[str]:
+        """Devices alive in a session that began at least `_SETTLED_S` ago: a new
+        coordinator does not put them on probation (ghosts re-birth far more often)."""
+        now = time.monotonic()
+        return [
+            record.device
+            for record in self.membership.alive(self.loop_lag.judged())
+            if now - record.session_since >= _SETTLED_S
+        ]
+
     def _log_leader_view(self) -> None:
         view = (self.election.leader, self.election.epoch)
         if view != self._leader_view:
@@ -1104,6 +1126,7 @@ class Agent:
             results=self._results,
             successor=self._successor_alive,
             on_finished=self._job_finished,
+            proven=self._settled_devices(),
         )
         self.coordinator = coordinator
         self._coordinator_task = group.create_task(

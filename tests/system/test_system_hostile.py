@@ -206,7 +206,7 @@ async def test_a_leader_again_within_five_seconds_whatever_the_retained_record(
                     "elect-b", epoch + 1, sessions["elect-b"] + 7
                 ),
                 "the leader's earlier session": _record(
-                    leader.device, epoch + 2, sessions[leader.device] - 60_000
+                    leader.device, epoch + 2, sessions[leader.device] - 1
                 ),
                 "an unknown device": _record("nobody", epoch + 3, 1),
                 "an absurd epoch for a live device": _record(
