@@ -10,10 +10,14 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
-from collections.abc import AsyncIterator
+import struct
+import zlib
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import pytest
 import pytest_asyncio
+from PIL import Image
 
 # One torch thread per process: the suite runs on 2 shared cores, where torch's default
 # (a thread per core) makes small convolutions ~10x slower through contention. Set
@@ -60,3 +64,21 @@ async def _asyncio_task_leak_check() -> AsyncIterator[None]:
             task.cancel()
         await asyncio.gather(*leaked, return_exceptions=True)
         pytest.fail(f"the test left asyncio tasks pending: {names}")
+
+
+@pytest.fixture
+def png_claiming() -> Callable[[Path, int, int], Path]:
+    """Writes a tiny PNG whose header claims `width`x`height` (a decompression bomb's
+    header; its data is far too short): `png_claiming(path, width, height) -> path`."""
+
+    def write(path: Path, width: int, height: int) -> Path:
+        Image.new("L", (1, 1)).save(path)
+        data = bytearray(path.read_bytes())
+        start = data.index(b"IHDR")
+        data[start + 4 : start + 12] = struct.pack(">II", width, height)
+        crc = zlib.crc32(bytes(data[start : start + 17]))
+        data[start + 17 : start + 21] = struct.pack(">I", crc)
+        path.write_bytes(bytes(data))
+        return path
+
+    return write

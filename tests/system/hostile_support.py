@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import json
-import struct
 import threading
 import time
 import uuid
-import zlib
 from collections.abc import Iterable
-from pathlib import Path
 
 import msgpack
 import paho.mqtt.client as paho
-from PIL import Image
 
 from edgedi.broker.server import BrokerHandle
 from edgedi.broker.topics import TopicRoot, TopicSpec
@@ -93,15 +89,3 @@ def flood(
             sent += 1
         time.sleep(gap_s)
     return sent
-
-
-def png_claiming(path: Path, width: int, height: int) -> Path:
-    """A tiny PNG whose header claims `width`x`height` (a decompression bomb's header)."""
-    Image.new("L", (1, 1)).save(path)
-    data = bytearray(path.read_bytes())
-    start = data.index(b"IHDR")
-    data[start + 4 : start + 12] = struct.pack(">II", width, height)
-    crc = zlib.crc32(bytes(data[start : start + 17]))
-    data[start + 17 : start + 21] = struct.pack(">I", crc)
-    path.write_bytes(bytes(data))
-    return path

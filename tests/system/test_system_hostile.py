@@ -13,6 +13,7 @@ import random
 import re
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ from fault_support import (
     reference,
     wait_for_plan,
 )
-from hostile_support import Attacker, bloated, flood, png_claiming
+from hostile_support import Attacker, bloated, flood
 from PIL import Image
 from system_support import SystemCluster
 
@@ -110,7 +111,7 @@ async def test_slow_to_reject_messages_on_every_read_topic_fail_no_job(tmp_path:
 
 
 def test_edgedi_infer_answers_a_batch_past_its_bad_files(
-    system_cluster: SystemCluster, tmp_path: Path
+    system_cluster: SystemCluster, tmp_path: Path, png_claiming: Callable[[Path, int, int], Path]
 ) -> None:
     size = 64
     good = picture(2)

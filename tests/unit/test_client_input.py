@@ -8,8 +8,7 @@ file, never another exception.
 
 from __future__ import annotations
 
-import struct
-import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,21 +19,9 @@ from edgedi.models.data import DEFAULT_MAX_IMAGE_PIXELS, DatasetError, read_imag
 from edgedi.models.specs import MODEL_NAMES, get_spec, minimum_input_size
 
 
-def png_claiming(path: Path, width: int, height: int) -> Path:
-    """A tiny PNG whose header claims `width`x`height` (its data is far too short)."""
-    Image.new("L", (1, 1)).save(path)
-    data = bytearray(path.read_bytes())
-    start = data.index(b"IHDR")
-    data[start + 4 : start + 12] = struct.pack(">II", width, height)
-    crc = zlib.crc32(bytes(data[start : start + 17]))
-    data[start + 17 : start + 21] = struct.pack(">I", crc)
-    path.write_bytes(bytes(data))
-    return path
-
-
 @pytest.mark.parametrize(("width", "height"), [(15000, 15000), (7000, 7000)])
 def test_an_oversized_image_is_refused_from_its_header(
-    tmp_path: Path, width: int, height: int
+    tmp_path: Path, png_claiming: Callable[[Path, int, int], Path], width: int, height: int
 ) -> None:
     path = png_claiming(tmp_path / "bomb.png", width, height)
     with pytest.raises(DatasetError, match=r"bomb\.png") as caught:
