@@ -425,21 +425,31 @@ class Planning:
                 profile_from_birth(birth).scaled(self._planned.get(_member(birth), 1.0))
                 for birth in devices
             ]
-            plan = await asyncio.to_thread(self._make_plan, model, strategy, profiles, self.epoch)
+            plan = await asyncio.to_thread(
+                self._make_plan, model, strategy, profiles, self.epoch, generation
+            )
             if generation == self.generation:
                 self._cache[key] = plan
             return plan
 
     def _make_plan(
-        self, model: str, strategy: str, profiles: list[DeviceProfile], epoch: int
+        self,
+        model: str,
+        strategy: str,
+        profiles: list[DeviceProfile],
+        epoch: int,
+        generation: int,
     ) -> Plan:
+        """Plan on a worker thread for the membership `generation` that `profiles` are
+        of: the membership may change meanwhile, and candidates cached under the new
+        generation would name devices that have left."""
         try:
             spec = get_spec(model, self.input_size)
             if strategy == "auto" and self.direct:
                 self._fit_message_cost(model, spec, profiles)
                 network = self._network(model)
                 known = self._candidates.get(model)
-                if known is not None and known[0] == self.generation:
+                if known is not None and known[0] == generation:
                     # The same devices: only the message costs changed, so the plans
                     # are the same; replaying them again is cheap (planning is not).
                     found = known[1]
@@ -451,7 +461,7 @@ class Planning:
                     found = candidates(
                         spec, profiles, leader=self.leader, epoch=epoch, network=network
                     )
-                    self._candidates[model] = (self.generation, found)
+                    self._candidates[model] = (generation, found)
                 measured = self._measured_medians(model)
                 untried = [c for c in to_explore(found) if c.name not in measured]
                 # Measure the few best-predicted candidates (one device among them)
