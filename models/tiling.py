@@ -93,10 +93,15 @@ class GatePartial:
     sums: npt.NDArray[np.float64] = field(repr=False)
     count: int
     map_count: int
+    reduce: Literal["mean", "sum"] = "mean"
+    """"mean": an attention gate's per-channel mean; "sum": a channel tile's partial
+    sums of a convolution (`edgedi.models.channel_split`), where `count` and
+    `map_count` count hidden channels instead of positions."""
 
 
 def combine_partials(partials: Iterable[GatePartial]) -> npt.NDArray[np.float64]:
-    """The exact per-channel mean (batch, channels) from all tiles' partials of one gate.
+    """The exact per-channel mean (batch, channels) from all tiles' partials of one gate
+    (for `reduce="sum"` partials: their exact sum, float64, in the order given).
 
     Raises ValueError when the partials belong to different gates, disagree in shape,
     or do not cover the map exactly once (a tile missing or counted twice).
@@ -120,6 +125,8 @@ def combine_partials(partials: Iterable[GatePartial]) -> npt.NDArray[np.float64]
         raise ValueError(
             f"{first.name}: partials cover {count} positions, the map has {first.map_count}"
         )
+    if first.reduce == "sum":
+        return total
     mean: npt.NDArray[np.float64] = total / count
     return mean
 
