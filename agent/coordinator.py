@@ -1128,6 +1128,7 @@ class Coordinator:
                 if layout.column_parts is None
                 else tuple((part.start, part.stop) for part in layout.column_parts)
             ),
+            channel_parts=_channel_parts(layout),
             tile=assignment.index,
             input_rows=(in_rows.start, in_rows.stop),
             input_columns=(in_columns.start, in_columns.stop),
@@ -1184,10 +1185,10 @@ class Coordinator:
         if not 0 <= partial.gate < len(layout.gates):
             logger.warning("job %s: partial for unknown gate %d", job.job_id, partial.gate)
             return
-        gate = layout.gates[partial.gate]
+        shape = layout.partial_shape(partial.gate)
         share = layout.gate_positions(partial.tile, partial.gate)
         if (
-            partial.sums.shape != (1, gate.out_channels)
+            partial.sums.shape != shape
             or not partial.sums.is_finite()
             or partial.positions != share
         ):
@@ -1210,12 +1211,12 @@ class Coordinator:
         collected[partial.tile] = partial  # of any copy: the input, hence the sums, are the same
         if len(collected) < layout.count:
             return
-        total = np.zeros((1, gate.out_channels), dtype=np.float64)
+        total = np.zeros(shape, dtype=np.float64)
         positions = 0
-        for item in collected.values():
-            total += item.sums.array
-            positions += item.positions
-        expected = gate.out_height * gate.out_width
+        for index in sorted(collected):  # tile order: every holder sums alike
+            total += collected[index].sums.array
+            positions += collected[index].positions
+        expected = layout.partial_total(partial.gate)
         if positions != expected:
             raise JobFailed(
                 f"gate {partial.gate} of segment {state.position}: partials cover {positions} "
@@ -1227,7 +1228,7 @@ class Coordinator:
             epoch=self.epoch,
             segment=state.position,
             gate=partial.gate,
-            vector=Tensor(total / positions),
+            vector=Tensor(total if layout.sums else total / positions),
         )
         devices = {
             device
@@ -1505,3 +1506,10 @@ def _pooled_mean(
         raise JobFailed(f"the last segment's tiles cover {positions} of {height * width} positions")
     mean: npt.NDArray[np.float64] = total / positions
     return mean
+
+
+def _channel_parts(layout: SegmentLayout) -> tuple[tuple[int, int], ...] | None:
+    """A task's `channel_parts`: the layout's hidden-channel partition, if it has one."""
+    if layout.channel_parts is None:
+        return None
+    return tuple((part.start, part.stop) for part in layout.channel_parts)

@@ -109,6 +109,11 @@ def direct_tasks(
                         "last_unit": layout.last,
                         "row_parts": tuple((p.start, p.stop) for p in layout.row_parts),
                         "column_parts": None,
+                        "channel_parts": (
+                            None
+                            if layout.channel_parts is None
+                            else tuple((p.start, p.stop) for p in layout.channel_parts)
+                        ),
                         "tile": assignment.index,
                         "input_rows": (in_rows.start, in_rows.stop),
                         "input_columns": (in_columns.start, in_columns.stop),

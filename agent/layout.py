@@ -21,7 +21,18 @@ from functools import lru_cache
 
 from edgedi.broker.plan import Part as PlanPart
 from edgedi.broker.plan import Segment as PlanSegment
-from edgedi.models.units import ModelSpec, Op, Rows, TileGeometry, Unit, segment_tiles
+from edgedi.models.units import (
+    ModelSpec,
+    Op,
+    Rows,
+    TileGeometry,
+    Unit,
+    check_channel_parts,
+    hidden_channels,
+    reduction_ops,
+    segment_tiles,
+    unit_share,
+)
 
 __all__ = [
     "LayoutError",
@@ -48,9 +59,34 @@ class SegmentLayout:
     row_tiles: tuple[TileGeometry, ...]
     column_tiles: tuple[TileGeometry, ...]
     gates: tuple[Op, ...]
-    """The segment's attention gates in the order the tiles meet them."""
+    """The segment's reductions in the order the tiles meet them: its attention gates,
+    or for channel tiles every unit's second convolution (summed, not averaged)."""
     in_channels: int
     out_channels: int
+    channel_parts: tuple[Rows, ...] | None = None
+    """Channel tiles (`edgedi.models.channel_split`): tile k computes these hidden
+    channels from the whole input map; `row_tiles[k]` then spans the whole input and
+    its `out_rows` are the rows it sends on. None: row (or grid) tiles."""
+
+    @property
+    def sums(self) -> bool:
+        """The reductions are channel tiles' partial sums, not gate means."""
+        return self.channel_parts is not None
+
+    def partial_shape(self, gate: int) -> tuple[int, ...]:
+        """Shape of one tile's partial for reduction `gate`."""
+        op = self.gates[gate]
+        if self.sums:
+            return (1, op.out_channels, op.out_height, op.out_width)
+        return (1, op.out_channels)
+
+    def partial_total(self, gate: int) -> int:
+        """What the tiles' partials of reduction `gate` cover together: map positions of
+        a gate, hidden channels of a channel segment."""
+        if self.channel_parts is not None:
+            return self.gates[gate].in_channels  # the unit's hidden width
+        op = self.gates[gate]
+        return op.out_height * op.out_width
 
     @property
     def count(self) -> int:
@@ -64,7 +100,12 @@ class SegmentLayout:
         return self.row_tiles[index // columns], self.column_tiles[index % columns]
 
     def gate_positions(self, index: int, gate: int) -> int:
-        """Map positions tile `index` sums over for gate `gate` (its disjoint share)."""
+        """Map positions tile `index` sums over for gate `gate` (its disjoint share);
+        for channel tiles, the hidden channels it contributes."""
+        if self.channel_parts is not None:
+            base = self.channel_parts[-1].stop
+            share = self.channel_parts[index]
+            return len(unit_share(share, base, self.gates[gate].in_channels))
         rows, columns = self.tile(index)
         name = self.gates[gate].name
         for by_row, by_column in zip(rows.op_rows, columns.op_rows, strict=True):
@@ -91,6 +132,7 @@ def _cached_layout(
     last: int,
     row_parts: tuple[Rows, ...],
     column_parts: tuple[Rows, ...] | None,
+    channel_parts: tuple[Rows, ...] | None = None,
 ) -> SegmentLayout:
     spatial = len(spec.spatial_units)
     if not 0 <= first <= last < spatial:
@@ -103,6 +145,8 @@ def _cached_layout(
         raise LayoutError("a segment needs non-empty row parts")
     if column_parts is not None and (not column_parts or any(part.empty for part in column_parts)):
         raise LayoutError("column parts must be non-empty")
+    if channel_parts is not None:
+        return _channel_layout(spec, first, last, units, row_parts, column_parts, channel_parts)
     try:
         row_tiles = tuple(segment_tiles(units, row_parts))
         if column_parts is None:
@@ -131,16 +175,60 @@ def _cached_layout(
     )
 
 
+def _channel_layout(
+    spec: ModelSpec,
+    first: int,
+    last: int,
+    units: tuple[Unit, ...],
+    row_parts: tuple[Rows, ...],
+    column_parts: tuple[Rows, ...] | None,
+    channel_parts: tuple[Rows, ...],
+) -> SegmentLayout:
+    """Channel tiles: each reads the whole input map and sends on its row part."""
+    if column_parts is not None:
+        raise LayoutError("channel tiles are row strips")
+    if len(channel_parts) != len(row_parts):
+        raise LayoutError(
+            f"{len(channel_parts)} channel parts for {len(row_parts)} row parts: one each"
+        )
+    try:
+        check_channel_parts(channel_parts, hidden_channels(units))
+        height = units[-1].out_shape[1]
+        whole = segment_tiles(units, [Rows(0, height)])[0]
+        segment_tiles(units, row_parts)  # the routing rows partition the output
+        width = units[-1].out_shape[2]
+        column_tiles = tuple(segment_tiles(units, [Rows(0, width)], axis="width"))
+    except ValueError as error:
+        raise LayoutError(f"units {first}..{last}: {error}") from error
+    row_tiles = tuple(
+        TileGeometry(in_rows=whole.in_rows, out_rows=part, units=whole.units) for part in row_parts
+    )
+    return SegmentLayout(
+        first=first,
+        last=last,
+        row_parts=row_parts,
+        column_parts=None,
+        row_tiles=row_tiles,
+        column_tiles=column_tiles,
+        gates=reduction_ops(units),
+        in_channels=units[0].in_shape[0],
+        out_channels=units[-1].out_shape[0],
+        channel_parts=channel_parts,
+    )
+
+
 def segment_layout(
     spec: ModelSpec,
     first: int,
     last: int,
     row_parts: Sequence[tuple[int, int]],
     column_parts: Sequence[tuple[int, int]] | None = None,
+    channel_parts: Sequence[tuple[int, int]] | None = None,
 ) -> SegmentLayout:
     """The layout a tile task describes (cached: every tile of a job asks for it)."""
     columns = None if column_parts is None else _as_rows(column_parts)
-    return _cached_layout(spec, first, last, _as_rows(row_parts), columns)
+    channels = None if channel_parts is None else _as_rows(channel_parts)
+    return _cached_layout(spec, first, last, _as_rows(row_parts), columns, channels)
 
 
 @dataclass(frozen=True)
@@ -181,12 +269,17 @@ def plan_segment_layout(
         raise LayoutError(
             f"segment {segment.first_unit}..{segment.last_unit}: the parts are not a product grid"
         )
+    channels = None
+    if segment.channel_split:
+        by_rows = {tuple(part.rows): part.channels for part in parts}
+        channels = [by_rows[row] for row in rows]
     layout = segment_layout(
         spec,
         segment.first_unit,
         segment.last_unit,
         rows,  # type: ignore[arg-type]
         None if full else columns,  # type: ignore[arg-type]
+        channels,  # type: ignore[arg-type]
     )
     assignments = []
     for index in range(layout.count):

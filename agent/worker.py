@@ -55,6 +55,7 @@ from edgedi.broker.messages import (
 )
 from edgedi.broker.ratelimit import RateLimitedLog
 from edgedi.broker.tensors import Tensor
+from edgedi.models.channel_split import run_channel_tile
 from edgedi.models.head_split import head_partial
 from edgedi.models.tiling import GatePartial, TileRunner, run_tile
 from edgedi.models.units import TileGeometry, splittable_head
@@ -285,7 +286,12 @@ class Worker:
             )
         try:
             layout = segment_layout(
-                held.spec, task.first_unit, task.last_unit, task.row_parts, task.column_parts
+                held.spec,
+                task.first_unit,
+                task.last_unit,
+                task.row_parts,
+                task.column_parts,
+                task.channel_parts,
             )
             rows, columns = layout.tile(task.tile)
         except LayoutError as error:
@@ -324,6 +330,7 @@ class Worker:
         if task.head_partial and (
             task.forward
             or layout.column_parts is not None
+            or layout.channel_parts is not None
             or splittable_head(held.spec) != task.last_unit + 1
         ):
             raise _TileRefused(
@@ -468,14 +475,14 @@ class Worker:
         layout = waiting[0].layout
         if gate >= len(layout.gates) or len(collected) < layout.count:
             return
-        channels = layout.gates[gate].out_channels
-        total = np.zeros((1, channels), dtype=np.float64)
+        shape = layout.partial_shape(gate)
+        total = np.zeros(shape, dtype=np.float64)
         positions = 0
         for index in range(layout.count):
             partial = collected.get(index)
             if (
                 partial is None
-                or partial.sums.shape != (1, channels)
+                or partial.sums.shape != shape
                 or (partial.positions != layout.gate_positions(index, gate))
                 or not partial.sums.is_finite()
             ):
@@ -491,10 +498,10 @@ class Worker:
                 return
             total += partial.sums.array
             positions += partial.positions
-        if positions != layout.gates[gate].out_height * layout.gates[gate].out_width:
+        if positions != layout.partial_total(gate):
             self._log.warning("partial", "partials of job %s cover the wrong area", job_id)
             return
-        value = total / positions
+        value = total if layout.sums else total / positions
         del self._partials[key]
         delivered = False
         for tile in waiting:
@@ -721,15 +728,27 @@ class Worker:
             if not np.isfinite(array).all():
                 raise _TileRefused("input tensor holds NaN or infinite values")
             x = torch.from_numpy(array.astype(np.float32, copy=True))
-            # A tile that is the whole map has every position of each gate's mean:
-            # it computes the mean itself instead of a round trip per gate.
-            runner = run_tile(
-                tile.held.model,
-                tile.rows,
-                x,
-                columns=tile.columns,
-                gate_mode="local" if task.local_gates else "exact",
-            )
+            channels = tile.layout.channel_parts
+            if channels is not None:
+                units = tile.held.spec.units[task.first_unit : task.last_unit + 1]
+                runner = run_channel_tile(
+                    tile.held.model,
+                    units,
+                    channels[task.tile],
+                    x,
+                    tile.rows.out_rows,
+                    alone=task.local_gates,
+                )
+            else:
+                # A tile that is the whole map has every position of each gate's mean:
+                # it computes the mean itself instead of a round trip per gate.
+                runner = run_tile(
+                    tile.held.model,
+                    tile.rows,
+                    x,
+                    columns=tile.columns,
+                    gate_mode="local" if task.local_gates else "exact",
+                )
             runner_holder.append(runner)
             return _advance(runner, None, self.wire_dtype)
 
@@ -817,7 +836,13 @@ class Worker:
             tile=task.tile,
             gate=partial.index,
             device=self.device_id,
-            sums=Tensor(np.ascontiguousarray(partial.sums, dtype=np.float64)),
+            # A channel tile's partial is a whole map: float32 halves it (every holder
+            # then sums the same float32 values, in tile order, in float64).
+            sums=Tensor(
+                np.ascontiguousarray(
+                    partial.sums, dtype=np.float32 if partial.reduce == "sum" else np.float64
+                )
+            ),
             positions=partial.count,
         )
         if task.peers is None:
@@ -901,9 +926,11 @@ def _gate_problem(layout: SegmentLayout, message: GateValue) -> str | None:
     vector = message.vector
     if vector.dtype not in _GATE_DTYPES:
         return f"dtype {vector.dtype} is not one of {', '.join(_GATE_DTYPES)}"
-    channels = layout.gates[message.gate].out_channels
-    if vector.shape not in ((channels,), (1, channels)):
-        return f"shape {list(vector.shape)}, the gate has {channels} channels"
+    shape = layout.partial_shape(message.gate)
+    if layout.sums and vector.shape != shape:
+        return f"shape {list(vector.shape)}, the summed partial has {list(shape)}"
+    if not layout.sums and vector.shape not in (shape, shape[1:]):
+        return f"shape {list(vector.shape)}, the gate has {shape[1]} channels"
     if not vector.is_finite():
         return "it holds NaN or infinite values"
     return None

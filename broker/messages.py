@@ -453,7 +453,7 @@ class TileTask(_TensorMessage):
     """
 
     kind: Literal["tile_task"] = "tile_task"
-    added_fields: ClassVar[frozenset[str]] = frozenset({"deadline_in_s"})
+    added_fields: ClassVar[frozenset[str]] = frozenset({"deadline_in_s", "channel_parts"})
     job_id: JobIdField = Field(description="the job")
     epoch: NonNegativeInt = Field(description="epoch of the leader that sent it")
     plan_id: Name = Field(description="plan the tile belongs to")
@@ -471,6 +471,11 @@ class TileTask(_TensorMessage):
     )
     column_parts: tuple[RowInterval, ...] | None = Field(
         default=None, description="output column partition of a grid; null: full-width strips"
+    )
+    channel_parts: tuple[RowInterval, ...] | None = Field(
+        default=None,
+        description="channel tiles: the hidden-channel partition, one per row part (tile k "
+        "computes channels k from the whole input map and sends on rows k); null: row tiles",
     )
     tile: NonNegativeInt = Field(description="index of the tile within the segment")
     input_rows: RowInterval = Field(description="rows of the segment input in `tensor`")

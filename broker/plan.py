@@ -49,6 +49,12 @@ class Part(_Wire):
     cols: Interval | None = Field(
         default=None, description="output columns [start, stop); null: the full width"
     )
+    channels: Interval | None = Field(
+        default=None,
+        description="channel tile: the hidden channels [start, stop) it computes from the "
+        "whole input map (every tile then holds the whole output; `rows` are the ones it "
+        "sends on); null: a row (or grid) tile",
+    )
     compute_s: Seconds = Field(default=0.0, description="predicted compute time of this tile")
     bytes_in: Count = Field(default=0, description="predicted input bytes (halo included)")
     bytes_out: Count = Field(default=0, description="predicted output bytes")
@@ -99,10 +105,17 @@ class Segment(_Wire):
             raise PlanError(f"segment units {self.first_unit}..{self.last_unit} are reversed")
         return self
 
+    @property
+    def channel_split(self) -> bool:
+        """The parts split the hidden channels (`Part.channels`), not the map."""
+        return any(part.channels is not None for part in self.parts)
+
     def check_coverage(self) -> None:
         """Raise PlanError unless the parts cover the output exactly once."""
         parts = [p for p in self.parts if not p.empty]
         where = f"segment {self.first_unit}..{self.last_unit}"
+        if self.channel_split:
+            self._check_channels(where)
         for part in parts:
             if part.rows[1] > self.out_height:
                 raise PlanError(f"{where}: rows {list(part.rows)} beyond {self.out_height}")
@@ -137,6 +150,21 @@ class Segment(_Wire):
                 cursor = stop
             if cursor != self.out_width:
                 raise PlanError(f"{where}: rows {top}..{bottom}, columns {cursor}.. not covered")
+
+    def _check_channels(self, where: str) -> None:
+        """Channel parts: row strips with non-empty rows, channels contiguous from 0."""
+        if any(p.channels is None or p.cols is not None or p.empty for p in self.parts):
+            raise PlanError(
+                f"{where}: a channel split needs every part to name channels and non-empty "
+                "full-width rows"
+            )
+        cursor = 0
+        for part in sorted(self.parts, key=lambda p: p.rows):
+            assert part.channels is not None
+            start, stop = part.channels
+            if start != cursor or stop < start:
+                raise PlanError(f"{where}: channel parts do not continue from {cursor}")
+            cursor = stop
 
 
 class ImageShare(_Wire):

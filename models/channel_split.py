@@ -35,7 +35,15 @@ import torch
 import torch.nn.functional as F
 
 from edgedi.models.tiling import GatePartial, TileRunner, drive_tiles
-from edgedi.models.units import Op, Rows, Unit, check_partition
+from edgedi.models.units import (
+    Rows,
+    Unit,
+    channel_splittable,
+    check_channel_parts,
+    hidden_channels,
+    reduction_ops,
+    unit_share,
+)
 from edgedi.models.zoo import ConvOp, ZooModel
 
 __all__ = [
@@ -45,65 +53,12 @@ __all__ = [
     "reduction_ops",
     "run_channel_segment_local",
     "run_channel_tile",
-    "split_channels",
 ]
 
 
-def channel_splittable(unit: Unit) -> bool:
-    """A residual unit of two plain convolutions (a ResNet basic block)."""
-    if unit.shortcut is None or len(unit.main) != 2:
-        return False
-    first, second = unit.main
-    if first.kind != "conv" or second.kind != "conv" or first.groups != 1 or second.groups != 1:
-        return False
-    return all(op.kind == "conv" for op in unit.shortcut)
-
-
-def hidden_channels(units: Sequence[Unit]) -> int:
-    """The channel count a segment's channel parts divide (the same in every unit).
-
-    Raises ValueError when a unit cannot be split by channels or the units disagree.
-    """
-    if not units:
-        raise ValueError("a channel segment needs units")
-    counts = set()
-    for unit in units:
-        if not channel_splittable(unit):
-            raise ValueError(f"unit {unit.index} ({unit.name}) cannot be split by channels")
-        counts.add(unit.main[0].out_channels)
-    if len(counts) != 1:
-        raise ValueError(f"units {units[0].index}..{units[-1].index} differ in width")
-    return counts.pop()
-
-
-def reduction_ops(units: Sequence[Unit]) -> tuple[Op, ...]:
-    """The op of each exchange, in order: every unit's second convolution."""
-    return tuple(unit.main[1] for unit in units)
-
-
-def check_channel_parts(parts: Sequence[Rows], channels: int) -> None:
-    """Raise ValueError unless `parts` cover `[0, channels)` in order, once."""
-    check_partition(parts, channels)
-
-
-def split_channels(channels: int, weights: Sequence[float]) -> list[Rows]:
-    """Contiguous shares of `channels` proportional to `weights` (largest remainder)."""
-    total = float(sum(weights))
-    if total <= 0 or any(w < 0 for w in weights):
-        raise ValueError("channel weights must be non-negative with a positive sum")
-    exact = [channels * w / total for w in weights]
-    counts = [int(e) for e in exact]
-    order = sorted(range(len(weights)), key=lambda k: (counts[k] - exact[k], k))
-    for k in order[: channels - sum(counts)]:
-        counts[k] += 1
-    parts, cursor = [], 0
-    for count in counts:
-        parts.append(Rows(cursor, cursor + count))
-        cursor += count
-    return parts
-
-
-def _conv(module: ConvOp, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+def _conv(
+    module: ConvOp, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
     op = module.spec
     return F.conv2d(x, weight, bias, op.stride, op.padding, op.dilation, op.groups)
 
@@ -169,7 +124,10 @@ def _run(
     channels: int,
     alone: bool,
 ) -> TileRunner:
+    base = share
     for number, unit in enumerate(units):
+        width = unit.main[0].out_channels
+        share = unit_share(base, channels, width)
         module = model.unit(unit.index)
         first, second = module.main_ops
         assert isinstance(first, ConvOp) and isinstance(second, ConvOp)
@@ -177,8 +135,8 @@ def _run(
             if alone:
                 total = _conv(second, first(x), second.conv.weight, None)
             elif share.empty:
-                op = unit.main[1]
-                sums = np.zeros((x.shape[0], op.out_channels, op.out_height, op.out_width))
+                made = unit.main[1]
+                sums = np.zeros((x.shape[0], made.out_channels, made.out_height, made.out_width))
             else:
                 w1 = first.conv.weight[share.start : share.stop]
                 b1 = None if first.conv.bias is None else first.conv.bias[share.start : share.stop]
@@ -194,7 +152,7 @@ def _run(
                 name=unit.main[1].name,
                 sums=sums,
                 count=len(share),
-                map_count=channels,
+                map_count=width,
                 reduce="sum",
             )
             value = torch.as_tensor(np.asarray(combined)).to(torch.float32)
@@ -209,8 +167,8 @@ def _run(
                 total = total + second.conv.bias[None, :, None, None]
             y = second.finish(total)
             skip = x
-            for op in module.shortcut_ops or ():
-                skip = op(skip)
+            for step in module.shortcut_ops or ():
+                skip = step(skip)
             x = F.relu(y + skip)
     return x[:, :, out_rows.start : out_rows.stop, :]
 

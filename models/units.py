@@ -533,3 +533,49 @@ def splittable_head(spec: ModelSpec) -> int | None:
     if len(tail) != 1 or tail[0].kind != "head" or tail[0].main[0].kind != "linear":
         return None
     return spec.units.index(tail[0])
+
+
+# --- Channel tiles (see edgedi.models.channel_split) ---------------------------------
+
+
+def channel_splittable(unit: Unit) -> bool:
+    """A residual unit of two plain convolutions (a ResNet basic block)."""
+    if unit.shortcut is None or len(unit.main) != 2:
+        return False
+    first, second = unit.main
+    if first.kind != "conv" or second.kind != "conv" or first.groups != 1 or second.groups != 1:
+        return False
+    return all(op.kind == "conv" for op in unit.shortcut)
+
+
+def hidden_channels(units: Sequence[Unit]) -> int:
+    """The channel count a segment's channel parts divide: its first unit's hidden
+    width (a later, wider unit takes each part scaled, see `unit_share`).
+
+    Raises ValueError when a unit cannot be split by channels.
+    """
+    if not units:
+        raise ValueError("a channel segment needs units")
+    for unit in units:
+        if not channel_splittable(unit):
+            raise ValueError(f"unit {unit.index} ({unit.name}) cannot be split by channels")
+    return units[0].main[0].out_channels
+
+
+def unit_share(share: Rows, base: int, width: int) -> Rows:
+    """Channel part `share` of `base` channels, scaled to a unit `width` channels wide.
+
+    Floor scaling keeps the parts of a partition contiguous and covering: 0 stays 0
+    and `base` becomes `width`.
+    """
+    return Rows(share.start * width // base, share.stop * width // base)
+
+
+def reduction_ops(units: Sequence[Unit]) -> tuple[Op, ...]:
+    """The op of each exchange, in order: every unit's second convolution."""
+    return tuple(unit.main[1] for unit in units)
+
+
+def check_channel_parts(parts: Sequence[Rows], channels: int) -> None:
+    """Raise ValueError unless `parts` cover `[0, channels)` in order, once."""
+    check_partition(parts, channels)

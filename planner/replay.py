@@ -34,11 +34,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from edgedi.broker.plan import Plan
-from edgedi.models.units import ModelSpec, Rows, TileGeometry, segment_tiles, splittable_head
+from edgedi.models.units import (
+    BYTES_PER_ELEMENT,
+    ModelSpec,
+    Rows,
+    TileGeometry,
+    Unit,
+    segment_tiles,
+    splittable_head,
+)
 from edgedi.planner.cost import (
     PARTIAL_BYTES_PER_CHANNEL,
     NetworkModel,
     op_macs,
+    op_seconds,
     phase_seconds,
 )
 from edgedi.planner.errors import InfeasiblePlanError
@@ -97,6 +106,40 @@ def tile_phases(profile: DeviceProfile, digest: str, geometry: TileGeometry) -> 
             if item.op.kind == "gate":
                 phases.append(0.0)
     return phases
+
+
+def channel_phases(
+    profile: DeviceProfile, digest: str, units: Sequence[Unit], share: float
+) -> list[float]:
+    """Seconds per phase of a channel tile (`edgedi.models.channel_split`) computing
+    the fraction `share` of the hidden channels: one phase per unit, each ending in
+    an exchange, and a last (nearly free) one that finishes the last unit.
+
+    Each unit's two convolutions cost `share` of their whole-map work; its shortcut
+    runs whole on every tile.
+    """
+    measured = profile.units_for(digest)
+    phases = []
+    for unit in units:
+        seconds = 0.0
+        for position, op in enumerate((*unit.main, *(unit.shortcut or ()))):
+            fraction = share if position < len(unit.main) else 1.0
+            if fraction <= 0.0:
+                continue
+            macs = op_macs(op, op.out_height) * fraction
+            if measured is not None:
+                seconds += measured.units[unit.index].seconds(macs)
+            else:
+                seconds += op_seconds(profile, op, op.out_height) * fraction
+        phases.append(seconds)
+    phases.append(0.0)
+    return phases
+
+
+def channel_partial_bytes(unit: Unit) -> float:
+    """One channel tile's partial of `unit`: its second convolution's whole output."""
+    op = unit.main[1]
+    return float(op.out_channels * op.out_height * op.out_width * BYTES_PER_ELEMENT)
 
 
 class _Links:
@@ -173,10 +216,19 @@ def replay_plan(
 
     spatial = spec.spatial_units
     geometries = []
+    shares: list[list[float] | None] = []
     for segment in plan.segments:
         units = spatial[segment.first_unit : segment.last_unit + 1]
         parts = sorted((p for p in segment.parts if not p.empty), key=lambda p: p.rows)
         strips = segment_tiles(units, [Rows(*p.rows) for p in parts])
+        if segment.channel_split:
+            # Channel tiles read the whole input map; their rows are what they send on.
+            whole = segment_tiles(units, [Rows(0, segment.out_height)])[0]
+            strips = [TileGeometry(whole.in_rows, strip.out_rows, whole.units) for strip in strips]
+            hidden = units[0].main[0].out_channels
+            shares.append([len(Rows(*(p.channels or (0, 0)))) / hidden for p in parts])
+        else:
+            shares.append(None)
         geometries.append([(p.device, strip) for p, strip in zip(parts, strips, strict=True)])
 
     # The first segment's tiles, remote ones first, from the leader's link.
@@ -190,7 +242,15 @@ def replay_plan(
 
     outputs: list[float] = []
     for number, (segment, tiles) in enumerate(zip(plan.segments, geometries, strict=True)):
-        phases = [tile_phases(profiles[d], digest, tile) for d, tile in tiles]
+        units = spatial[segment.first_unit : segment.last_unit + 1]
+        fractions = shares[number]
+        if fractions is None:
+            phases = [tile_phases(profiles[d], digest, tile) for d, tile in tiles]
+        else:
+            phases = [
+                channel_phases(profiles[d], digest, units, fraction)
+                for (d, _), fraction in zip(tiles, fractions, strict=True)
+            ]
         for (device, tile), tile_phase in zip(tiles, phases, strict=True):
             # The worker converts the tile's input before and its output after.
             measured = profiles[device].units_for(digest)
@@ -207,13 +267,11 @@ def replay_plan(
                 finish[k] = compute(device, finish[k], seconds, f"s{number} tile {k} p{phase}")
             if phase == rounds or count == 1:
                 continue
-            gate = [
-                op
-                for unit in spatial[segment.first_unit : segment.last_unit + 1]
-                for op in unit.main
-                if op.kind == "gate"
-            ][phase]
-            size = gate.out_channels * PARTIAL_BYTES_PER_CHANNEL
+            if fractions is not None:
+                size = channel_partial_bytes(units[phase])
+            else:
+                gate = [op for unit in units for op in unit.main if op.kind == "gate"][phase]
+                size = gate.out_channels * PARTIAL_BYTES_PER_CHANNEL
             holders = sorted({d for d, _ in tiles})
             at = {
                 d: max(

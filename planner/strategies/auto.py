@@ -8,6 +8,13 @@ So `auto` asks the row strategies for plans on growing sets of the fastest devic
 and keeps the one with the lowest replayed latency — `single` included, so a plan
 is only ever used when it is predicted faster than one device.
 
+Where rows run out — late residual units on 13×13 and 7×7 maps, whose halos make
+row strips nearly whole maps — `auto` also tries each candidate with its tail of
+units from a segment boundary on replaced by one *channel* segment
+(`edgedi.models.channel_split`): every device of the candidate, or of the fleet,
+computes a share of the filters proportional to its speed from the whole map, with
+one exchange of partial sums per unit. No published system partitions this way.
+
 A leader first runs a few jobs with each of the best-predicted candidates and the
 best one-device plan (`to_explore`), then keeps the fastest measured:
 `measured` (candidate name → measured median latency, seconds) lets the leader
@@ -20,13 +27,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from edgedi.broker.plan import Plan
-from edgedi.models.units import ModelSpec
+from edgedi.broker.plan import Part, Plan, Segment, StepTimes
+from edgedi.models.units import ModelSpec, channel_splittable, hidden_channels, split_rows
 from edgedi.planner.cost import NetworkModel
 from edgedi.planner.errors import InfeasiblePlanError
 from edgedi.planner.problem import PlanningProblem
 from edgedi.planner.profiles import DeviceProfile
-from edgedi.planner.replay import replay_plan, supports_replay
+from edgedi.planner.replay import channel_phases, replay_plan, supports_replay
 from edgedi.planner.strategies.base import Decision, Strategy, get_strategy, register
 
 __all__ = ["Auto", "Candidate", "candidates", "choose", "labelled", "to_explore"]
@@ -97,7 +104,99 @@ def candidates(
             found.append(Candidate(f"{name}/{size}", plan, replayed.latency_s))
     if not found:
         raise InfeasiblePlanError(f"no strategy found a row plan for {spec.name}")
-    return found
+    return found + _channel_candidates(found, spec, devices, speed, ranked, network)
+
+
+def _channel_candidates(
+    found: Sequence[Candidate],
+    spec: ModelSpec,
+    devices: Sequence[DeviceProfile],
+    speed: Mapping[str, float],
+    ranked: Sequence[str],
+    network: NetworkModel,
+) -> list[Candidate]:
+    """Every candidate with its units from each segment boundary on as one channel
+    segment, over the candidate's devices or the whole fleet; the best per device count."""
+    spatial = spec.spatial_units
+    splittable = [channel_splittable(unit) for unit in spatial]
+    height = spatial[-1].out_shape[1]
+    variants: list[Candidate] = []
+    seen: set[tuple[object, ...]] = set()
+    for candidate in found:
+        plan = candidate.plan
+        for position, segment in enumerate(plan.segments):
+            first = segment.first_unit
+            if position == 0 or not all(splittable[first:]):
+                continue
+            for group in (plan.devices_used, ranked):
+                chosen = sorted(set(group) | {plan.leader}, key=lambda d: (-speed[d], d))
+                key = (plan.segments[:position], tuple(chosen))
+                if len(chosen) < 2 or len(chosen) > height or key in seen:
+                    continue
+                seen.add(key)
+                channel = _channel_segment(spec, devices, plan, first, chosen, speed, network)
+                prefix = [
+                    s.model_copy(update={"sink": plan.leader}) for s in plan.segments[:position]
+                ]
+                try:
+                    varied = Plan.model_validate(
+                        {**plan.model_dump(), "segments": [*prefix, channel]}
+                    )
+                    replayed = replay_plan(varied, spec, devices, network)
+                except (ValueError, InfeasiblePlanError):
+                    continue
+                name = f"{candidate.name}+channels{first}/{len(chosen)}"
+                variants.append(Candidate(name, varied, replayed.latency_s))
+    # The best variant per device count: near-identical variants would only make the
+    # leader measure one after another (`to_explore`) for nothing.
+    best: dict[int, Candidate] = {}
+    for variant in variants:
+        count = len(variant.plan.segments[-1].parts)
+        if count not in best or variant.predicted_s < best[count].predicted_s:
+            best[count] = variant
+    return list(best.values())
+
+
+def _channel_segment(
+    spec: ModelSpec,
+    devices: Sequence[DeviceProfile],
+    plan: Plan,
+    first: int,
+    chosen: Sequence[str],
+    speed: Mapping[str, float],
+    network: NetworkModel,
+) -> Segment:
+    """Units `first..` split by channels over `chosen`, shares by speed."""
+    spatial = spec.spatial_units
+    units = spatial[first:]
+    hidden = hidden_channels(units)
+    out = units[-1].out_shape
+    shares = split_rows(hidden, [speed[d] for d in chosen])
+    rows = split_rows(out[1], [1.0] * len(chosen))
+    profiles = {d.device: d for d in devices}
+    parts = []
+    for device, share, routing in zip(chosen, shares, rows, strict=True):
+        phases = channel_phases(profiles[device], plan.model_digest, units, len(share) / hidden)
+        parts.append(
+            Part(
+                device=device,
+                rows=(routing.start, routing.stop),
+                channels=(share.start, share.stop),
+                compute_s=sum(phases),
+            )
+        )
+    slowest = max(part.compute_s for part in parts)
+    rounds = len(units) * network.gate_round_s
+    return Segment(
+        first_unit=first,
+        last_unit=spatial[-1].index,
+        out_height=out[1],
+        out_width=out[2],
+        reductions=len(units),
+        sink=plan.tail_device,
+        parts=tuple(parts),
+        predicted=StepTimes(compute_s=slowest, reductions_s=rounds, total_s=slowest + rounds),
+    )
 
 
 def choose(found: Sequence[Candidate], measured: Mapping[str, float] | None = None) -> Candidate:

@@ -10,10 +10,9 @@ from edgedi.models.channel_split import (
     hidden_channels,
     run_channel_segment_local,
     run_channel_tile,
-    split_channels,
 )
 from edgedi.models.tiling import combine_partials, drive_tiles
-from edgedi.models.units import Rows
+from edgedi.models.units import Rows, split_rows
 from edgedi.models.zoo import build_model, randomize_statistics
 
 TOLERANCE = 1e-5
@@ -26,7 +25,8 @@ def _model(name: str, size: int = 64):
 
 
 def _splittable_runs(model):
-    """Maximal runs of consecutive channel-splittable units of equal width."""
+    """Runs of consecutive channel-splittable units of equal width (one per stage),
+    then the whole residual part as one run (its units widen twice)."""
     runs, current = [], []
     for unit in model.spec.spatial_units:
         ok = channel_splittable(unit)
@@ -39,7 +39,7 @@ def _splittable_runs(model):
         current = [unit] if ok else []
     if current:
         runs.append(current)
-    return runs
+    return [*runs, [unit for run in runs for unit in run]]
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet34"])
@@ -49,11 +49,11 @@ def test_channel_tiles_equal_the_whole_pass(name: str, weights: tuple[float, ...
     x = torch.randn(1, *model.spec.input_shape, generator=torch.Generator().manual_seed(5))
     maps = model.unit_outputs(x)
     runs = _splittable_runs(model)
-    assert len(runs) >= 4  # one per stage at least (the stride-2 first units included)
+    assert len(runs) >= 5  # one per stage (the stride-2 first units included), and all
     for run in runs:
         first, last = run[0].index, run[-1].index
         source = x if first == 0 else maps[first - 1]
-        shares = split_channels(hidden_channels(run), weights)
+        shares = split_rows(hidden_channels(run), weights)
         got = run_channel_segment_local(model, run, shares, source)
         want = maps[last]
         assert got.shape == want.shape
@@ -64,7 +64,7 @@ def test_a_tile_returns_its_routing_rows_and_an_empty_share_still_exchanges() ->
     model = _model("resnet18")
     x = torch.randn(1, *model.spec.input_shape, generator=torch.Generator().manual_seed(6))
     maps = model.unit_outputs(x)
-    run = _splittable_runs(model)[-1]
+    run = _splittable_runs(model)[-2]
     channels = hidden_channels(run)
     shares = [Rows(0, channels), Rows(channels, channels)]  # the second tile has none
     height = run[-1].out_shape[1]
@@ -81,7 +81,7 @@ def test_a_tile_returns_its_routing_rows_and_an_empty_share_still_exchanges() ->
 
 def test_partials_must_cover_the_hidden_channels_once() -> None:
     model = _model("resnet18")
-    run = _splittable_runs(model)[-1]
+    run = _splittable_runs(model)[-2]
     channels = hidden_channels(run)
     source = torch.randn(1, *run[0].in_shape)
     height = run[-1].out_shape[1]
@@ -111,9 +111,9 @@ def test_bad_shares_and_inputs_are_refused() -> None:
 
 
 def test_split_channels_is_proportional_and_exact() -> None:
-    parts = split_channels(512, [0.4, 0.4, 0.25, 0.25])
+    parts = split_rows(512, [0.4, 0.4, 0.25, 0.25])
     assert parts[0].start == 0 and parts[-1].stop == 512
     assert [len(p) for p in parts] == [158, 158, 98, 98]
-    assert [len(p) for p in split_channels(10, [1, 0, 1])] == [5, 0, 5]
+    assert [len(p) for p in split_rows(10, [1, 0, 1])] == [5, 0, 5]
     with pytest.raises(ValueError):
-        split_channels(10, [0, 0])
+        split_rows(10, [0, 0])

@@ -84,7 +84,7 @@ async def test_auto_measures_its_best_candidates_then_keeps_the_fastest() -> Non
     hops = planning._client_hops()
     tried: list[str] = []
     plan = await planning.plan_for(MODEL)
-    for _ in range(5):  # within its prediction: only exploration moves it on
+    for _ in range(6):  # within its prediction: only exploration moves it on
         tried.append(plan.strategy)
         replanned = [
             planning.observe_job(MODEL, plan, plan.predicted_latency_s * 1.05 - hops)
