@@ -36,7 +36,7 @@ from edgedi.planner.profiles import DeviceProfile
 from edgedi.planner.replay import channel_phases, replay_plan, supports_replay
 from edgedi.planner.strategies.base import Decision, Strategy, get_strategy, register
 
-__all__ = ["Auto", "Candidate", "candidates", "choose", "labelled", "to_explore"]
+__all__ = ["Auto", "Candidate", "Channels", "candidates", "choose", "labelled", "to_explore"]
 
 # Strategies whose row-strip plans run on the direct data plane. DeepThings cuts a
 # grid where it can (relayed, so not a candidate) and row strips around attention
@@ -245,8 +245,46 @@ class Auto(Strategy):
         raise InfeasiblePlanError("auto chooses among whole plans, not segments")
 
 
+@register
+class Channels(Strategy):
+    """`auto`'s best candidate with a channel segment: rows early, channels late.
+
+    For comparing partitionings and for tests; `auto` weighs these against every
+    other candidate. A model without residual units to split gets `auto`'s choice."""
+
+    name = "channels"
+    summary = "rows early, output channels late (auto's best channel plan)"
+
+    def plan_problem(
+        self,
+        problem: PlanningProblem,
+        *,
+        epoch: int = 0,
+        plan_id: str | None = None,
+        created_at: float | None = None,
+    ) -> Plan:
+        found = candidates(
+            problem.spec,
+            problem.devices,
+            leader=problem.fleet.ids[problem.leader],
+            network=problem.network,
+            epoch=epoch,
+            created_at=created_at,
+            tail_on_leader=problem.tail_on_leader,
+        )
+        split = [c for c in found if any(s.channel_split for s in c.plan.segments)]
+        return labelled(choose(split or found), plan_id, problem.devices, prefix=self.name)
+
+    def decide(self, problem: PlanningProblem) -> Decision:
+        raise InfeasiblePlanError("channels chooses among whole plans, not segments")
+
+
 def labelled(
-    candidate: Candidate, plan_id: str | None = None, devices: Sequence[DeviceProfile] = ()
+    candidate: Candidate,
+    plan_id: str | None = None,
+    devices: Sequence[DeviceProfile] = (),
+    *,
+    prefix: str = "auto",
 ) -> Plan:
     """The candidate's plan, named after it and predicting its replayed latency.
 
@@ -257,7 +295,7 @@ def labelled(
     listed += [d.device for d in devices if d.device not in listed]
     update: dict[str, object] = {
         "devices": tuple(listed),
-        "strategy": f"auto:{candidate.name}",
+        "strategy": f"{prefix}:{candidate.name}",
         "predicted_latency_s": candidate.predicted_s,
         "predicted_throughput": 1.0 / candidate.predicted_s if candidate.predicted_s else 0.0,
     }
