@@ -8,8 +8,9 @@ it, with the costs each device measured on itself:
 2. the leader sends the first segment's tiles, remote ones first, one after another
    on its own link;
 3. every device computes its tiles phase by phase on its one compute thread; at an
-   attention gate each tile sends its partial sums straight to the segment's other
-   devices, and a device goes on once every partial has reached it;
+   attention gate (or a channel tile's exchange) each tile publishes its partial
+   sums once, the broker fans them out to the segment's other devices, and a
+   device goes on once every partial has reached it;
 4. at a segment's end each tile sends the rows each next-segment tile needs straight
    to that tile's device (rows kept on the same device cost nothing);
 5. the last segment's tiles send their output to the leader, which runs the tail;
@@ -165,6 +166,30 @@ class _Links:
         self.events.append(ReplayEvent(sender, "send", f"{label} → {receiver}", start, arrival))
         return arrival
 
+    def broadcast(
+        self, now: float, sender: str, receivers: Sequence[str], size: float, label: str
+    ) -> dict[str, float]:
+        """When one message published once (the broker fans it out) reaches each receiver.
+
+        The sender's link carries it once; each remote receiver's own link then the bytes.
+        """
+        arrivals = {receiver: now for receiver in receivers if receiver == sender}
+        remote = [receiver for receiver in receivers if receiver != sender]
+        if not remote:
+            return arrivals
+        a = self.profiles[sender]
+        size += self.network.message_overhead_bytes
+        start = max(now, self.free[sender])
+        self.free[sender] = start + size / a.bandwidth
+        for receiver in remote:
+            b = self.profiles[receiver]
+            hold = size / min(a.bandwidth, b.bandwidth)
+            arrival = start + hold + (a.latency_s + b.latency_s) / 2
+            arrivals[receiver] = arrival + self.network.broker_per_message_s
+        end = max(arrivals.values())
+        self.events.append(ReplayEvent(sender, "send", f"{label} → {len(remote)}", start, end))
+        return arrivals
+
 
 def replay_plan(
     plan: Plan,
@@ -273,13 +298,13 @@ def replay_plan(
                 gate = [op for unit in units for op in unit.main if op.kind == "gate"][phase]
                 size = gate.out_channels * PARTIAL_BYTES_PER_CHANNEL
             holders = sorted({d for d, _ in tiles})
-            at = {
-                d: max(
-                    links.send(finish[k], tiles[k][0], d, size, f"s{number} partial {phase}")
-                    for k in range(count)
+            at = dict.fromkeys(holders, 0.0)
+            for k in range(count):  # each partial is published once (devices/<id>/partials)
+                reached = links.broadcast(
+                    finish[k], tiles[k][0], holders, size, f"s{number} partial {phase}"
                 )
-                for d in holders
-            }
+                for device, arrival in reached.items():
+                    at[device] = max(at[device], arrival)
             finish = {k: at[tiles[k][0]] + network.gate_round_s for k in range(count)}
         if number == len(plan.segments) - 1:
             row_bytes = float(spatial[segment.last_unit].out_row_bytes)
