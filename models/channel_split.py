@@ -136,14 +136,15 @@ def _run(
                 total = _conv(second, first(x), second.conv.weight, None)
             elif share.empty:
                 made = unit.main[1]
-                sums = np.zeros((x.shape[0], made.out_channels, made.out_height, made.out_width))
+                shape = (x.shape[0], made.out_channels, made.out_height, made.out_width)
+                sums = np.zeros(shape, dtype=np.float32)
             else:
                 w1 = first.conv.weight[share.start : share.stop]
                 b1 = None if first.conv.bias is None else first.conv.bias[share.start : share.stop]
                 hidden = _finish_slice(first, _conv(first, x, w1, b1), share)
                 w2 = second.conv.weight[:, share.start : share.stop]
                 partial = _conv(second, hidden, w2, None)
-                sums = partial.to(torch.float64).numpy()
+                sums = partial.numpy()  # float32: what travels; summed in float64
         if not alone:
             combined = yield GatePartial(
                 index=number,

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 from collections.abc import Generator, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -90,7 +90,7 @@ class GatePartial:
     unit_index: int
     op_index: int
     name: str
-    sums: npt.NDArray[np.float64] = field(repr=False)
+    sums: npt.NDArray[Any] = field(repr=False)
     count: int
     map_count: int
     reduce: Literal["mean", "sum"] = "mean"

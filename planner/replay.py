@@ -300,10 +300,10 @@ def replay_plan(
             holders = sorted({d for d, _ in tiles})
             at = dict.fromkeys(holders, 0.0)
             for k in range(count):  # each partial is published once (devices/<id>/partials)
-                reached = links.broadcast(
+                arrivals = links.broadcast(
                     finish[k], tiles[k][0], holders, size, f"s{number} partial {phase}"
                 )
-                for device, arrival in reached.items():
+                for device, arrival in arrivals.items():
                     at[device] = max(at[device], arrival)
             finish = {k: at[tiles[k][0]] + network.gate_round_s for k in range(count)}
         if number == len(plan.segments) - 1:
