@@ -299,12 +299,25 @@ def replay_plan(
                 size = gate.out_channels * PARTIAL_BYTES_PER_CHANNEL
             holders = sorted({d for d, _ in tiles})
             at = dict.fromkeys(holders, 0.0)
+            inbox: dict[str, list[float]] = {d: [] for d in holders}
             for k in range(count):  # each partial is published once (devices/<id>/partials)
                 arrivals = links.broadcast(
                     finish[k], tiles[k][0], holders, size, f"s{number} partial {phase}"
                 )
                 for device, arrival in arrivals.items():
                     at[device] = max(at[device], arrival)
+                    if device != tiles[k][0]:
+                        inbox[device].append(arrival)
+            if fractions is not None:
+                # A channel tile's partial is a whole map: each holder decodes, checks
+                # and adds every other one, one after another.
+                for device in holders:
+                    measured = profiles[device].units_for(digest)
+                    per_partial = size * (measured.copy_s_per_byte if measured else 0.0)
+                    free = 0.0
+                    for arrival in sorted(inbox[device]):
+                        free = max(free, arrival) + per_partial
+                    at[device] = max(at[device], free)
             finish = {k: at[tiles[k][0]] + network.gate_round_s for k in range(count)}
         if number == len(plan.segments) - 1:
             row_bytes = float(spatial[segment.last_unit].out_row_bytes)
