@@ -180,3 +180,43 @@ def test_a_split_head_moves_the_first_linear_layer_to_the_last_tiles() -> None:
     last = plan.segments[-1]
     assert {e.device for e in heads} == {p.device for p in last.parts if not p.empty}
     assert not any(e.label.endswith("head") for e in whole.events)
+
+
+def _channel_plan(found: list[Candidate]) -> Candidate | None:
+    split = [c for c in found if any(s.channel_split for s in c.plan.segments)]
+    return min(split, key=lambda c: c.predicted_s) if split else None
+
+
+def test_auto_splits_late_residual_units_by_channels_when_compute_dominates() -> None:
+    spec = get_spec("resnet34", 200)
+    slow = [device(n, 0.3, model="resnet34", bandwidth=1e9) for n in "abcd"]
+    found = candidates(spec, slow, leader="a")
+    best = choose(found)
+    channel = _channel_plan(found)
+    assert channel is not None
+    segment = channel.plan.segments[-1]
+    assert segment.channel_split and segment.last_unit == len(spec.spatial_units) - 1
+    # Channel shares cover the hidden channels once, in part order (checked by the plan).
+    assert segment.parts[0].channels is not None and segment.parts[0].channels[0] == 0
+    assert sum(p.channels[1] - p.channels[0] for p in segment.parts if p.channels) == (
+        spec.units[segment.first_unit].main[0].out_channels
+    )
+    assert "+channels" in best.name  # compute-bound: the halos of row strips lose
+    # One exchange per unit of the channel segment, each partial published once per tile.
+    replayed = replay_plan(channel.plan, spec, slow)
+    units = segment.last_unit - segment.first_unit + 1
+    exchanges = [e for e in replayed.events if "partial" in e.label]
+    assert len(exchanges) == units * len(segment.parts)
+
+
+def test_channel_exchanges_are_priced_by_the_link() -> None:
+    spec = get_spec("resnet34", 200)
+    fast = [device(n, 3.0, model="resnet34", bandwidth=1e9) for n in "abcd"]
+    slow_links = [device(n, 3.0, model="resnet34", bandwidth=2e6) for n in "abcd"]
+    channel = _channel_plan(candidates(spec, fast, leader="a"))
+    assert channel is not None
+    quick = replay_plan(channel.plan, spec, fast).latency_s
+    slowed = replay_plan(channel.plan, spec, slow_links).latency_s
+    # Each unit moves whole-map partials: on a 2 MB/s link that dwarfs the compute.
+    assert slowed > 2 * quick
+    assert "+channels" not in choose(candidates(spec, slow_links, leader="a")).name
