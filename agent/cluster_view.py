@@ -272,11 +272,15 @@ def describe_plan(plan: Plan, indent: str = "  ") -> list[str]:
             )
     for position, segment in enumerate(plan.segments):
         gates = f", {segment.reductions} gate round(s)" if segment.reductions else ""
+        if segment.channel_split:
+            gates = f", split by channels, {segment.reductions} exchange(s)"
         parts = []
         for part in segment.parts:
             if part.empty:
                 continue
             where = f"rows {_interval(part.rows)}"
+            if part.channels is not None:
+                where = f"channels {_interval(part.channels)} (sends rows {_interval(part.rows)})"
             if part.cols is not None and part.cols != (0, segment.out_width):
                 where += f" x cols {_interval(part.cols)}"
             parts.append(f"{part.device} {where}")
