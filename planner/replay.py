@@ -80,6 +80,8 @@ class Replay:
     """scatter (image in + first tiles out), compute (segments, gates and boundaries
     included), tail and result (back to the client)."""
     events: tuple[ReplayEvent, ...] = field(repr=False)
+    bytes_moved: float = 0.0
+    """Bytes that left a device (a broadcast counted once per receiver)."""
 
 
 def supports_replay(plan: Plan) -> bool:
@@ -151,12 +153,14 @@ class _Links:
         self.network = network
         self.free: dict[str, float] = defaultdict(float)
         self.events: list[ReplayEvent] = []
+        self.bytes_moved = 0.0
 
     def send(self, now: float, sender: str, receiver: str, size: float, label: str) -> float:
         """When a message of `size` bytes sent at `now` reaches `receiver`."""
         if sender == receiver:
             return now
         a, b = self.profiles[sender], self.profiles[receiver]
+        self.bytes_moved += size
         size += self.network.message_overhead_bytes
         start = max(now, self.free[sender])
         hold = size / min(a.bandwidth, b.bandwidth)
@@ -178,6 +182,7 @@ class _Links:
         if not remote:
             return arrivals
         a = self.profiles[sender]
+        self.bytes_moved += size * len(remote)
         size += self.network.message_overhead_bytes
         start = max(now, self.free[sender])
         self.free[sender] = start + size / a.bandwidth
@@ -361,4 +366,5 @@ def replay_plan(
             "result": lead.latency_s,
         },
         events=tuple(sorted([*events, *links.events], key=lambda e: e.start)),
+        bytes_moved=links.bytes_moved,
     )

@@ -146,6 +146,7 @@ def _channel_candidates(
                 except (ValueError, InfeasiblePlanError):
                     continue
                 name = f"{candidate.name}+channels{first}/{len(chosen)}"
+                varied = varied.model_copy(update={"predicted_bytes": int(replayed.bytes_moved)})
                 variants.append(Candidate(name, varied, replayed.latency_s))
     # The best variant per device count: near-identical variants would only make the
     # leader measure one after another (`to_explore`) for nothing.
