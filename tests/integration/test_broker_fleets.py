@@ -20,10 +20,12 @@ import pytest
 from test_broker_messaging import _DEVICE_SCRIPT, WAIT, Inbox, _tile_result
 
 from edgedi.broker.connection import MqttSession
+from edgedi.broker.errors import ConnectionLost
 from edgedi.broker.messages import (
     DeviceBirth,
     DeviceCapabilities,
     DeviceState,
+    JobResult,
     LeaderRecord,
     TileResult,
 )
@@ -33,6 +35,7 @@ from edgedi.broker.topics import (
     CATALOGUE,
     DEVICE_BIRTH,
     DEVICE_STATE,
+    JOB_RESULT,
     JOB_TILES,
     PLANNER_LEADER,
     Publication,
@@ -152,3 +155,33 @@ async def test_every_edgedi_topic_is_accepted(
             await asyncio.sleep(0.05)
     assert receiver.statistics.received == len(topics)
     assert sender.connected.is_set() and receiver.connected.is_set()
+
+
+async def test_a_topic_the_broker_refuses_costs_two_connections_not_one_per_publish(
+    fleet_sessions: SessionFactory,
+) -> None:
+    """Ids may contain '.', which nats-server before 2.10 refuses in a topic by closing
+    the connection (RabbitMQ 3.10 takes it but turns the '.' into a level separator, so
+    the message reaches no exact subscriber). After two such drops the session stops
+    sending those topics (a clear error for each) and stays connected; plain topics work
+    throughout."""
+    sender = await fleet_sessions()
+    receiver = await fleet_sessions()
+    inbox = Inbox()
+    await receiver.subscribe(JOB_RESULT, inbox, device="leader")
+    dotted = JobResult(sender="leader", job_id="job.1", status="error", error="dotted")
+    plain = JobResult(sender="leader", job_id="job-2", status="error", error="plain")
+    try:
+        await sender.publish(JOB_RESULT, dotted, device="leader", job_id="job.1")
+    except ConnectionLost as error:
+        assert "'.'" in str(error), error
+        await sender.wait_connected(timeout=WAIT)
+        connects = sender.statistics.connects
+        with pytest.raises(ConnectionLost, match="not sent"):
+            await sender.publish(JOB_RESULT, dotted, device="leader", job_id="job.1")
+        assert sender.statistics.connects == connects
+    connects = sender.statistics.connects
+    await sender.publish(JOB_RESULT, plain, device="leader", job_id="job-2")
+    while (received := await inbox.get()).message != plain:
+        assert received.message == dotted  # a broker that takes '.' delivers it first
+    assert sender.statistics.connects == connects
