@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from test_broker_messaging import _DEVICE_SCRIPT, WAIT, Inbox, _tile_result
 
-from edgedi.broker.connection import MqttSession
+from edgedi.broker.connection import MqttSession, SessionSettings
 from edgedi.broker.errors import ConnectionLost
 from edgedi.broker.messages import (
     DeviceBirth,
@@ -29,7 +29,7 @@ from edgedi.broker.messages import (
     LeaderRecord,
     TileResult,
 )
-from edgedi.broker.server import BrokerHandle
+from edgedi.broker.server import BrokerHandle, BrokerKind, start_broker
 from edgedi.broker.tensors import Tensor
 from edgedi.broker.topics import (
     CATALOGUE,
@@ -185,3 +185,43 @@ async def test_a_topic_the_broker_refuses_costs_two_connections_not_one_per_publ
     while (received := await inbox.get()).message != plain:
         assert received.message == dotted  # a broker that takes '.' delivers it first
     assert sender.statistics.connects == connects
+
+
+async def test_a_session_comes_back_after_its_broker_restarts(
+    fleet_broker_kind: BrokerKind, topic_root: TopicRoot
+) -> None:
+    """`halt()`/`resume()` of a NATS or RabbitMQ broker (the fault tests' broker restart):
+    same port, and a session reconnects and resubscribes by itself."""
+    handle = await asyncio.to_thread(start_broker, prefer=fleet_broker_kind)
+    sessions = [
+        MqttSession(
+            SessionSettings(
+                host=handle.host, port=handle.port, client_id=name, reconnect_max_seconds=0.5
+            ),
+            topic_root,
+        )
+        for name in ("restart-sender", "restart-receiver")
+    ]
+    sender, receiver = sessions
+    try:
+        async with asyncio.TaskGroup() as group:
+            for session in sessions:
+                group.create_task(session.run(), name=f"session-{session.settings.client_id}")
+            try:
+                await sender.wait_connected(timeout=WAIT)
+                await receiver.wait_connected(timeout=WAIT)
+                inbox = Inbox()
+                await receiver.subscribe(JOB_RESULT, inbox, device="leader")
+                await asyncio.to_thread(handle.halt)
+                await asyncio.to_thread(handle.resume)
+                await receiver.wait_connected(timeout=30)
+                await sender.wait_connected(timeout=30)
+                sent = JobResult(sender="leader", job_id="job-3", status="error", error="again")
+                await sender.publish(JOB_RESULT, sent, device="leader", job_id="job-3")
+                assert (await inbox.get(within=30)).message == sent
+                assert receiver.statistics.connects == 2
+            finally:
+                for session in sessions:
+                    session.request_stop()
+    finally:
+        await asyncio.to_thread(handle.stop)
