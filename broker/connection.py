@@ -95,15 +95,15 @@ _CONNECTION_GONE: Final = frozenset({paho.MQTT_ERR_NO_CONN, paho.MQTT_ERR_CONN_L
 # MQTT allows 64 KiB topics; a log line quotes at most this much of one.
 _MAX_LOGGED_TOPIC: Final = 200
 # Characters valid in MQTT topics that some brokers refuse by closing the connection
-# (nats-server before 2.10, Debian 12's 2.9.10 among them, for '.' and ' '; ids may
-# contain '.'). After this many consecutive drops while publishing to such topics, the
+# (older nats-server releases, Debian 12's 2.9.10 among them, for '.' and ' '; ids
+# may contain '.'). After this many consecutive drops while publishing to such topics, the
 # session stops sending them and fails those publishes at once, with the reason, rather
 # than lose its connection (and fire its Will) on every one.
 _FRAGILE_TOPIC_CHARS: Final = frozenset(". ")
 _FRAGILE_TOPIC_DROPS: Final = 2
 _FRAGILE_TOPIC_REASON: Final = (
-    "this broker closes the connection on topics with '.' or ' ' (nats-server before "
-    "2.10 does): use device, cluster, job and prefix names without '.' on it "
+    "this broker closes the connection on topics with '.' or ' ' (older nats-server "
+    "releases do): use device, cluster, job and prefix names without '.' on it "
     "(docs/brokers.md)"
 )
 
@@ -336,7 +336,7 @@ class MqttSession:
             # Ours are the ids in our topics (the client id is the device id of agents).
             logger.warning(
                 "topic prefix %r, cluster %r or id %r contains '.': fine on Mosquitto, but "
-                "nats-server before 2.10 closes the connection on such topics and RabbitMQ's "
+                "older nats-server releases close the connection on such topics and RabbitMQ's "
                 "MQTT plugin turns '.' into a topic level (docs/brokers.md)",
                 *names,
             )

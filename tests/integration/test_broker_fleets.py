@@ -160,7 +160,7 @@ async def test_every_edgedi_topic_is_accepted(
 async def test_a_topic_the_broker_refuses_costs_two_connections_not_one_per_publish(
     fleet_sessions: SessionFactory,
 ) -> None:
-    """Ids may contain '.', which nats-server before 2.10 refuses in a topic by closing
+    """Ids may contain '.', which older nats-server releases (2.9.10) refuse in a topic by closing
     the connection (RabbitMQ 3.10 takes it but turns the '.' into a level separator, so
     the message reaches no exact subscriber). After two such drops the session stops
     sending those topics (a clear error for each) and stays connected; plain topics work
