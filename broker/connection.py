@@ -98,9 +98,12 @@ _MAX_LOGGED_TOPIC: Final = 200
 # (older nats-server releases, Debian 12's 2.9.10 among them, for '.' and ' '; ids
 # may contain '.'). After this many consecutive drops while publishing to such topics, the
 # session stops sending them and fails those publishes at once, with the reason, rather
-# than lose its connection (and fire its Will) on every one.
+# than lose its connection (and fire its Will) on every one. Every
+# _FRAGILE_TOPIC_RETRY_S it tries one again: two drops in a row may also have been a
+# flapping network, which must not disable those topics for good.
 _FRAGILE_TOPIC_CHARS: Final = frozenset(". ")
 _FRAGILE_TOPIC_DROPS: Final = 2
+_FRAGILE_TOPIC_RETRY_S: Final = 300.0
 _FRAGILE_TOPIC_REASON: Final = (
     "this broker closes the connection on topics with '.' or ' ' (older nats-server "
     "releases do): use device, cluster, job and prefix names without '.' on it "
@@ -331,6 +334,7 @@ class MqttSession:
         self._random = random.Random()
         self._log = RateLimitedLog(logger)
         self._fragile_topic_drops = 0
+        self._fragile_topics_refused_at = -math.inf
         names = (root.prefix, root.cluster, settings.client_id)
         if any(not _FRAGILE_TOPIC_CHARS.isdisjoint(name) for name in names):
             # Ours are the ids in our topics (the client id is the device id of agents).
@@ -700,8 +704,10 @@ class MqttSession:
         may_retry = not item.retain and asyncio.current_task() is not self._connection_task
         fragile = not _FRAGILE_TOPIC_CHARS.isdisjoint(item.topic)
         if fragile and self._fragile_topic_drops >= _FRAGILE_TOPIC_DROPS:
-            self.statistics.publish_failures += 1
-            raise ConnectionLost(f"publish to {item.topic} not sent: {_FRAGILE_TOPIC_REASON}")
+            if time.monotonic() - self._fragile_topics_refused_at < _FRAGILE_TOPIC_RETRY_S:
+                self.statistics.publish_failures += 1
+                raise ConnectionLost(f"publish to {item.topic} not sent: {_FRAGILE_TOPIC_REASON}")
+            self._fragile_topic_drops = _FRAGILE_TOPIC_DROPS - 1  # one more try
         try:
             async with asyncio.timeout(limit):
                 while True:
@@ -753,11 +759,14 @@ class MqttSession:
     def _fragile_topic_dropped(self, topic: str) -> None:
         self._fragile_topic_drops += 1
         if self._fragile_topic_drops == _FRAGILE_TOPIC_DROPS:
+            self._fragile_topics_refused_at = time.monotonic()
             logger.error(
                 "the broker closed the connection on %d publishes in a row to topics with "
-                "'.' or ' ' (the last: %s); such publishes now fail without being sent. %s",
+                "'.' or ' ' (the last: %s); such publishes now fail without being sent for "
+                "%.0f s. %s",
                 self._fragile_topic_drops,
                 topic[:_MAX_LOGGED_TOPIC],
+                _FRAGILE_TOPIC_RETRY_S,
                 _FRAGILE_TOPIC_REASON,
             )
 
