@@ -558,7 +558,7 @@ _RABBITMQ_STARTUP_SECONDS: Final = 90.0
 _NATS_CONFIG: Final = Template(
     """\
 server_name: $name
-listen: "$host:-1"
+listen: "$client_address"
 max_payload: 64MB
 max_pending: 128MB
 jetstream {
@@ -760,7 +760,7 @@ def start_nats(
         config.write_text(
             _NATS_CONFIG.substitute(
                 name=f"edgedi-{chosen}",
-                host=host,
+                client_address=_address(host, -1),  # any free port: only MQTT is used
                 store=folder / "jetstream",
                 mqtt_address=_address(host, chosen),
             )
