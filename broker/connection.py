@@ -94,6 +94,21 @@ _STABLE_SECONDS: Final = 10.0
 _CONNECTION_GONE: Final = frozenset({paho.MQTT_ERR_NO_CONN, paho.MQTT_ERR_CONN_LOST})
 # MQTT allows 64 KiB topics; a log line quotes at most this much of one.
 _MAX_LOGGED_TOPIC: Final = 200
+# Characters valid in MQTT topics that some brokers refuse by closing the connection
+# (older nats-server releases, Debian 12's 2.9.10 among them, for '.' and ' '; ids
+# may contain '.'). After this many consecutive drops while publishing to such topics, the
+# session stops sending them and fails those publishes at once, with the reason, rather
+# than lose its connection (and fire its Will) on every one. Every
+# _FRAGILE_TOPIC_RETRY_S it tries one again: two drops in a row may also have been a
+# flapping network, which must not disable those topics for good.
+_FRAGILE_TOPIC_CHARS: Final = frozenset(". ")
+_FRAGILE_TOPIC_DROPS: Final = 2
+_FRAGILE_TOPIC_RETRY_S: Final = 300.0
+_FRAGILE_TOPIC_REASON: Final = (
+    "this broker closes the connection on topics with '.' or ' ' (older nats-server "
+    "releases do): use device, cluster, job and prefix names without '.' on it "
+    "(docs/brokers.md)"
+)
 
 
 class SessionSettings(BaseModel):
@@ -318,6 +333,17 @@ class MqttSession:
         self._caught_up_at = time.monotonic()
         self._random = random.Random()
         self._log = RateLimitedLog(logger)
+        self._fragile_topic_drops = 0
+        self._fragile_topics_refused_at = -math.inf
+        names = (root.prefix, root.cluster, settings.client_id)
+        if any(not _FRAGILE_TOPIC_CHARS.isdisjoint(name) for name in names):
+            # Ours are the ids in our topics (the client id is the device id of agents).
+            logger.warning(
+                "topic prefix %r, cluster %r or id %r contains '.': fine on Mosquitto, but "
+                "older nats-server releases close the connection on such topics and RabbitMQ's "
+                "MQTT plugin turns '.' into a topic level (docs/brokers.md)",
+                *names,
+            )
 
     # --- state -----------------------------------------------------------------------
 
@@ -412,6 +438,8 @@ class MqttSession:
                     failures = 0
                 delay = self._backoff(failures)
                 failures += 1
+                if connected_at is not None and not self._connected.is_set():
+                    self._explain_refused_subscription()
                 self._log.log(
                     logging.WARNING,
                     "connection",
@@ -429,6 +457,19 @@ class MqttSession:
                     lost.set_result(None)
                 _consume_disconnect_reason(client)
             await asyncio.sleep(delay)
+
+    def _explain_refused_subscription(self) -> None:
+        """The connection dropped while subscribing: where a filter has a character some
+        brokers refuse, say so (the reconnect loop would otherwise only repeat itself)."""
+        fragile = [name for name, _ in self._filters() if not _FRAGILE_TOPIC_CHARS.isdisjoint(name)]
+        if fragile:
+            self._log.log(
+                logging.ERROR,
+                "fragile-subscription",
+                "the broker closed the connection while we subscribed to %s; %s",
+                fragile[0][:_MAX_LOGGED_TOPIC],
+                _FRAGILE_TOPIC_REASON,
+            )
 
     def _new_client(self) -> aiomqtt.Client:
         will = self._will() if callable(self._will) else self._will
@@ -661,6 +702,12 @@ class MqttSession:
         # Only events are sent again (see the module docstring). `on_connect` runs
         # inside the connection loop and cannot wait for the next connection.
         may_retry = not item.retain and asyncio.current_task() is not self._connection_task
+        fragile = not _FRAGILE_TOPIC_CHARS.isdisjoint(item.topic)
+        if fragile and self._fragile_topic_drops >= _FRAGILE_TOPIC_DROPS:
+            if time.monotonic() - self._fragile_topics_refused_at < _FRAGILE_TOPIC_RETRY_S:
+                self.statistics.publish_failures += 1
+                raise ConnectionLost(f"publish to {item.topic} not sent: {_FRAGILE_TOPIC_REASON}")
+            self._fragile_topic_drops = _FRAGILE_TOPIC_DROPS - 1  # one more try
         try:
             async with asyncio.timeout(limit):
                 while True:
@@ -685,7 +732,11 @@ class MqttSession:
                             isinstance(error, aiomqtt.MqttCodeError)
                             and error.rc in _CONNECTION_GONE
                         )
-                        if not (may_retry and gone):
+                        if fragile and gone:
+                            self._fragile_topic_dropped(item.topic)
+                        if not (may_retry and gone) or (
+                            fragile and self._fragile_topic_drops >= _FRAGILE_TOPIC_DROPS
+                        ):
                             raise
                         logger.debug("publish to %s: %s; sending it again", item.topic, error)
                     await lost  # the connection loop notices the drop soon
@@ -695,9 +746,29 @@ class MqttSession:
             raise ConnectionLost(f"publish to {item.topic} timed out after {limit} s") from None
         except aiomqtt.MqttError as error:
             self.statistics.publish_failures += 1
+            if fragile and self._fragile_topic_drops >= _FRAGILE_TOPIC_DROPS:
+                raise ConnectionLost(
+                    f"publish to {item.topic} failed: {_FRAGILE_TOPIC_REASON}"
+                ) from error
             raise ConnectionLost(f"publish to {item.topic} failed: {error}") from error
         self.statistics.published += 1
         self.statistics.bytes_sent += len(item.payload)
+        if fragile:
+            self._fragile_topic_drops = 0  # this broker takes them
+
+    def _fragile_topic_dropped(self, topic: str) -> None:
+        self._fragile_topic_drops += 1
+        if self._fragile_topic_drops == _FRAGILE_TOPIC_DROPS:
+            self._fragile_topics_refused_at = time.monotonic()
+            logger.error(
+                "the broker closed the connection on %d publishes in a row to topics with "
+                "'.' or ' ' (the last: %s); such publishes now fail without being sent for "
+                "%.0f s. %s",
+                self._fragile_topic_drops,
+                topic[:_MAX_LOGGED_TOPIC],
+                _FRAGILE_TOPIC_RETRY_S,
+                _FRAGILE_TOPIC_REASON,
+            )
 
     async def clear_retained(
         self,

@@ -5,12 +5,18 @@
   Mosquitto when installed, the embedded broker otherwise.
 - `BrokerHandle.halt()` / `resume()` / `restart(down_s)` take the broker down and
   bring it back on the same host:port (fault injection: clients see a broker
-  restart). Nothing survives it: retained messages and sessions are in memory only.
+  restart). Nothing survives it: retained messages and sessions are in memory only
+  (except on NATS, whose retained messages live in JetStream's files).
 - Mosquitto runs as a subprocess with the shipped `mosquitto.conf` template
   (TCP_NODELAY, no persistence, bounded queues; see the file for why).
 - amqtt (MQTT 3.1.1 only, 3–4× slower for bulk data) runs either in-process on the
   caller's event loop (`EmbeddedBroker.start()`, async) or on a background thread
   with its own loop (`start_embedded_broker_thread`, for synchronous callers).
+- NATS (`start_nats`: nats-server with JetStream and an `mqtt` block) and RabbitMQ
+  (`start_rabbitmq`: a node of our own with the `rabbitmq_mqtt` plugin) run as
+  subprocesses with their state in a temporary directory: the brokers a plant may
+  already run, and cluster across machines. Never picked by `prefer="auto"`; see
+  docs/brokers.md for what each supports.
 
 `port=0` means any free port: found by binding port 0 and releasing it, so another
 process may in principle take it first; a failed start on a chosen port is retried
@@ -25,6 +31,7 @@ import functools
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -46,20 +53,26 @@ __all__ = [
     "EmbeddedBrokerThread",
     "MosquittoBroker",
     "Preference",
+    "ProcessBroker",
+    "broker_unavailable",
     "find_mosquitto",
+    "find_nats_server",
+    "find_rabbitmq_server",
     "free_port",
     "mosquitto_config",
     "probe_mqtt",
     "start_broker",
     "start_embedded_broker_thread",
     "start_mosquitto",
+    "start_nats",
+    "start_rabbitmq",
     "wait_until_listening",
 ]
 
 logger = logging.getLogger(__name__)
 
-BrokerKind = Literal["mosquitto", "amqtt"]
-Preference = Literal["auto", "mosquitto", "amqtt"]
+BrokerKind = Literal["mosquitto", "amqtt", "nats", "rabbitmq"]
+Preference = Literal["auto", "mosquitto", "amqtt", "nats", "rabbitmq"]
 
 # Debian installs the broker in /usr/sbin, which is not on a normal user's PATH.
 _MOSQUITTO_FALLBACKS: Final = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
@@ -523,6 +536,278 @@ def start_embedded_broker_thread(
     return handle
 
 
+# --- NATS (MQTT interface) and RabbitMQ (MQTT plugin) ------------------------------------
+#
+# Both are brokers an operator may already run, and both cluster across machines (the
+# scale-out path when one broker is not enough). Tests and `bench/broker_hop.py` start a
+# private one of each, with its state in a temporary directory, the same way as Mosquitto.
+
+_NATS_FALLBACKS: Final = ("/usr/sbin/nats-server", "/usr/local/bin/nats-server")
+# Debian's /usr/sbin/rabbitmq-server switches to the `rabbitmq` user, who cannot write our
+# temporary directory; the script it wraps runs a node as whoever calls it.
+_RABBITMQ_FALLBACKS: Final = (
+    "/usr/lib/rabbitmq/bin/rabbitmq-server",
+    "/usr/local/lib/rabbitmq/bin/rabbitmq-server",
+)
+# An Erlang node takes seconds to boot, more on a loaded machine.
+_RABBITMQ_STARTUP_SECONDS: Final = 90.0
+
+# NATS: JetStream holds the MQTT retained messages and sessions, so it is required, and
+# JetStream wants a `server_name`. `max_payload` is raised from NATS's 1 MB to edgedi's
+# own ceiling (tensors of a tile; 64 MB is NATS's hard upper bound).
+_NATS_CONFIG: Final = Template(
+    """\
+server_name: $name
+listen: "$client_address"
+max_payload: 64MB
+max_pending: 128MB
+jetstream {
+  store_dir: "$store"
+}
+mqtt {
+  listen: "$mqtt_address"
+}
+"""
+)
+
+# RabbitMQ: the MQTT plugin on its own listener; AMQP only on loopback (the node needs
+# one); anonymous MQTT clients log in as the default guest user (loopback only unless
+# `loopback_users` says otherwise); retained messages in memory, like Mosquitto's here.
+_RABBITMQ_CONFIG: Final = Template(
+    """\
+listeners.tcp.default = $amqp_address
+mqtt.listeners.tcp.default = $mqtt_address
+mqtt.allow_anonymous = true
+mqtt.retained_message_store = rabbit_mqtt_retained_msg_store_ets
+log.console = true
+log.console.level = warning
+log.file = false
+"""
+)
+
+
+def find_nats_server() -> str | None:
+    """Path of the nats-server binary, or None when it is not installed."""
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    for candidate in _NATS_FALLBACKS:
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def find_rabbitmq_server() -> str | None:
+    """Path of a `rabbitmq-server` script that runs a node as the caller, or None.
+
+    None too when the installation lacks the MQTT plugin.
+    """
+    candidates = [path for path in _RABBITMQ_FALLBACKS if os.access(path, os.X_OK)]
+    found = shutil.which("rabbitmq-server")
+    if found and not found.startswith(("/usr/sbin", "/sbin")):
+        candidates.append(found)
+    for candidate in candidates:
+        root = Path(os.path.realpath(candidate)).parent.parent
+        plugin_folders = [root / "plugins", *root.glob("lib/rabbitmq_server-*/plugins")]
+        if any(any(folder.glob("rabbitmq_mqtt-*")) for folder in plugin_folders):
+            return candidate
+    return None
+
+
+def broker_unavailable(kind: BrokerKind) -> str | None:
+    """Why a private broker of `kind` cannot be started here, or None when it can."""
+    if kind == "mosquitto" and find_mosquitto() is None:
+        return "the mosquitto binary is not installed"
+    if kind == "nats" and find_nats_server() is None:
+        return "nats-server is not installed (Debian package nats-server)"
+    if kind == "rabbitmq" and find_rabbitmq_server() is None:
+        return "no RabbitMQ with the rabbitmq_mqtt plugin is installed (package rabbitmq-server)"
+    return None
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class ProcessBroker(BrokerHandle):
+    """A broker subprocess (NATS or RabbitMQ) in a process group of its own, with its
+    configuration and state in a temporary directory; its output goes to a log file there.
+
+    `halt()` ends the process group and keeps the directory, so `resume()` starts the same
+    broker again on the same port. NATS keeps its retained messages across that restart
+    (JetStream's files); RabbitMQ, with its in-memory retained store, does not.
+    """
+
+    def __init__(
+        self,
+        kind: BrokerKind,
+        host: str,
+        port: int,
+        command: list[str],
+        environment: dict[str, str] | None,
+        directory: tempfile.TemporaryDirectory[str],
+        startup_timeout: float,
+    ) -> None:
+        super().__init__(host, port)
+        self.kind = kind
+        self._command = command
+        self._environment = environment
+        self._directory = directory
+        self._startup_timeout = startup_timeout
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def folder(self) -> Path:
+        return Path(self._directory.name)
+
+    @property
+    def log_path(self) -> Path:
+        return self.folder / "broker.log"
+
+    def log_text(self) -> str:
+        if not self.log_path.exists():
+            return ""
+        return self.log_path.read_text(errors="replace")
+
+    def _launch(self, startup_timeout: float) -> None:
+        with self.log_path.open("ab") as log:
+            try:
+                self.process = subprocess.Popen(
+                    self._command,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=self._environment,
+                    cwd=self.folder,
+                    start_new_session=True,
+                )
+            except OSError as error:
+                raise BrokerStartError(f"cannot run {self._command[0]}: {error}") from error
+        try:
+            wait_until_listening(
+                self.host, self.port, startup_timeout, alive=_running(self.process)
+            )
+        except BrokerStartError as error:
+            self.halt(graceful=False)
+            log_tail = self.log_text().strip()[-2000:]
+            raise BrokerStartError(f"{error}; {self.kind} log: {log_tail or '(empty)'}") from None
+        logger.info("%s listening on %s", self.kind, self.url)
+
+    def halt(self, *, graceful: bool = True) -> None:
+        process = self.process
+        if process is None:
+            return
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM if graceful else signal.SIGKILL)
+            try:
+                process.wait(timeout=_STOP_TIMEOUT_SECONDS * 3)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=_STOP_TIMEOUT_SECONDS)
+        # Whatever the broker left in its group (an Erlang VM behind its start script).
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+
+    def resume(self, startup_timeout: float = 10.0) -> None:
+        if self.process is not None and self.process.poll() is None:
+            raise BrokerStartError(f"{self.kind} on {self.url} is still running")
+        if not self.folder.exists():
+            raise BrokerStartError(f"{self.kind} on {self.url} was stopped for good")
+        self._launch(max(startup_timeout, self._startup_timeout))
+
+    def stop(self) -> None:
+        self.halt()
+        self._directory.cleanup()
+
+
+def _start_process_broker(
+    make: Callable[[Path, int], tuple[list[str], dict[str, str] | None]],
+    kind: BrokerKind,
+    host: str,
+    port: int,
+    startup_timeout: float,
+) -> ProcessBroker:
+    """Write a configuration with `make(folder, port)` and start it; retried on a fresh
+    port when `port` is 0 (another process may take a free port first)."""
+    last_error: BrokerStartError | None = None
+    for _attempt in range(_START_ATTEMPTS if port == 0 else 1):
+        chosen = port or free_port(host)
+        directory = tempfile.TemporaryDirectory(prefix=f"edgedi-{kind}-")
+        command, environment = make(Path(directory.name), chosen)
+        broker = ProcessBroker(kind, host, chosen, command, environment, directory, startup_timeout)
+        try:
+            broker._launch(startup_timeout)
+        except BrokerStartError as error:
+            broker.stop()
+            last_error = error
+            continue
+        return broker
+    assert last_error is not None
+    raise last_error
+
+
+def start_nats(
+    host: str = "127.0.0.1", port: int = 0, *, startup_timeout: float = 10.0
+) -> ProcessBroker:
+    """Run nats-server with JetStream and its MQTT listener on host:port (free when 0)."""
+    executable = find_nats_server()
+    if executable is None:
+        raise BrokerStartError("the nats-server binary is not installed")
+
+    def make(folder: Path, chosen: int) -> tuple[list[str], dict[str, str] | None]:
+        config = folder / "nats.conf"
+        config.write_text(
+            _NATS_CONFIG.substitute(
+                name=f"edgedi-{chosen}",
+                client_address=_address(host, -1),  # any free port: only MQTT is used
+                store=folder / "jetstream",
+                mqtt_address=_address(host, chosen),
+            )
+        )
+        return [executable, "-c", str(config)], None
+
+    return _start_process_broker(make, "nats", host, port, startup_timeout)
+
+
+def start_rabbitmq(
+    host: str = "127.0.0.1", port: int = 0, *, startup_timeout: float = _RABBITMQ_STARTUP_SECONDS
+) -> ProcessBroker:
+    """Run a RabbitMQ node of our own (not the machine's) with the MQTT plugin on
+    host:port (free when 0): its own node name, ports, database, plugins file and
+    Erlang cookie, all in a temporary directory."""
+    executable = find_rabbitmq_server()
+    if executable is None:
+        raise BrokerStartError("no rabbitmq-server with the rabbitmq_mqtt plugin is installed")
+
+    def make(folder: Path, chosen: int) -> tuple[list[str], dict[str, str] | None]:
+        config = folder / "rabbitmq.conf"
+        config.write_text(
+            _RABBITMQ_CONFIG.substitute(
+                amqp_address=_address(host, free_port(host)),
+                mqtt_address=_address(host, chosen),
+            )
+        )
+        plugins = folder / "enabled_plugins"
+        plugins.write_text("[rabbitmq_mqtt].\n")
+        home = folder / "home"  # the node's Erlang cookie lands here
+        home.mkdir(exist_ok=True)
+        environment = {
+            **os.environ,
+            "HOME": str(home),
+            "RABBITMQ_NODENAME": f"edgedi-{chosen}@localhost",
+            "RABBITMQ_DIST_PORT": str(free_port(host)),
+            "RABBITMQ_CONFIG_FILE": str(config),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(plugins),
+            "RABBITMQ_MNESIA_BASE": str(folder / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(folder / "log"),
+            "RABBITMQ_PID_FILE": str(folder / "rabbitmq.pid"),
+        }
+        return [executable], environment
+
+    return _start_process_broker(make, "rabbitmq", host, port, startup_timeout)
+
+
 def start_broker(
     host: str = "127.0.0.1",
     port: int = 0,
@@ -533,8 +818,16 @@ def start_broker(
     """Start a private broker and return once it accepts connections.
 
     `prefer="mosquitto"` fails (`BrokerStartError`) when the binary is missing;
-    `"auto"` falls back to the embedded amqtt broker then.
+    `"auto"` falls back to the embedded amqtt broker then. `"nats"` and `"rabbitmq"`
+    start a private NATS server or RabbitMQ node (their MQTT interface); they are
+    never picked by `"auto"`.
     """
+    if prefer == "nats":
+        return start_nats(host, port, startup_timeout=startup_timeout)
+    if prefer == "rabbitmq":
+        return start_rabbitmq(
+            host, port, startup_timeout=max(startup_timeout, _RABBITMQ_STARTUP_SECONDS)
+        )
     if prefer == "amqtt" or (prefer == "auto" and find_mosquitto() is None):
         return start_embedded_broker_thread(host, port, startup_timeout=startup_timeout)
     return start_mosquitto(host, port, startup_timeout=startup_timeout)

@@ -19,6 +19,8 @@ import pytest
 import pytest_asyncio
 from PIL import Image
 
+from edgedi.broker.server import BrokerKind, broker_unavailable
+
 # One torch thread per process: the suite runs on 2 shared cores, where torch's default
 # (a thread per core) makes small convolutions ~10x slower through contention. Set
 # before anything imports torch; agent processes started by tests inherit it.
@@ -82,3 +84,21 @@ def png_claiming() -> Callable[[Path, int, int], Path]:
         return path
 
     return write
+
+
+# The brokers a plant may already run, next to Mosquitto: NATS (its MQTT interface, with
+# JetStream) and RabbitMQ (its MQTT plugin). A representative subset of the integration
+# and system tests runs on each (test_broker_fleets.py, test_system_brokers.py); the rest
+# of the suite stays on Mosquitto and the embedded broker, so the suite does not triple.
+FLEET_BROKERS: tuple[BrokerKind, ...] = ("nats", "rabbitmq")
+
+
+@pytest.fixture(params=FLEET_BROKERS)
+def fleet_broker_kind(request: pytest.FixtureRequest) -> BrokerKind:
+    """A broker kind of FLEET_BROKERS; the test is skipped, with the reason, where that
+    broker is not installed (RabbitMQ is not installed in CI: too heavy)."""
+    kind: BrokerKind = request.param
+    reason = broker_unavailable(kind)
+    if reason is not None:
+        pytest.skip(reason)
+    return kind

@@ -5,6 +5,9 @@ kind (Mosquitto and the embedded amqtt); every test gets its own topic root, so
 tests sharing a broker never see each other's messages. A missing Mosquitto
 binary skips the Mosquitto variant on a workstation and fails it in CI
 (CI=true), where `.ci/run` installs it.
+
+`fleet_broker` / `fleet_sessions` are the same on NATS and RabbitMQ (skipped, with the
+reason, where one is not installed), for the subset of tests in test_broker_fleets.py.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -69,14 +73,32 @@ def topic_root() -> TopicRoot:
 SessionFactory = Callable[..., Awaitable[MqttSession]]
 
 
-@pytest_asyncio.fixture
-async def sessions(broker: BrokerHandle, topic_root: TopicRoot) -> AsyncIterator[SessionFactory]:
-    """Start connected `MqttSession`s on `broker`; all are stopped at teardown.
+@pytest.fixture(scope="session")
+def _fleet_brokers() -> Iterator[dict[BrokerKind, BrokerHandle]]:
+    """The session's NATS and RabbitMQ brokers, each started on first use (a RabbitMQ
+    node takes seconds to boot: once per session, not per test)."""
+    started: dict[BrokerKind, BrokerHandle] = {}
+    try:
+        yield started
+    finally:
+        for handle in started.values():
+            handle.stop()
 
-    `await sessions("name", keepalive_seconds=5, will=..., on_connect=...)`: keyword
-    arguments that are `SessionSettings` fields go to the settings, the rest to
-    the session.
-    """
+
+@pytest.fixture
+def fleet_broker(
+    fleet_broker_kind: BrokerKind, _fleet_brokers: dict[BrokerKind, BrokerHandle]
+) -> BrokerHandle:
+    """A private NATS or RabbitMQ broker (see `fleet_broker_kind`), shared by the session."""
+    if fleet_broker_kind not in _fleet_brokers:
+        _fleet_brokers[fleet_broker_kind] = start_broker(prefer=fleet_broker_kind)
+    return _fleet_brokers[fleet_broker_kind]
+
+
+@asynccontextmanager
+async def _session_factory(
+    broker: BrokerHandle, topic_root: TopicRoot
+) -> AsyncIterator[SessionFactory]:
     running: list[tuple[MqttSession, asyncio.Task[None]]] = []
 
     async def start(
@@ -108,3 +130,24 @@ async def sessions(broker: BrokerHandle, topic_root: TopicRoot) -> AsyncIterator
             session.request_stop()
         async with asyncio.timeout(20):
             await asyncio.gather(*(task for _session, task in running))
+
+
+@pytest_asyncio.fixture
+async def sessions(broker: BrokerHandle, topic_root: TopicRoot) -> AsyncIterator[SessionFactory]:
+    """Start connected `MqttSession`s on `broker`; all are stopped at teardown.
+
+    `await sessions("name", keepalive_seconds=5, will=..., on_connect=...)`: keyword
+    arguments that are `SessionSettings` fields go to the settings, the rest to
+    the session.
+    """
+    async with _session_factory(broker, topic_root) as start:
+        yield start
+
+
+@pytest_asyncio.fixture
+async def fleet_sessions(
+    fleet_broker: BrokerHandle, topic_root: TopicRoot
+) -> AsyncIterator[SessionFactory]:
+    """As `sessions`, on `fleet_broker` (NATS or RabbitMQ)."""
+    async with _session_factory(fleet_broker, topic_root) as start:
+        yield start

@@ -31,7 +31,7 @@ import torch
 from edgedi.agent.client import InferenceClient, connect
 from edgedi.broker.connection import MqttSession, Received, SessionSettings
 from edgedi.broker.messages import JobResult, LeaderRecord
-from edgedi.broker.server import BrokerHandle, start_broker
+from edgedi.broker.server import BrokerHandle, Preference, start_broker
 from edgedi.broker.topics import JOB_RESULT, PLANNER_LEADER, TopicRoot
 from edgedi.models.checkpoints import load_model
 from edgedi.models.data import CLASSES, generate_image
@@ -154,10 +154,11 @@ async def fault_cluster(
     devices: dict[str, int],
     slowdown: float = 20.0,
     environments: dict[str, dict[str, str]] | None = None,
+    broker_kind: Preference = "auto",
 ) -> AsyncIterator[FaultCluster]:
-    """Agents `devices` (name → election priority, lower wins) on a private broker;
-    `environments` adds variables to some agents' environment."""
-    broker = start_broker(prefer="auto")
+    """Agents `devices` (name → election priority, lower wins) on a private broker (of
+    `broker_kind`); `environments` adds variables to some agents' environment."""
+    broker = await asyncio.to_thread(start_broker, prefer=broker_kind)
     root = TopicRoot(prefix=f"edgedi-faults/{uuid.uuid4().hex[:10]}", cluster="faults")
     cluster = FaultCluster(broker, root, folder, slowdown)
     passed = False
