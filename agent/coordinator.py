@@ -109,6 +109,7 @@ from edgedi.broker.ratelimit import RateLimitedLog
 from edgedi.broker.tensors import Tensor
 from edgedi.models.data import CLASSES
 from edgedi.models.head_split import tail_from_head_partials
+from edgedi.models.reduce import CoverageError, combine, pooled_mean, stitch_grid
 from edgedi.models.tiling import run_tail
 from edgedi.models.training import normalize
 from edgedi.models.units import splittable_head
@@ -1211,24 +1212,26 @@ class Coordinator:
         collected[partial.tile] = partial  # of any copy: the input, hence the sums, are the same
         if len(collected) < layout.count:
             return
-        total = np.zeros(shape, dtype=np.float64)
-        positions = 0
-        for index in sorted(collected):  # tile order: every holder sums alike
-            total += collected[index].sums.array
-            positions += collected[index].positions
-        expected = layout.partial_total(partial.gate)
-        if positions != expected:
-            raise JobFailed(
-                f"gate {partial.gate} of segment {state.position}: partials cover {positions} "
-                f"positions, the map has {expected}"
+        try:
+            value = combine(
+                # Tile order: every holder sums alike.
+                (
+                    (collected[index].sums.array, collected[index].positions)
+                    for index in sorted(collected)
+                ),
+                shape,
+                layout.partial_total(partial.gate),
+                "sum" if layout.sums else "mean",
             )
+        except CoverageError as error:
+            raise JobFailed(f"gate {partial.gate} of segment {state.position}: {error}") from None
         state.gates[partial.gate] = GateValue(
             sender=self.device_id,
             job_id=job.submit.job_id,
             epoch=self.epoch,
             segment=state.position,
             gate=partial.gate,
-            vector=Tensor(total if layout.sums else total / positions),
+            vector=Tensor(value),
         )
         devices = {
             device
@@ -1483,29 +1486,25 @@ def _stitch(
     layout: SegmentLayout, outputs: dict[int, npt.NDArray[np.float32]]
 ) -> npt.NDArray[np.float32]:
     """The segment's output map from its tiles (row-major grid)."""
-    columns = len(layout.column_tiles)
-    bands = []
-    for row in range(len(layout.row_tiles)):
-        pieces = [outputs[row * columns + column] for column in range(columns)]
-        bands.append(pieces[0] if columns == 1 else np.concatenate(pieces, axis=3))
-    stitched = bands[0] if len(bands) == 1 else np.concatenate(bands, axis=2)
+    tiles = [outputs[index] for index in range(len(layout.row_tiles) * len(layout.column_tiles))]
+    stitched = stitch_grid(tiles, len(layout.row_tiles), len(layout.column_tiles), _concatenate)
     return np.ascontiguousarray(stitched)
+
+
+def _concatenate(pieces: list[npt.NDArray[np.float32]], axis: int) -> npt.NDArray[np.float32]:
+    return np.concatenate(pieces, axis=axis)
 
 
 def _pooled_mean(
     outputs: dict[int, npt.NDArray[np.float32]], shape: tuple[int, int, int]
 ) -> npt.NDArray[np.float64]:
     """The global average pool of the whole map from its disjoint tiles, exactly."""
-    channels, height, width = shape
-    total = np.zeros((1, channels), dtype=np.float64)
-    positions = 0
-    for tile in outputs.values():
-        total += tile.sum(axis=(2, 3), dtype=np.float64)
-        positions += tile.shape[2] * tile.shape[3]
-    if positions != height * width:
-        raise JobFailed(f"the last segment's tiles cover {positions} of {height * width} positions")
-    mean: npt.NDArray[np.float64] = total / positions
-    return mean
+    try:
+        return pooled_mean(outputs.values(), shape)
+    except CoverageError as error:
+        raise JobFailed(
+            f"the last segment's tiles cover {error.covered} of {error.expected} positions"
+        ) from None
 
 
 def _channel_parts(layout: SegmentLayout) -> tuple[tuple[int, int], ...] | None:
