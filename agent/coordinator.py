@@ -87,6 +87,7 @@ from edgedi.agent.layout import (
 )
 from edgedi.agent.model_store import HeldModel, ModelNotHeld, ModelStore
 from edgedi.agent.planning import Planning, PlanningError
+from edgedi.agent.result_checks import JobFailed, check_head_partial, check_image, check_output
 from edgedi.broker.errors import BrokerError
 from edgedi.broker.ids import DeviceId, JobId
 from edgedi.broker.messages import (
@@ -120,10 +121,8 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-_IMAGE_DTYPES = ("uint8", "float32", "float64")
 _RUNS_MEMORY = 4096
 _REPLAY_KINDS: dict[str, SpanKind] = {"compute": "compute", "send": "send"}
-_TILE_DTYPES = ("float32", "float16")
 _INBOX_SIZE = 4096
 # Publishing an error result while shutting down must not hang the shutdown.
 _FINAL_PUBLISH_TIMEOUT_S = 2.0
@@ -143,19 +142,6 @@ class CoordinatorLinks(Protocol):
     async def send_result(self, result: JobResult) -> None: ...
 
     async def compute(self, function: Callable[[], T]) -> T: ...
-
-
-class JobFailed(Exception):
-    """The job cannot complete; the message becomes the error result's text.
-
-    `permanent` errors (bad input, unknown model) are answered from the result cache
-    when the job is resubmitted; a transient one (no workers, tiles lost, deadline)
-    is run again, since the cluster may have recovered since.
-    """
-
-    def __init__(self, message: str, *, permanent: bool = False) -> None:
-        super().__init__(message)
-        self.permanent = permanent
 
 
 @dataclass
@@ -663,7 +649,7 @@ class Coordinator:
             held = self.store.get(submit.model)
         except ModelNotHeld as error:
             raise JobFailed(f"unknown model: {error}", permanent=True) from None
-        image = _check_image(submit.image, held.input_size)
+        image = check_image(submit.image, held.input_size)
 
         started = time.monotonic()
         try:
@@ -803,9 +789,9 @@ class Coordinator:
                 self.statistics.dropped_messages += 1
                 continue
             problem = (
-                _check_head_partial(held, last_layout, item)
+                check_head_partial(held, last_layout, item)
                 if item.head_partial
-                else _check_output(last_layout, item)
+                else check_output(last_layout, item)
             )
             if problem is not None:
                 reason = f"bad result from {item.device}: {problem}"
@@ -1004,7 +990,7 @@ class Coordinator:
             elif isinstance(item, TileResult):
                 if record.done:
                     continue  # a slower copy of a tile that is complete
-                problem = _check_output(layout, item)
+                problem = check_output(layout, item)
                 if problem is not None:
                     why = f"bad result from {item.device}: {problem}"
                     await self._copy_failed(job, record, item.attempt, why)
@@ -1404,64 +1390,12 @@ def _unfinished_devices(job: _Job) -> set[str]:
     return relayed | job.direct_devices
 
 
-def _check_image(image: Tensor, size: int) -> npt.NDArray[Any]:
-    """The image as (1, size, size); `JobFailed` for a wrong shape, dtype or values."""
-    if image.dtype not in _IMAGE_DTYPES:
-        raise JobFailed(
-            f"bad image: dtype {image.dtype} is not one of {', '.join(_IMAGE_DTYPES)}",
-            permanent=True,
-        )
-    shape = image.shape
-    squeezed = tuple(size for size in shape if size != 1) if len(shape) > 2 else shape
-    if len(shape) > 4 or squeezed != (size, size):
-        raise JobFailed(
-            f"bad image: shape {list(shape)}; the model takes one grayscale {size}x{size} image "
-            f"(shape [{size}, {size}] or [1, {size}, {size}])",
-            permanent=True,
-        )
-    if not image.is_finite():
-        raise JobFailed("bad image: it holds NaN or infinite values", permanent=True)
-    # A writable copy: torch warns about (and must not write into) read-only buffers.
-    return np.array(image.array.reshape(1, size, size))
-
-
-def _check_head_partial(held: HeldModel, layout: SegmentLayout, result: TileResult) -> str | None:
-    rows, _ = layout.tile(result.tile)
-    if tuple(result.output_rows) != (rows.out_rows.start, rows.out_rows.stop):
-        return f"output rows {result.output_rows}, expected {rows.out_rows}"
-    unit = splittable_head(held.spec)
-    if unit is None:
-        return "a head partial of a model whose head cannot be split"
-    expected = (1, held.spec.units[unit].main[0].out_channels)
-    if result.tensor.shape != expected:
-        return f"head partial of shape {list(result.tensor.shape)}, expected {list(expected)}"
-    if result.tensor.dtype not in _TILE_DTYPES:
-        return f"output dtype {result.tensor.dtype}"
-    if not result.tensor.is_finite():
-        return "output holds NaN or infinite values"
-    return None
-
-
 def _tail_from_head_partials(
     held: HeldModel, partials: list[npt.NDArray[np.float32]]
 ) -> npt.NDArray[np.float64]:
     """Compute thread: the tail from the last tiles' shares of the head's first layer."""
     logits: npt.NDArray[np.float64] = tail_from_head_partials(held.model, partials).double().numpy()
     return logits
-
-
-def _check_output(layout: SegmentLayout, result: TileResult) -> str | None:
-    rows, columns = layout.tile(result.tile)
-    expected = (1, layout.out_channels, len(rows.out_rows), len(columns.out_rows))
-    if result.tensor.shape != expected:
-        return f"output shape {list(result.tensor.shape)}, expected {list(expected)}"
-    if result.tensor.dtype not in _TILE_DTYPES:
-        return f"output dtype {result.tensor.dtype}"
-    if tuple(result.output_rows) != (rows.out_rows.start, rows.out_rows.stop):
-        return f"output rows {result.output_rows}, expected {rows.out_rows}"
-    if not result.tensor.is_finite():
-        return "output holds NaN or infinite values"
-    return None
 
 
 def _tail_from_pooled(
