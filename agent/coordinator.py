@@ -88,6 +88,7 @@ from edgedi.agent.layout import (
 from edgedi.agent.model_store import HeldModel, ModelNotHeld, ModelStore
 from edgedi.agent.planning import Planning, PlanningError
 from edgedi.agent.result_checks import JobFailed, check_head_partial, check_image, check_output
+from edgedi.agent.tile_tracker import TileRecord, TileTracker, from_a_copy
 from edgedi.broker.errors import BrokerError
 from edgedi.broker.ids import DeviceId, JobId
 from edgedi.broker.messages import (
@@ -126,8 +127,6 @@ _REPLAY_KINDS: dict[str, SpanKind] = {"compute": "compute", "send": "send"}
 _INBOX_SIZE = 4096
 # Publishing an error result while shutting down must not hang the shutdown.
 _FINAL_PUBLISH_TIMEOUT_S = 2.0
-# How long a device that left a tile overdue gets no new tiles, unless it answers.
-_SUSPECT_S = 10.0
 
 
 class CoordinatorLinks(Protocol):
@@ -142,52 +141,6 @@ class CoordinatorLinks(Protocol):
     async def send_result(self, result: JobResult) -> None: ...
 
     async def compute(self, function: Callable[[], T]) -> T: ...
-
-
-@dataclass
-class TileRecord:
-    """One tile of a job: its copies in flight, so it can be re-sent or duplicated.
-
-    `running` maps each attempt still out to its device: the plan's first copy,
-    re-sends after a failure or departure, and speculative copies of an overdue tile.
-    The first valid result of any attempt completes the tile; later ones are dropped.
-    """
-
-    segment: int
-    index: int
-    task: TileTask
-    """The copy sent last."""
-    expected_s: float
-    """The plan's predicted time from sending the tile to its output."""
-    compute_s: float
-    """The plan's predicted compute time on the planned device (0: none)."""
-    planned_device: str
-    first_sent_at: float
-    sent_at: float
-    overdue_at: float
-    attempt: int = 0
-    running: dict[int, str] = field(default_factory=dict)
-    sent: dict[int, str] = field(default_factory=dict)
-    """Every attempt ever sent, and its device: only they may answer."""
-    failures: int = 0
-    copies: int = 0
-    done: bool = False
-    first_attempt: int = 0
-    """The plan's own copy (1 when the job fell back from the direct plane)."""
-
-    @property
-    def device(self) -> str:
-        return self.task.device
-
-    @property
-    def tried(self) -> set[str]:
-        """Devices that were ever sent a copy."""
-        return set(self.sent.values())
-
-    @property
-    def devices(self) -> set[str]:
-        """Devices that hold an unanswered copy of the tile."""
-        return set() if self.done else set(self.running.values())
 
 
 @dataclass(frozen=True)
@@ -363,16 +316,9 @@ class Coordinator:
         self._round_robin: dict[str, dict[str, float]] = {}
         # Jobs handed over before `run()` started (a new leader's journal).
         self._backlog: list[tuple[JobSubmit, float | None]] = []
-        # Devices with an overdue tile and no word since: new tiles go elsewhere until
-        # they answer again (a hung device costs one overdue wait, not one per segment).
-        self._suspect_since: dict[str, float] = {}
-        # Probation: devices that have answered a tile, and when an unproven device
-        # got its trial tile (no second one until it answers, or _SUSPECT_S passes).
-        # A new leader takes over the devices that have been working in their current
-        # session for a while (`proven`): probation is for newcomers and ghosts, not
-        # for a cluster that merely changed leaders.
-        self._proven: set[str] = {self.device_id, *proven}
-        self._trial_since: dict[str, float] = {}
+        # Suspects and probation (a new leader takes over the devices that have been
+        # working in their current session for a while, `proven`).
+        self.tracker = TileTracker(settings, proven={self.device_id, *proven})
         self._log = RateLimitedLog(logger)
 
     # --- lifecycle ------------------------------------------------------------------
@@ -509,25 +455,22 @@ class Coordinator:
         held_a_copy = message.device in job.direct_devices | job.direct_failed or any(
             message.device in record.sent.values() for record in job.tiles.values()
         )
-        if held_a_copy and message.device in self._suspect_since:
-            logger.info("%s answers again", message.device)
-            del self._suspect_since[message.device]
         if held_a_copy:
-            self._prove(message.device)
+            self.tracker.answered(message.device)
         self._deliver(job, message)
 
     def device_restarted(self, device: str) -> None:
         """A new session of `device` (a restart, a replacement): it starts unsuspected,
         and on probation (a trial tile still out stays out: a re-birth earns no new one)."""
-        self._suspect_since.pop(device, None)
+        self.tracker.unsuspect(device)
         if device != self.device_id:
-            self._proven.discard(device)
+            self.tracker.on_probation(device)
 
     def devices_left(self, devices: Collection[str]) -> None:
         """Membership change: unfinished tiles on these devices are re-dispatched."""
         gone = set(devices)
         for device in gone:
-            self._suspect_since.pop(device, None)  # it comes back, if ever, as itself again
+            self.tracker.unsuspect(device)  # it comes back, if ever, as itself again
         for job in self._jobs.values():
             for device in sorted(gone & _unfinished_devices(job)):
                 self._deliver(job, _DeviceLost(job.job_id, device))
@@ -737,7 +680,7 @@ class Coordinator:
         """
         used = {a.device for _, assignments in segments for a in assignments}
         alive = set(self.alive_devices())
-        unusable = sorted((used - alive) | (used & self._suspects()))
+        unusable = sorted((used - alive) | (used & self.tracker.suspects()))
         if unusable:
             logger.info("job %s: not direct, %s gone or not answering", job.job_id, unusable)
             return None
@@ -756,14 +699,14 @@ class Coordinator:
         job.direct_devices = used
         job.devices |= used
         for device in used:
-            self._on_trial(device)
+            self.tracker.on_trial(device)
         if not await self._send_tasks(job, tasks):
             return None
         job.add_time("scatter", time.monotonic() - started)
         job.local_span(self.device_id, "scatter", started, time.monotonic())
         last_layout, last_assignments = segments[-1]
         owners = {a.index: a.device for a in last_assignments}
-        overdue_s = self._overdue_after(plan.predicted_latency_s)
+        overdue_s = self.tracker.overdue_after(plan.predicted_latency_s)
         outputs: dict[int, npt.NDArray[np.float32]] = {}
         worker_compute = 0.0
         reason = ""
@@ -801,7 +744,7 @@ class Coordinator:
         job.direct_devices = set()
         if not reason:
             for device in used:  # every one of them delivered: the result needs them all
-                self._prove(device)
+                self.tracker.prove(device)
         if reason:
             self.statistics.direct_fallbacks += 1
             job.direct_failed = used
@@ -912,7 +855,7 @@ class Coordinator:
             task = self._tile_task(job, held, plan, position, layout, assignment, x)
             if job.attempt_base:
                 task = task.model_copy(update={"attempt": job.attempt_base})
-            if task.device not in alive or task.device in self._suspects():
+            if task.device not in alive or task.device in self.tracker.suspects():
                 # The plan names a device that left since it was made, or that is not
                 # answering: send its tile elsewhere.
                 device = self._pick_device(job, avoid=(), exclude={task.device})
@@ -938,7 +881,7 @@ class Coordinator:
                 planned_device=task.device,
                 first_sent_at=started,
                 sent_at=started,
-                overdue_at=started + self._overdue_after(assignment.expected_s),
+                overdue_at=started + self.tracker.overdue_after(assignment.expected_s),
                 attempt=job.attempt_base,
                 running={job.attempt_base: task.device},
                 sent={job.attempt_base: task.device},
@@ -946,7 +889,7 @@ class Coordinator:
             )
             job.tiles[(position, task.tile)] = record
             job.devices.add(task.device)
-            self._on_trial(task.device)
+            self.tracker.on_trial(task.device)
             records.append(record)
         await self._send_tasks(job, [record.task for record in records])
         scattered = time.monotonic()
@@ -975,7 +918,7 @@ class Coordinator:
             record = records[item.tile]
             if not isinstance(item, ReductionPartial) and item.attempt < job.attempt_base:
                 continue  # the direct plane's, which gave up on this job
-            if not _from_a_copy(record, item):
+            if not from_a_copy(record, item):
                 self.statistics.dropped_messages += 1
                 logger.warning(
                     "job %s: dropped a %s for tile %d from %s, which holds no copy of it",
@@ -1042,45 +985,6 @@ class Coordinator:
         elif record.running.get(first) == record.planned_device:
             waited = time.monotonic() - record.first_sent_at
             self.planning.observe_tile(record.planned_device, record.compute_s, waited)
-
-    def _copies_out(self, now: float) -> int:
-        """Tiles, over all jobs, whose latest speculative copy is unanswered but not yet
-        overdue itself. A copy that is overdue too (lost to a broker restart, stuck)
-        no longer counts, or lost copies would hold back the copies that replace them."""
-        return sum(
-            1
-            for job in self._jobs.values()
-            for record in job.tiles.values()
-            if record.copies
-            and not record.done
-            and now - record.sent_at < self._overdue_after(record.expected_s)
-        )
-
-    def _suspects(self) -> set[str]:
-        """Devices that left a tile overdue lately and have not answered since, and
-        devices on probation whose trial tile is out."""
-        now = time.monotonic()
-        for table in (self._suspect_since, self._trial_since):
-            for device, since in list(table.items()):
-                if now - since > _SUSPECT_S:
-                    del table[device]  # give it another chance
-        return set(self._suspect_since) | set(self._trial_since)
-
-    def _on_trial(self, device: str) -> None:
-        """`device` was just given a tile (or a direct run's tasks): if it is on
-        probation, that was its trial."""
-        if device not in self._proven:
-            self._trial_since.setdefault(device, time.monotonic())
-
-    def _prove(self, device: str) -> None:
-        """`device` answered: off probation."""
-        if device not in self._proven:
-            self._proven.add(device)
-            self._trial_since.pop(device, None)
-
-    def _overdue_after(self, expected_s: float) -> float:
-        """How long a copy of a tile may take before it counts as a straggler."""
-        return max(self.settings.straggler_min_s, self.settings.straggler_factor * expected_s)
 
     def _tile_task(
         self,
@@ -1244,12 +1148,13 @@ class Coordinator:
         for record in records:
             if record.done or record.overdue_at > now:
                 continue
-            record.overdue_at = now + self._overdue_after(record.expected_s)
+            record.overdue_at = now + self.tracker.overdue_after(record.expected_s)
             if pending is not None and record.index in state.partials[pending]:
                 continue
             if record.copies >= self.settings.speculative_copies:
                 continue
-            if self._copies_out(now) >= max(1, len(self.alive_devices())):
+            out = (other for job_out in self._jobs.values() for other in job_out.tiles.values())
+            if self.tracker.copies_out(out, now) >= max(1, len(self.alive_devices())):
                 # Everything is late (an overloaded cluster, predictions too optimistic):
                 # more copies would only add load. The measurements correct the plans.
                 self.statistics.speculation_held += 1
@@ -1257,7 +1162,7 @@ class Coordinator:
             waited = now - record.sent_at
             why = f"overdue: no answer from {record.device} after {waited:.2f} s"
             for device in record.devices:
-                self._suspect_since.setdefault(device, now)
+                self.tracker.suspect(device, now)
             if await self._send_copy(job, record, why, speculative=True):
                 record.copies += 1
                 self.statistics.speculative += 1
@@ -1301,7 +1206,7 @@ class Coordinator:
         left.
         """
         holders = {birth.device for birth in self.planning.devices_for(job.submit.model)}
-        suspects = self._suspects()
+        suspects = self.tracker.suspects()
         candidates = sorted((set(self.alive_devices()) & holders) - set(exclude))
         if not candidates:
             return None
@@ -1338,7 +1243,7 @@ class Coordinator:
         record.running[record.attempt] = device
         record.sent[record.attempt] = device
         record.sent_at = now
-        record.overdue_at = now + self._overdue_after(record.expected_s)
+        record.overdue_at = now + self.tracker.overdue_after(record.expected_s)
         record.task = record.task.model_copy(
             update={
                 "device": device,
@@ -1350,7 +1255,7 @@ class Coordinator:
             }
         )
         job.devices.add(device)
-        self._on_trial(device)
+        self.tracker.on_trial(device)
         logger.warning(
             "job %s: %s tile %d of segment %d to %s (attempt %d): %s",
             job.job_id,
@@ -1375,13 +1280,6 @@ def _deadline_fields(deadline: float) -> tuple[float, float]:
     worker counts on its own clock, and the wall-clock instant for older workers."""
     left = max(0.0, deadline - time.monotonic())
     return time.time() + left, left
-
-
-def _from_a_copy(record: TileRecord, item: ReductionPartial | TileResult | TileFailed) -> bool:
-    """Did the coordinator send this tile to the message's device (that attempt, if any)?"""
-    if isinstance(item, ReductionPartial):
-        return item.device in record.sent.values()
-    return record.sent.get(item.attempt) == item.device
 
 
 def _unfinished_devices(job: _Job) -> set[str]:
