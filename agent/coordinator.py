@@ -66,7 +66,6 @@ import functools
 import logging
 import re
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -77,7 +76,17 @@ import torch
 
 from edgedi.agent.config import JobSettings
 from edgedi.agent.direct import direct_tasks, supports_direct
-from edgedi.agent.journal import remember_result
+from edgedi.agent.job_intake import (
+    INBOX_SIZE,
+    CoordinatorStatistics,
+    DeviceLost,
+    Inbound,
+    Job,
+    Reconnected,
+    ResultCache,
+    RunNumbers,
+    unfinished_devices,
+)
 from edgedi.agent.layout import (
     LayoutError,
     SegmentLayout,
@@ -90,7 +99,7 @@ from edgedi.agent.planning import Planning, PlanningError
 from edgedi.agent.result_checks import JobFailed, check_head_partial, check_image, check_output
 from edgedi.agent.tile_tracker import TileRecord, TileTracker, from_a_copy
 from edgedi.broker.errors import BrokerError
-from edgedi.broker.ids import DeviceId, JobId
+from edgedi.broker.ids import DeviceId
 from edgedi.broker.messages import (
     MAX_TRACE_SPANS,
     CancelJob,
@@ -122,9 +131,7 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-_RUNS_MEMORY = 4096
 _REPLAY_KINDS: dict[str, SpanKind] = {"compute": "compute", "send": "send"}
-_INBOX_SIZE = 4096
 # Publishing an error result while shutting down must not hang the shutdown.
 _FINAL_PUBLISH_TIMEOUT_S = 2.0
 
@@ -141,24 +148,6 @@ class CoordinatorLinks(Protocol):
     async def send_result(self, result: JobResult) -> None: ...
 
     async def compute(self, function: Callable[[], T]) -> T: ...
-
-
-@dataclass(frozen=True)
-class _DeviceLost:
-    """Internal inbox item: the device of an unfinished tile left the cluster."""
-
-    job_id: str
-    device: str
-
-
-@dataclass(frozen=True)
-class _Reconnected:
-    """Internal inbox item: the connection to the broker was lost and is back."""
-
-    job_id: str
-
-
-_Inbound = ReductionPartial | TileResult | TileFailed | _DeviceLost | _Reconnected
 
 
 @dataclass
@@ -179,94 +168,6 @@ class _SegmentState:
         self.first_partial = [None] * len(self.layout.gates)
 
 
-@dataclass
-class _Job:
-    submit: JobSubmit
-    received_at: float
-    deadline: float
-    inbox: asyncio.Queue[_Inbound]
-    timings: dict[str, float] = field(default_factory=dict)
-    tiles: dict[tuple[int, int], TileRecord] = field(default_factory=dict)
-    devices: set[str] = field(default_factory=set)
-    plan: Plan | None = None
-    task: asyncio.Task[None] | None = None
-    abandoned: bool = False
-    gate_values: dict[tuple[int, int], GateValue] = field(default_factory=dict)
-    """Combined gates of finished segments, for copies that reach them late."""
-    attempt_base: int = 0
-    """First attempt of the relayed tiles: 1 after the direct plane gave up."""
-    direct_devices: set[str] = field(default_factory=set)
-    """Devices holding direct tasks of the job while the direct plane runs."""
-    direct_failed: set[str] = field(default_factory=set)
-    """Devices that got direct tasks of a run that gave up: cancelled at the end."""
-    run: int = 0
-    """This coordinator's run of the job id (`TileTask.run`)."""
-    trace_origin: float = field(default_factory=time.time)
-    """Wall time the job's trace counts from (`JobSubmit.trace`): the devices' spans
-    come stamped with their wall clocks."""
-    trace_origin_monotonic: float = field(default_factory=time.monotonic)
-    """The same moment on this device's monotonic clock, for the leader's own spans."""
-    spans: list[JobSpan] = field(default_factory=list)
-
-    @property
-    def job_id(self) -> JobId:
-        return self.submit.job_id
-
-    def span(
-        self,
-        device: str,
-        what: SpanKind,
-        start: float,
-        end: float,
-        segment: int | None = None,
-        tile: int | None = None,
-    ) -> None:
-        """Record an interval of a traced job (wall times; nothing when not traced)."""
-        if not self.submit.trace or len(self.spans) >= MAX_TRACE_SPANS:
-            return
-        self.spans.append(
-            JobSpan(
-                device=DeviceId(device),
-                segment=segment,
-                tile=tile,
-                what=what,
-                start_ms=(start - self.trace_origin) * 1000.0,
-                end_ms=(max(start, end) - self.trace_origin) * 1000.0,
-            )
-        )
-
-    def local_span(
-        self,
-        device: str,
-        what: SpanKind,
-        start: float,
-        end: float,
-        segment: int | None = None,
-        tile: int | None = None,
-    ) -> None:
-        """`span` for the leader's own steps, timed on its monotonic clock."""
-        shift = self.trace_origin - self.trace_origin_monotonic
-        self.span(device, what, start + shift, end + shift, segment, tile)
-
-    def add_time(self, stage: str, seconds: float) -> None:
-        self.timings[stage] = self.timings.get(stage, 0.0) + seconds * 1000.0
-
-
-@dataclass
-class CoordinatorStatistics:
-    submitted: int = 0
-    duplicates: int = 0
-    completed: int = 0
-    errors: int = 0
-    refused: int = 0
-    redispatched: int = 0
-    speculative: int = 0
-    speculation_held: int = 0
-    dropped_messages: int = 0
-    inbox_overflow: int = 0
-    direct_fallbacks: int = 0
-
-
 class Coordinator:
     """Runs the jobs while this device leads `epoch`; see the module docstring."""
 
@@ -280,7 +181,7 @@ class Coordinator:
         settings: JobSettings,
         *,
         alive_devices: Callable[[], Collection[str]],
-        results: OrderedDict[str, JobResult] | None = None,
+        results: ResultCache | None = None,
         successor: Callable[[], bool] = lambda: False,
         on_finished: Callable[[JobResult], None] | None = None,
         proven: Collection[str] = (),
@@ -301,13 +202,11 @@ class Coordinator:
         self.on_finished = on_finished
         # Shared across leadership terms of this agent, so a retry after a re-election
         # by the same device still finds the result.
-        self._results: OrderedDict[str, JobResult] = (
-            results if results is not None else (OrderedDict())
-        )
-        self._jobs: dict[str, _Job] = {}
-        # Runs of each job id (bounded): a resubmitted job gets the next, so devices
-        # that cancelled the last run still take its tasks.
-        self._runs: OrderedDict[str, int] = OrderedDict()
+        self._results = results if results is not None else ResultCache(settings.result_cache)
+        self._jobs: dict[str, Job] = {}
+        # Runs of each job id: a resubmitted job gets the next, so devices that
+        # cancelled the last run still take its tasks.
+        self._runs = RunNumbers()
         self._slots = asyncio.Semaphore(settings.max_in_flight)
         self._group: asyncio.TaskGroup | None = None
         self._stop = asyncio.Event()
@@ -373,10 +272,10 @@ class Coordinator:
         cached = self._results.get(job_id)
         if cached is not None and cached.retryable:
             # Failed for a reason of the cluster's state, which may have passed: run again.
-            del self._results[job_id]
+            self._results.forget(job_id)
             cached = None
         if cached is not None:
-            self._results.move_to_end(job_id)
+            self._results.touch(job_id)
             self.statistics.duplicates += 1
             logger.info("job %s was resubmitted: publishing its result again", job_id)
             again = cached
@@ -401,15 +300,12 @@ class Coordinator:
         self.statistics.submitted += 1
         now = time.monotonic() if received_at is None else received_at
         deadline_s = message.deadline_seconds or self.settings.deadline_s
-        run = self._runs.pop(job_id, -1) + 1
-        self._runs[job_id] = run
-        while len(self._runs) > _RUNS_MEMORY:
-            self._runs.popitem(last=False)
-        job = _Job(
+        run = self._runs.next(job_id)
+        job = Job(
             submit=message,
             received_at=now,
             deadline=now + deadline_s,
-            inbox=asyncio.Queue(maxsize=_INBOX_SIZE),
+            inbox=asyncio.Queue(maxsize=INBOX_SIZE),
             run=run,
         )
         self._jobs[job_id] = job
@@ -472,8 +368,8 @@ class Coordinator:
         for device in gone:
             self.tracker.unsuspect(device)  # it comes back, if ever, as itself again
         for job in self._jobs.values():
-            for device in sorted(gone & _unfinished_devices(job)):
-                self._deliver(job, _DeviceLost(job.job_id, device))
+            for device in sorted(gone & unfinished_devices(job)):
+                self._deliver(job, DeviceLost(job.job_id, device))
 
     def connection_restored(self) -> None:
         """The broker connection is back: devices' messages to each other may have been
@@ -481,9 +377,9 @@ class Coordinator:
         than when they turn overdue."""
         for job in self._jobs.values():
             if job.direct_devices:
-                self._deliver(job, _Reconnected(job.job_id))
+                self._deliver(job, Reconnected(job.job_id))
 
-    def _deliver(self, job: _Job, item: _Inbound) -> None:
+    def _deliver(self, job: Job, item: Inbound) -> None:
         try:
             job.inbox.put_nowait(item)
         except asyncio.QueueFull:
@@ -495,14 +391,14 @@ class Coordinator:
 
     # --- one job --------------------------------------------------------------------
 
-    async def _job_main(self, job: _Job) -> None:
+    async def _job_main(self, job: Job) -> None:
         try:
             async with asyncio.timeout(max(0.0, job.deadline - time.monotonic())):
                 async with self._slots:
                     job.add_time("queue", time.monotonic() - job.received_at)
                     result = await self._execute(job)
         except TimeoutError:
-            waiting = sorted(_unfinished_devices(job))
+            waiting = sorted(unfinished_devices(job))
             detail = f" (waiting for {', '.join(waiting)})" if waiting else ""
             result = self._error(
                 job, f"deadline exceeded after {job.deadline - job.received_at:.1f} s{detail}"
@@ -528,7 +424,7 @@ class Coordinator:
             result = self._error(job, f"internal error: {type(error).__name__}: {error}")
         await self._finish(job, result)
 
-    async def _release(self, job: _Job, reason: str) -> None:
+    async def _release(self, job: Job, reason: str) -> None:
         """Forget the job and stop its tiles on every device that was sent one.
 
         Not only where a tile is unfinished: a copy that lost its race may still run.
@@ -549,8 +445,8 @@ class Coordinator:
             except BrokerError as error:
                 logger.debug("could not cancel job %s on %s: %s", job.job_id, device, error)
 
-    async def _finish(self, job: _Job, result: JobResult) -> None:
-        remember_result(self._results, result, self.settings.result_cache)
+    async def _finish(self, job: Job, result: JobResult) -> None:
+        self._results.remember(result)
         if result.status == "ok":
             self.statistics.completed += 1
         else:
@@ -570,7 +466,7 @@ class Coordinator:
         except BrokerError as error:
             logger.warning("could not publish the result of job %s: %s", result.job_id, error)
 
-    def _error(self, job: _Job, message: str, *, retryable: bool = True) -> JobResult:
+    def _error(self, job: Job, message: str, *, retryable: bool = True) -> JobResult:
         plan = job.plan
         return JobResult(
             sender=self.device_id,
@@ -586,7 +482,7 @@ class Coordinator:
             retryable=retryable,
         )
 
-    async def _execute(self, job: _Job) -> JobResult:
+    async def _execute(self, job: Job) -> JobResult:
         submit = job.submit
         try:
             held = self.store.get(submit.model)
@@ -665,7 +561,7 @@ class Coordinator:
 
     async def _run_direct(
         self,
-        job: _Job,
+        job: Job,
         held: HeldModel,
         plan: Plan,
         segments: list[tuple[SegmentLayout, tuple[TileAssignment, ...]]],
@@ -717,10 +613,10 @@ class Coordinator:
             except TimeoutError:
                 reason = f"overdue after {overdue_s:.2f} s"
                 break
-            if isinstance(item, _DeviceLost):
+            if isinstance(item, DeviceLost):
                 reason = f"device {item.device} left"
                 break
-            if isinstance(item, _Reconnected):
+            if isinstance(item, Reconnected):
                 reason = "the broker connection was lost and restored"
                 break
             if isinstance(item, ReductionPartial) or item.attempt != 0:
@@ -755,7 +651,7 @@ class Coordinator:
         return outputs
 
     def _success(
-        self, job: _Job, held: HeldModel, plan: Plan, logits: npt.NDArray[Any]
+        self, job: Job, held: HeldModel, plan: Plan, logits: npt.NDArray[Any]
     ) -> JobResult:
         values = np.asarray(logits, dtype=np.float64).reshape(-1)
         if not np.isfinite(values).all():
@@ -787,7 +683,7 @@ class Coordinator:
             predicted_trace=self._predicted_trace(job, held, plan),
         )
 
-    def _predicted_trace(self, job: _Job, held: HeldModel, plan: Plan) -> tuple[JobSpan, ...]:
+    def _predicted_trace(self, job: Job, held: HeldModel, plan: Plan) -> tuple[JobSpan, ...]:
         """A traced job: the plan's replayed timeline, from the leader taking the job."""
         if not job.submit.trace:
             return ()
@@ -839,7 +735,7 @@ class Coordinator:
 
     async def _run_segment(
         self,
-        job: _Job,
+        job: Job,
         held: HeldModel,
         position: int,
         layout: SegmentLayout,
@@ -905,9 +801,9 @@ class Coordinator:
             except TimeoutError:
                 await self._chase_stragglers(job, state, records)
                 continue
-            if isinstance(item, _Reconnected):
+            if isinstance(item, Reconnected):
                 continue  # meant for a direct run that has given up already
-            if isinstance(item, _DeviceLost):
+            if isinstance(item, DeviceLost):
                 for record in records:
                     if item.device in record.devices:
                         await self._device_lost(job, record, item.device)
@@ -954,7 +850,7 @@ class Coordinator:
                 job.add_time("reductions", max(0.0, state.gates[gate].sent_at - moment))
         return state.outputs
 
-    async def _late_message(self, job: _Job, item: _Inbound) -> None:
+    async def _late_message(self, job: Job, item: Inbound) -> None:
         """A message of an earlier segment: a copy that lost the race is still running.
 
         A late partial gets the gate's value, so the copy finishes (its result is
@@ -988,7 +884,7 @@ class Coordinator:
 
     def _tile_task(
         self,
-        job: _Job,
+        job: Job,
         held: HeldModel,
         plan: Plan,
         position: int,
@@ -1033,7 +929,7 @@ class Coordinator:
             run=job.run,
         )
 
-    async def _send_tasks(self, job: _Job, tasks: list[TileTask]) -> bool:
+    async def _send_tasks(self, job: Job, tasks: list[TileTask]) -> bool:
         """Publish tasks concurrently (the PUBACK round trips overlap); False if any failed.
 
         A task that could not be sent (the broker is away) is not fatal: its tile
@@ -1058,7 +954,7 @@ class Coordinator:
         return sent
 
     async def _send_gate(
-        self, job: _Job, state: _SegmentState, gate: int, devices: set[str]
+        self, job: Job, state: _SegmentState, gate: int, devices: set[str]
     ) -> None:
         try:
             await self.links.send_gate(state.gates[gate], devices)
@@ -1070,7 +966,7 @@ class Coordinator:
             state.unsent_gates.discard(gate)
 
     async def _on_partial(
-        self, job: _Job, state: _SegmentState, record: TileRecord, partial: ReductionPartial
+        self, job: Job, state: _SegmentState, record: TileRecord, partial: ReductionPartial
     ) -> None:
         layout = state.layout
         if not 0 <= partial.gate < len(layout.gates):
@@ -1132,7 +1028,7 @@ class Coordinator:
         await self._send_gate(job, state, partial.gate, devices)
 
     async def _chase_stragglers(
-        self, job: _Job, state: _SegmentState, records: list[TileRecord]
+        self, job: Job, state: _SegmentState, records: list[TileRecord]
     ) -> None:
         """Overdue tiles: re-send lost gate values, then send a copy of each straggler.
 
@@ -1167,12 +1063,12 @@ class Coordinator:
                 record.copies += 1
                 self.statistics.speculative += 1
 
-    async def _device_lost(self, job: _Job, record: TileRecord, device: str) -> None:
+    async def _device_lost(self, job: Job, record: TileRecord, device: str) -> None:
         for attempt, holder in list(record.running.items()):
             if holder == device:
                 await self._copy_failed(job, record, attempt, f"device {device} left")
 
-    async def _copy_failed(self, job: _Job, record: TileRecord, attempt: int, reason: str) -> None:
+    async def _copy_failed(self, job: Job, record: TileRecord, attempt: int, reason: str) -> None:
         """One copy of a tile failed: re-send it unless another copy is still out."""
         if record.running.pop(attempt, None) is None:
             return  # an attempt that was superseded or has already failed
@@ -1198,7 +1094,7 @@ class Coordinator:
         self.statistics.redispatched += 1
 
     def _pick_device(
-        self, job: _Job, avoid: Collection[str], exclude: Collection[str]
+        self, job: Job, avoid: Collection[str], exclude: Collection[str]
     ) -> str | None:
         """The alive device holding the job's model with the fewest unfinished tiles of it.
 
@@ -1220,7 +1116,7 @@ class Coordinator:
         return min(fresh or candidates, key=lambda device: (load[device], device))
 
     async def _send_copy(
-        self, job: _Job, record: TileRecord, reason: str, *, speculative: bool
+        self, job: Job, record: TileRecord, reason: str, *, speculative: bool
     ) -> bool:
         """Send the tile (unchanged, new attempt) to another device; False if none can take it.
 
@@ -1280,12 +1176,6 @@ def _deadline_fields(deadline: float) -> tuple[float, float]:
     worker counts on its own clock, and the wall-clock instant for older workers."""
     left = max(0.0, deadline - time.monotonic())
     return time.time() + left, left
-
-
-def _unfinished_devices(job: _Job) -> set[str]:
-    """Devices that hold a copy of an unfinished tile of the job."""
-    relayed = {device for record in job.tiles.values() for device in record.devices}
-    return relayed | job.direct_devices
 
 
 def _tail_from_head_partials(

@@ -41,7 +41,7 @@ import os
 import ssl
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -69,7 +69,8 @@ from edgedi.agent.identity import (
     new_instance,
     next_session,
 )
-from edgedi.agent.journal import JobJournal, remember_leader, remember_result
+from edgedi.agent.job_intake import ResultCache
+from edgedi.agent.journal import JobJournal, remember_leader
 from edgedi.agent.link_probe import LinkMeasurement, LinkProber
 from edgedi.agent.loop_lag import LoopLag
 from edgedi.agent.membership import HEARTBEAT_PERIOD_S, SILENT_AFTER_S, Membership
@@ -254,7 +255,7 @@ class Agent:
         self._leader_view: tuple[str | None, int] = (None, -1)
         self._coordinator_task: asyncio.Task[None] | None = None
         self._leader_subscriptions: list[Subscription] = []
-        self._results: OrderedDict[str, JobResult] = OrderedDict()
+        self._results = ResultCache(settings.jobs.result_cache)
         # Who led in each recent epoch (from leader records): a result is believed
         # only from the leader of its epoch.
         self._leaders_by_epoch: set[tuple[int, str]] = set()
@@ -853,7 +854,7 @@ class Agent:
             )
             return
         self.journal.answered(result.job_id)
-        remember_result(self._results, result, self.settings.jobs.result_cache)
+        self._results.remember(result)
         if self.coordinator is not None:
             self.coordinator.answered_elsewhere(result)
 
