@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from edgedi.agent.commands.agent import broker_address
-from edgedi.agent.coordinator import _pooled_mean, _stitch
 from edgedi.agent.layout import LayoutError, plan_segment_layout, segment_layout
 from edgedi.agent.planning import profile_from_birth
 from edgedi.agent.result_checks import JobFailed, check_image
+from edgedi.agent.segments import pooled_outputs, stitch_outputs
 from edgedi.broker.messages import DeviceBirth, DeviceCapabilities, LinkEstimate
 from edgedi.broker.plan import Part, Segment
 from edgedi.broker.tensors import Tensor
@@ -99,9 +99,9 @@ def test_stitching_and_pooling_restore_the_whole_map() -> None:
             rows.out_rows.start : rows.out_rows.stop,
             columns.out_rows.start : columns.out_rows.stop,
         ]
-    np.testing.assert_array_equal(_stitch(layout, tiles), whole)
+    np.testing.assert_array_equal(stitch_outputs(layout, tiles), whole)
     np.testing.assert_allclose(
-        _pooled_mean(tiles, (8, 48, 48)), whole.mean(axis=(2, 3), dtype=np.float64), rtol=1e-12
+        pooled_outputs(tiles, (8, 48, 48)), whole.mean(axis=(2, 3), dtype=np.float64), rtol=1e-12
     )
 
 
