@@ -217,6 +217,29 @@ def _import_cycles() -> list[list[str]]:
     return groups
 
 
+# Inside the agent: the coordinator orchestrates parts that never look back up at it,
+# nor at the agent that owns it (only annotations may, under TYPE_CHECKING).
+AGENT_BELOW: dict[str, tuple[str, ...]] = {
+    "edgedi.agent.result_checks": ("coordinator", "segments", "job_intake", "runtime"),
+    "edgedi.agent.tile_tracker": ("coordinator", "segments", "job_intake", "runtime"),
+    "edgedi.agent.job_intake": ("coordinator", "segments", "runtime"),
+    "edgedi.agent.segments": ("coordinator", "runtime"),
+    "edgedi.agent.transport": ("coordinator", "segments", "worker", "runtime"),
+}
+
+
+def test_the_coordinators_parts_sit_below_it() -> None:
+    files = {_module_name(p): p for p in _layer_files("agent")}
+    violations = []
+    for module, above in AGENT_BELOW.items():
+        for item in _top_level_imports(files[module]):
+            name, _, package = item.partition("|")
+            for target in (name, package):
+                if any(_matches(target, f"edgedi.agent.{other}") for other in above):
+                    violations.append(f"{module} imports {target}")
+    assert not violations, "\n".join(violations)
+
+
 def test_no_import_cycles_among_our_modules() -> None:
     cycles = _import_cycles()
     assert not cycles, "import cycles: " + "; ".join(" <-> ".join(c) for c in cycles)
