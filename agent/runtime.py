@@ -26,7 +26,7 @@ Tasks in the group (named, none orphaned):
 Message handlers only update state or hand work to a queue; they never await the
 network, so the receive loop keeps up. Messages between the local coordinator and
 the local worker skip the broker (same objects, no encoding), which saves a round
-trip and a copy of the leader's own tiles.
+trip and a copy of the leader's own tiles: that routing is `agent.transport`'s.
 
 `request_stop()` (SIGTERM/SIGINT in the CLI): STOPPING=1, stop taking work, let
 in-flight jobs and tiles finish for up to `jobs.drain_s`, publish state `stopped`
@@ -41,12 +41,12 @@ import os
 import ssl
 import threading
 import time
-from collections import OrderedDict, deque
-from collections.abc import Callable, Collection, Mapping
+from collections import deque
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 
@@ -69,7 +69,8 @@ from edgedi.agent.identity import (
     new_instance,
     next_session,
 )
-from edgedi.agent.journal import JobJournal, remember_leader, remember_result
+from edgedi.agent.job_intake import ResultCache
+from edgedi.agent.journal import JobJournal, remember_leader
 from edgedi.agent.link_probe import LinkMeasurement, LinkProber
 from edgedi.agent.loop_lag import LoopLag
 from edgedi.agent.membership import HEARTBEAT_PERIOD_S, SILENT_AFTER_S, Membership
@@ -77,6 +78,7 @@ from edgedi.agent.metrics import AgentMetrics
 from edgedi.agent.model_store import HeldModel, ModelStore
 from edgedi.agent.planning import Planning, PlanningError
 from edgedi.agent.systemd import notify, watchdog_loop
+from edgedi.agent.transport import AgentTransport
 from edgedi.agent.worker import Worker
 from edgedi.broker.connection import MqttSession, Received, SessionSettings, Subscription
 from edgedi.broker.errors import BrokerError
@@ -137,7 +139,6 @@ _SETTLED_S = 10.0
 # one would otherwise shut any device down): the newcomer's start-up check stops it.
 _DUPLICATE_RACE_S = 10.0
 
-T = TypeVar("T")
 
 # After connecting, wait this long for retained births, states and the leader record
 # before taking part in the election (a device must not claim what it has not seen).
@@ -223,11 +224,19 @@ class Agent:
             self.device_id,
             lambda probe: self.session.publish(DEVICE_PROBE, probe, device=self.device_id),
         )
+        # The links of the worker and the coordinator: local short-cuts or the broker.
+        self.transport = AgentTransport(
+            self.device_id,
+            self.executor,
+            session=lambda: self.session,
+            worker=lambda: self.worker,
+            coordinator=lambda: self.coordinator,
+        )
         self.worker = Worker(
             self.device_id,
             self.store,
             self.executor,
-            self,
+            self.transport,
             accepts_epoch=self.election.accepts_epoch,
             slowdown=settings.compute.slowdown,
             max_active=settings.compute.max_active_tiles,
@@ -254,7 +263,7 @@ class Agent:
         self._leader_view: tuple[str | None, int] = (None, -1)
         self._coordinator_task: asyncio.Task[None] | None = None
         self._leader_subscriptions: list[Subscription] = []
-        self._results: OrderedDict[str, JobResult] = OrderedDict()
+        self._results = ResultCache(settings.jobs.result_cache)
         # Who led in each recent epoch (from leader records): a result is believed
         # only from the leader of its epoch.
         self._leaders_by_epoch: set[tuple[int, str]] = set()
@@ -853,7 +862,7 @@ class Agent:
             )
             return
         self.journal.answered(result.job_id)
-        remember_result(self._results, result, self.settings.jobs.result_cache)
+        self._results.remember(result)
         if self.coordinator is not None:
             self.coordinator.answered_elsewhere(result)
 
@@ -888,63 +897,6 @@ class Agent:
         assert isinstance(received.message, RebirthRequest)
         self._rebirth = True
         self._wake.set()
-
-    # --- links between worker, coordinator and the broker ------------------------------
-
-    async def send_task(self, task: TileTask) -> None:
-        if task.device == self.device_id:
-            self.worker.accept(task)
-        else:
-            await self.session.publish(DEVICE_TASKS, task, device=task.device)
-
-    async def send_gate(self, message: GateValue, devices: Collection[str]) -> None:
-        if any(device != self.device_id for device in devices):
-            await self.session.publish(JOB_GATES, message, job_id=message.job_id)
-        if self.device_id in devices:
-            self.worker.on_gate(message)
-
-    async def send_cancel(self, device: str, message: CancelJob) -> None:
-        if device == self.device_id:
-            self.worker.cancel_job(message)
-        else:
-            await self.session.publish(DEVICE_TASKS, message, device=device)
-
-    async def send_result(self, result: JobResult) -> None:
-        await self.session.publish(JOB_RESULT, result, job_id=result.job_id, device=self.device_id)
-
-    async def compute(self, function: Callable[[], T]) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, function)
-
-    async def send_partial(self, message: ReductionPartial) -> None:
-        coordinator = self.coordinator
-        if coordinator is not None and coordinator.owns(message.job_id):
-            coordinator.route(message)
-        else:
-            await self.session.publish(
-                JOB_PARTIALS, message, job_id=message.job_id, device=self.device_id
-            )
-
-    async def send_peer(self, device: str, message: TileRows | ReductionPartial) -> None:
-        if device == self.device_id:
-            if isinstance(message, TileRows):
-                self.worker.on_rows(message)
-            else:
-                self.worker.on_peer_partial(message)
-            return
-        await self.session.publish(DEVICE_PEER, message, device=self.device_id, target=device)
-
-    async def send_peer_partial(self, message: ReductionPartial) -> None:
-        await self.session.publish(DEVICE_PARTIALS, message, device=self.device_id)
-
-    async def send_tile_outcome(self, message: TileResult | TileFailed | TileTrace) -> None:
-        coordinator = self.coordinator
-        if coordinator is not None and coordinator.owns(message.job_id):
-            coordinator.route(message)
-        else:
-            await self.session.publish(
-                JOB_TILES, message, job_id=message.job_id, device=self.device_id
-            )
 
     # --- loops ----------------------------------------------------------------------
 
@@ -1120,7 +1072,7 @@ class Agent:
             epoch,
             self.store,
             self.planning,
-            self,
+            self.transport,
             self.settings.jobs,
             alive_devices=lambda: [r.device for r in self.membership.alive(self.loop_lag.judged())],
             results=self._results,

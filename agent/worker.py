@@ -57,6 +57,7 @@ from edgedi.broker.ratelimit import RateLimitedLog
 from edgedi.broker.tensors import Tensor
 from edgedi.models.channel_split import run_channel_tile
 from edgedi.models.head_split import head_partial
+from edgedi.models.reduce import CoverageError, combine
 from edgedi.models.tiling import GatePartial, TileRunner, run_tile
 from edgedi.models.units import TileGeometry, splittable_head
 
@@ -476,8 +477,6 @@ class Worker:
         if gate >= len(layout.gates) or len(collected) < layout.count:
             return
         shape = layout.partial_shape(gate)
-        total = np.zeros(shape, dtype=np.float64)
-        positions = 0
         for index in range(layout.count):
             partial = collected.get(index)
             if (
@@ -496,12 +495,20 @@ class Worker:
                         bad.device,
                     )
                 return
-            total += partial.sums.array
-            positions += partial.positions
-        if positions != layout.partial_total(gate):
+        try:
+            value = combine(
+                # Tile order: every holder of the segment computes the same value.
+                (
+                    (collected[index].sums.array, collected[index].positions)
+                    for index in range(layout.count)
+                ),
+                shape,
+                layout.partial_total(gate),
+                "sum" if layout.sums else "mean",
+            )
+        except CoverageError:
             self._log.warning("partial", "partials of job %s cover the wrong area", job_id)
             return
-        value = total if layout.sums else total / positions
         del self._partials[key]
         delivered = False
         for tile in waiting:

@@ -50,6 +50,7 @@ import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 
+from edgedi.models.reduce import CoverageError, Reduce, combine, stitch_grid
 from edgedi.models.units import OpRows, Rows, TileGeometry, Unit, UnitRows, segment_tiles
 from edgedi.models.zoo import ConvOp, GateOp, OpModule, PoolOp, ZooModel
 
@@ -93,7 +94,7 @@ class GatePartial:
     sums: npt.NDArray[Any] = field(repr=False)
     count: int
     map_count: int
-    reduce: Literal["mean", "sum"] = "mean"
+    reduce: Reduce = "mean"
     """"mean": an attention gate's per-channel mean; "sum": a channel tile's partial
     sums of a convolution (`edgedi.models.channel_split`), where `count` and
     `map_count` count hidden channels instead of positions."""
@@ -110,8 +111,6 @@ def combine_partials(partials: Iterable[GatePartial]) -> npt.NDArray[np.float64]
     if not partials:
         raise ValueError("no partials to combine")
     first = partials[0]
-    total = np.zeros_like(first.sums, dtype=np.float64)
-    count = 0
     for partial in partials:
         if (partial.unit_index, partial.op_index) != (first.unit_index, first.op_index):
             raise ValueError(f"partials of {first.name} and {partial.name} cannot be combined")
@@ -119,16 +118,15 @@ def combine_partials(partials: Iterable[GatePartial]) -> npt.NDArray[np.float64]
             raise ValueError(
                 f"{first.name}: partial shapes {first.sums.shape} and {partial.sums.shape} differ"
             )
-        total += partial.sums
-        count += partial.count
-    if count != first.map_count:
-        raise ValueError(
-            f"{first.name}: partials cover {count} positions, the map has {first.map_count}"
+    try:
+        return combine(
+            ((partial.sums, partial.count) for partial in partials),
+            first.sums.shape,
+            first.map_count,
+            first.reduce,
         )
-    if first.reduce == "sum":
-        return total
-    mean: npt.NDArray[np.float64] = total / count
-    return mean
+    except CoverageError as error:
+        raise ValueError(f"{first.name}: {error}") from None
 
 
 # --- One tile --------------------------------------------------------------------------
@@ -428,18 +426,11 @@ def drive_tiles(runners: Sequence[TileRunner]) -> list[torch.Tensor]:
 
 def stitch(tiles: Sequence[torch.Tensor], row_count: int, column_count: int = 1) -> torch.Tensor:
     """Put the tiles of a grid (row-major, `row_count` × `column_count`) back together."""
-    if len(tiles) != row_count * column_count:
-        raise ValueError(f"{len(tiles)} tiles do not make a {row_count}x{column_count} grid")
-    strips = []
-    for row in range(row_count):
-        pieces = [
-            tile
-            for tile in tiles[row * column_count : (row + 1) * column_count]
-            if tile.shape[2] and tile.shape[3]
-        ]
-        if pieces:
-            strips.append(torch.cat(pieces, dim=3) if len(pieces) > 1 else pieces[0])
-    return torch.cat(strips, dim=2) if len(strips) > 1 else strips[0]
+    return stitch_grid(tiles, row_count, column_count, _cat)
+
+
+def _cat(pieces: list[torch.Tensor], axis: int) -> torch.Tensor:
+    return torch.cat(pieces, dim=axis)
 
 
 def _tile_outputs(

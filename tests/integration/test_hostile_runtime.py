@@ -22,8 +22,8 @@ import pytest
 from runtime_support import MODELS, profile, running_cluster, sample_image
 
 from edgedi.agent.client import connect
-from edgedi.agent.coordinator import _SUSPECT_S as PROBATION_S
 from edgedi.agent.membership import SILENT_AFTER_S
+from edgedi.agent.tile_tracker import SUSPECT_S as PROBATION_S
 from edgedi.broker.connection import MqttSession, Received
 from edgedi.broker.messages import (
     DeviceBirth,

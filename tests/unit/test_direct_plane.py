@@ -1,7 +1,7 @@
 """The direct data plane at a real coordinator and real workers, wired in one process.
 
 Three workers (a, b, c) and the coordinator on device a, linked the way an agent
-links them (`Agent.send_peer` and friends) but without a broker: tasks go to the
+links them (`AgentTransport.send_peer` and friends) but without a broker: tasks go to the
 workers, rows and gate partials go straight from worker to worker, results back to
 `Coordinator.route`. Checked: the result equals one plain forward pass for every
 zoo-like model shape we ship tiny versions of; no segment boundary or gate goes

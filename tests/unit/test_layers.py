@@ -38,6 +38,9 @@ PLANNER_ALLOWED_OURS = (
     "edgedi.models.specs",
     "edgedi.broker.plan",
 )
+# Modules of the model layer that never import torch: the arithmetic the runtime's event
+# loop shares with the in-process reference (reductions, stitching).
+TORCH_FREE_MODELS = ("edgedi.models.reduce",)
 # The broker's network modules may of course use the network; the schemas may not.
 BROKER_NETWORK_MODULES = {"connection", "server"}
 
@@ -77,6 +80,17 @@ def _matches(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
 
 
+def test_torch_free_model_modules_import_no_torch() -> None:
+    files = {_module_name(p): p for p in _layer_files("models")}
+    violations = [
+        f"{module} imports {name}"
+        for module in TORCH_FREE_MODELS
+        for name in _imports(files[module])
+        if _matches(name, "torch") or (name.startswith("edgedi.") and name not in TORCH_FREE_MODELS)
+    ]
+    assert not violations, "\n".join(violations)
+
+
 @pytest.mark.parametrize("layer", sorted(FORBIDDEN))
 def test_static_imports_point_downwards(layer: str) -> None:
     violations = []
@@ -99,6 +113,7 @@ def test_static_imports_point_downwards(layer: str) -> None:
 def test_pure_layers_do_not_load_torch_or_mqtt_at_run_time() -> None:
     pure = [_module_name(p) for layer in ("planner",) for p in _layer_files(layer)]
     pure += ["edgedi.models", "edgedi.models.units", "edgedi.broker.plan"]
+    pure += list(TORCH_FREE_MODELS)
     pure = [m for m in pure if not m.endswith("__main__")]
     script = (
         "import importlib, sys\n"
@@ -200,6 +215,29 @@ def _import_cycles() -> list[list[str]]:
         if name not in index:
             connect(name)
     return groups
+
+
+# Inside the agent: the coordinator orchestrates parts that never look back up at it,
+# nor at the agent that owns it (only annotations may, under TYPE_CHECKING).
+AGENT_BELOW: dict[str, tuple[str, ...]] = {
+    "edgedi.agent.result_checks": ("coordinator", "segments", "job_intake", "runtime"),
+    "edgedi.agent.tile_tracker": ("coordinator", "segments", "job_intake", "runtime"),
+    "edgedi.agent.job_intake": ("coordinator", "segments", "runtime"),
+    "edgedi.agent.segments": ("coordinator", "runtime"),
+    "edgedi.agent.transport": ("coordinator", "segments", "worker", "runtime"),
+}
+
+
+def test_the_coordinators_parts_sit_below_it() -> None:
+    files = {_module_name(p): p for p in _layer_files("agent")}
+    violations = []
+    for module, above in AGENT_BELOW.items():
+        for item in _top_level_imports(files[module]):
+            name, _, package = item.partition("|")
+            for target in (name, package):
+                if any(_matches(target, f"edgedi.agent.{other}") for other in above):
+                    violations.append(f"{module} imports {target}")
+    assert not violations, "\n".join(violations)
 
 
 def test_no_import_cycles_among_our_modules() -> None:

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from edgedi.agent.commands.agent import broker_address
-from edgedi.agent.coordinator import JobFailed, _check_image, _pooled_mean, _stitch
 from edgedi.agent.layout import LayoutError, plan_segment_layout, segment_layout
 from edgedi.agent.planning import profile_from_birth
+from edgedi.agent.result_checks import JobFailed, check_image
+from edgedi.agent.segments import pooled_outputs, stitch_outputs
 from edgedi.broker.messages import DeviceBirth, DeviceCapabilities, LinkEstimate
 from edgedi.broker.plan import Part, Segment
 from edgedi.broker.tensors import Tensor
@@ -98,9 +99,9 @@ def test_stitching_and_pooling_restore_the_whole_map() -> None:
             rows.out_rows.start : rows.out_rows.stop,
             columns.out_rows.start : columns.out_rows.stop,
         ]
-    np.testing.assert_array_equal(_stitch(layout, tiles), whole)
+    np.testing.assert_array_equal(stitch_outputs(layout, tiles), whole)
     np.testing.assert_allclose(
-        _pooled_mean(tiles, (8, 48, 48)), whole.mean(axis=(2, 3), dtype=np.float64), rtol=1e-12
+        pooled_outputs(tiles, (8, 48, 48)), whole.mean(axis=(2, 3), dtype=np.float64), rtol=1e-12
     )
 
 
@@ -118,11 +119,11 @@ def test_stitching_and_pooling_restore_the_whole_map() -> None:
 )
 def test_images_are_checked_before_any_work(array: np.ndarray, problem: str | None) -> None:
     if problem is None:
-        checked = _check_image(Tensor(array), 48)
+        checked = check_image(Tensor(array), 48)
         assert checked.shape == (1, 48, 48) and checked.flags.writeable
     else:
         with pytest.raises(JobFailed, match=problem):
-            _check_image(Tensor(array), 48)
+            check_image(Tensor(array), 48)
 
 
 def test_a_birth_becomes_a_planner_profile() -> None:
