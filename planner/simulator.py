@@ -270,6 +270,9 @@ def simulate(
         raise InfeasiblePlanError(f"no profile for devices {', '.join(missing)}")
     if plan.model_digest != spec.digest():
         raise InfeasiblePlanError(f"plan is for model {plan.model}, not {spec.name}")
+    if any(segment.channel_split for segment in plan.segments):
+        # Channel tiles run only on the direct data plane, which planner.replay prices.
+        raise InfeasiblePlanError("channel segments are priced by planner.replay, not simulated")
     engine = _Engine(profiles, network)
     tail_ops = [op for unit in spec.tail_units for op in unit.ops]
     if plan.mode == "images":

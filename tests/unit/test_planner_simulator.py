@@ -42,8 +42,9 @@ def test_predictions_equal_simulation(seed: int, units: int, devices: int) -> No
     leader = rng.choice(cluster).device
     tail_on_leader = rng.random() < 0.3
     # The simulator plays the leader-relayed runtime the strategies' cost model prices;
-    # `auto` predicts the direct data plane with its replay (test_planner_replay.py).
-    for name in (name for name in strategy_names() if name != "auto"):
+    # `auto` (and `channels`, its pick with a channel segment) predict the direct data
+    # plane with its replay (test_planner_replay.py).
+    for name in (name for name in strategy_names() if name not in ("auto", "channels")):
         plan = get_strategy(name).plan(
             spec, cluster, leader=leader, network=network, tail_on_leader=tail_on_leader
         )
