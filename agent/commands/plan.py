@@ -173,7 +173,11 @@ def run(args: argparse.Namespace) -> int:
 
         chosen = args.strategies[0] if args.strategies else DEFAULT_STRATEGY
         plan = plans.get(chosen) or get_strategy(chosen).plan_problem(problem)
-        timeline = simulate(plan, spec, cluster.devices, cluster.network)
+        try:
+            timeline = simulate(plan, spec, cluster.devices, cluster.network)
+        except PlannerError as error:
+            print(f"edgedi plan: --gantt: {error}", file=sys.stderr)
+            return 1
         title = (
             f"{chosen} · {spec.name} on {cluster.name} · simulated "
             f"{timeline.latency_s * 1000:.1f} ms"
