@@ -76,6 +76,9 @@ _CANCELLED_MEMORY = 1024
 # against a flood.
 _EARLY_ROWS_MEMORY = 512
 _PARTIALS_MEMORY = 2048
+# ... and at most this many bytes of them: a channel tile's partial is a whole map
+# (hundreds of KB), so a count alone does not bound the memory a flood can take.
+_PARTIALS_BYTES = 256 * 2**20
 
 
 class WorkerLinks(Protocol):
@@ -181,9 +184,7 @@ class Worker:
         self._tiles: dict[tuple[str, int, int], _Tile] = {}
         self._gate_values: dict[tuple[str, int, int], npt.NDArray[Any]] = {}
         self._early_rows: OrderedDict[tuple[str, int, int], list[TileRows]] = OrderedDict()
-        self._partials: OrderedDict[tuple[str, int, int], dict[int, ReductionPartial]] = (
-            OrderedDict()
-        )
+        self._partials = _PartialStore(_PARTIALS_MEMORY, _PARTIALS_BYTES)
         # job id -> (epoch, leader) of the newest cancel: tasks of older epochs and that
         # leader's own are dropped; a later leader's, which took the job over, are not,
         # nor those of a rival that claimed the same epoch and won.
@@ -456,10 +457,7 @@ class Worker:
             mine = [t.task.segment for t in self._tiles.values() if t.task.job_id == key[0]]
             if mine and message.segment not in mine:
                 return  # every device reads every partial: not a segment held here
-            collected = self._partials[key] = {}
-            while len(self._partials) > _PARTIALS_MEMORY:
-                self._partials.popitem(last=False)
-        collected.setdefault(message.tile, message)  # copies of one tile sum alike
+        self._partials.add(key, message)  # copies of one tile sum alike: the first stays
         self._combine(key)
 
     def _combine(self, key: tuple[str, int, int]) -> None:
@@ -485,7 +483,7 @@ class Worker:
                 or (partial.positions != layout.gate_positions(index, gate))
                 or not partial.sums.is_finite()
             ):
-                bad = collected.pop(index, None)
+                bad = self._partials.discard(key, index)
                 if bad is not None:
                     self._log.warning(
                         "partial",
@@ -509,7 +507,7 @@ class Worker:
         except CoverageError:
             self._log.warning("partial", "partials of job %s cover the wrong area", job_id)
             return
-        del self._partials[key]
+        self._partials.pop(key)
         delivered = False
         for tile in waiting:
             future = tile.gates.get((segment, gate))
@@ -578,9 +576,10 @@ class Worker:
 
     def _forget_job(self, job_id: str) -> None:
         """Gate values, partials and early rows of a job with no tile here any more."""
-        for store in (self._gate_values, self._partials, self._early_rows):
+        for store in (self._gate_values, self._early_rows):
             for key in [k for k in store if k[0] == job_id]:
                 del store[key]
+        self._partials.forget_job(job_id)
 
     def _is_cancelled(self, task: TileTask) -> bool:
         cancel = self._cancelled.get(task.job_id)
@@ -599,9 +598,9 @@ class Worker:
             # Gate values that arrived twice (direct and via the broker), partials of
             # gates passed: nothing here needs them any more. (Direct rows for a later
             # segment are kept: their task may still be on its way.)
-            for store in (self._gate_values, self._partials):
-                for gate_key in [k for k in store if k[0] == job_id]:
-                    del store[gate_key]
+            for gate_key in [k for k in self._gate_values if k[0] == job_id]:
+                del self._gate_values[gate_key]
+            self._partials.forget_job(job_id)
         if not self._tiles:
             self._idle.set()
 
@@ -906,6 +905,59 @@ class Worker:
             return await future  # bounded by the tile's deadline (see _run_tile)
         finally:
             tile.gates.pop((task.segment, gate), None)
+
+
+_PartialKey = tuple[str, int, int]
+
+
+class _PartialStore:
+    """Peers' partials by (job, segment, gate), then tile: bounded in keys and bytes.
+
+    The oldest gate's partials go first when either bound is passed (a flood of
+    partials for jobs that never come, or of whole-map channel partials).
+    """
+
+    def __init__(self, max_keys: int, max_bytes: int) -> None:
+        self.max_keys = max_keys
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._store: OrderedDict[_PartialKey, dict[int, ReductionPartial]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._store
+
+    def get(self, key: _PartialKey) -> dict[int, ReductionPartial] | None:
+        return self._store.get(key)
+
+    def add(self, key: _PartialKey, message: ReductionPartial) -> None:
+        collected = self._store.setdefault(key, {})
+        if message.tile in collected:
+            return
+        collected[message.tile] = message
+        self.bytes += message.sums.nbytes
+        while len(self._store) > self.max_keys or (
+            self.bytes > self.max_bytes and len(self._store) > 1
+        ):
+            self.pop(next(iter(self._store)))
+
+    def discard(self, key: _PartialKey, tile: int) -> ReductionPartial | None:
+        collected = self._store.get(key)
+        message = None if collected is None else collected.pop(tile, None)
+        if message is not None:
+            self.bytes -= message.sums.nbytes
+        return message
+
+    def pop(self, key: _PartialKey) -> None:
+        collected = self._store.pop(key, None)
+        if collected:
+            self.bytes -= sum(message.sums.nbytes for message in collected.values())
+
+    def forget_job(self, job_id: str) -> None:
+        for key in [k for k in self._store if k[0] == job_id]:
+            self.pop(key)
 
 
 def _rows_problem(tile: _Tile, message: TileRows) -> str | None:

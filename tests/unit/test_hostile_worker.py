@@ -550,3 +550,33 @@ async def test_a_rival_leaders_cancel_of_the_same_epoch_spares_the_winners_tiles
     result = await running.outbox.outcome()
     assert isinstance(result, TileResult), result
     assert_exact(running, result, "tiny")
+
+
+async def test_a_flood_of_whole_map_partials_stays_within_the_byte_bound(
+    running: Running,
+) -> None:
+    """Partials for jobs that never come are kept (their tasks may be on the way), but
+    not without limit: whole-map partials are bounded in bytes, oldest dropped first."""
+    from edgedi.agent import worker as worker_module
+
+    worker = running.worker
+    bound = worker._partials.max_bytes
+    big = np.zeros((1, 512, 32, 32), dtype=np.float32)  # 2 MiB, a channel partial's shape
+    for number in range(2 * bound // big.nbytes):
+        worker.on_peer_partial(
+            ReductionPartial(
+                sender="mallory",
+                job_id=f"flood-{number}",
+                epoch=EPOCH,
+                segment=0,
+                tile=0,
+                gate=0,
+                device="mallory",
+                sums=Tensor(big),
+                positions=1,
+            )
+        )
+    assert worker._partials.bytes <= bound
+    assert 0 < len(worker._partials) <= worker_module._PARTIALS_MEMORY
+    assert ("flood-0", 0, 0) not in worker._partials  # the oldest went first
+    await assert_still_serves(running)
