@@ -289,11 +289,18 @@ async def _connected(
 ) -> AsyncIterator[InferenceClient]:
     client = InferenceClient(session, session.settings.client_id)
     await client._watch()
-    async with asyncio.TaskGroup() as group:
-        group.create_task(session.run(), name=f"mqtt-{client.client_id}")
-        try:
-            await session.wait_connected(connect_timeout)
-            client.check_authorised()
-            yield client
-        finally:
-            session.request_stop()
+    try:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(session.run(), name=f"mqtt-{client.client_id}")
+            try:
+                await session.wait_connected(connect_timeout)
+                client.check_authorised()
+                yield client
+            finally:
+                session.request_stop()
+    except BaseExceptionGroup as errors:
+        # The task group wraps what the block (or the check) raised; the caller
+        # expects the error itself (`except BrokerError`), as without a group.
+        if len(errors.exceptions) == 1:
+            raise errors.exceptions[0] from None
+        raise
