@@ -1,7 +1,7 @@
 """One set of connection options for every command (edgedi.agent.connection).
 
-The flags parse the same way for `agent`, `infer`, `status` and `watch`; flags,
-the `EDGEDI_BROKER__*` environment and the YAML file's `broker:` section fill the
+The flags parse the same way for `agent`, `infer`, `status`, `watch` and `demo`;
+flags, the `EDGEDI_BROKER__*` environment and the YAML file's `broker:` section fill the
 one settings object (`BrokerSettings`) in that order of strength; a password file
 and TLS files are checked before anything connects.
 """
@@ -27,7 +27,7 @@ from edgedi.agent.connection import (
 from edgedi.broker.connection import MqttSession
 from edgedi.broker.topics import DEVICE_BIRTH, PLAN_CURRENT, TopicRoot
 
-COMMANDS = ("agent", "infer", "status", "watch")
+COMMANDS = ("agent", "infer", "status", "watch", "demo")
 
 
 def _parse(command: str, arguments: list[str]) -> argparse.Namespace:
