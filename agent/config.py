@@ -4,7 +4,12 @@ Sources, strongest first: command-line flags, `EDGEDI_*` environment variables
 (nested with `__`, e.g. `EDGEDI_BROKER__PORT=1884`), the YAML file given with
 `--config`, then the defaults below. The MQTT password may also come from
 systemd's `$CREDENTIALS_DIRECTORY/mqtt-password` (LoadCredential=), so it never
-sits in a world-readable file. Unknown keys are errors, not silently ignored.
+sits in a world-readable file, or from `broker.password_file` (which wins). Unknown
+keys are errors, not silently ignored.
+
+The `broker` section (`BrokerSettings`) is every command's connection settings:
+`load_connection` reads it alone, from the same sources, for `infer`, `status`,
+`watch` and `demo` (edgedi.agent.connection holds the shared flags).
 """
 
 from __future__ import annotations
