@@ -24,24 +24,35 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
 from edgedi.agent.journal import remember_leader
 from edgedi.broker.connection import MqttSession, Received, SessionSettings
-from edgedi.broker.errors import ConnectionLost
+from edgedi.broker.errors import ConnectionLost, NotAuthorised
 from edgedi.broker.ids import JobId
 from edgedi.broker.messages import JobResult, JobSubmit, LeaderRecord, PlanAnnouncement
 from edgedi.broker.tensors import Tensor
-from edgedi.broker.topics import JOB_RESULT, JOB_SUBMIT, PLAN_CURRENT, PLANNER_LEADER, TopicRoot
+from edgedi.broker.topics import (
+    JOB_RESULT,
+    JOB_SUBMIT,
+    PLAN_CURRENT,
+    PLANNER_LEADER,
+    TopicRoot,
+    TopicSpec,
+)
 
-__all__ = ["InferenceClient", "JobTimeout", "connect"]
+if TYPE_CHECKING:
+    from edgedi.agent.config import BrokerSettings
+
+__all__ = ["InferenceClient", "JobTimeout", "connect", "connect_to"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +64,8 @@ _RETRYABLE_PAUSE_S = 0.5
 class JobTimeout(TimeoutError):
     """No result arrived for a job within the client's timeout."""
 
-    def __init__(self, job_id: str, timeout: float) -> None:
-        super().__init__(f"no result for job {job_id} within {timeout:.1f} s")
+    def __init__(self, job_id: str, timeout: float, hint: str = "") -> None:
+        super().__init__(f"no result for job {job_id} within {timeout:.1f} s{hint}")
         self.job_id = job_id
 
 
@@ -75,6 +86,22 @@ class InferenceClient:
     async def _watch(self) -> None:
         await self.session.subscribe(PLAN_CURRENT, self._on_plan)
         await self.session.subscribe(PLANNER_LEADER, self._on_leader)
+
+    def check_authorised(self) -> None:
+        """`NotAuthorised` when the broker refused one of this client's subscriptions."""
+        for topic_filter, code in self.session.refused_subscriptions.items():
+            raise NotAuthorised(
+                topic_filter, f"the broker refused the subscription (reason code {code:#x})"
+            )
+
+    def unseen(self, spec: TopicSpec) -> str:
+        """Why a retained record of `spec` may be missing, for messages to the user."""
+        topic = spec.topic(self.session.root)
+        return (
+            f"no retained record on {topic} was seen: none is published yet, or this "
+            f"account ({self.session.settings.username or 'anonymous'}) is not authorised "
+            "to read it"
+        )
 
     async def _on_plan(self, received: Received) -> None:
         message = received.message
@@ -154,6 +181,7 @@ class InferenceClient:
 
         subscription = await self.session.subscribe(JOB_RESULT, on_result, job_id=job_id)
         try:
+            self.check_authorised()
             give_up = loop.time() + timeout
             attempt = 0
             last_error: JobResult | None = None
@@ -187,7 +215,9 @@ class InferenceClient:
                 if loop.time() >= give_up:
                     if last_error is not None:
                         return last_error
-                    raise JobTimeout(job_id, timeout)
+                    # Only a leader's results are believed: without its record, none is.
+                    hint = "" if self._leaders else f"; {self.unseen(PLANNER_LEADER)}"
+                    raise JobTimeout(job_id, timeout, hint)
                 attempt += 1
                 logger.info("no result for job %s yet; submitting again (%d)", job_id, attempt)
         finally:
@@ -218,8 +248,11 @@ async def connect(
     username: str | None = None,
     password: str | None = None,
     connect_timeout: float = 10.0,
+    tls_context: ssl.SSLContext | None = None,
 ) -> AsyncIterator[InferenceClient]:
-    """A connected client; the connection closes when the block ends."""
+    """A connected client; the connection closes when the block ends.
+
+    `NotAuthorised` when the broker refuses the plan's or the leader's topic."""
     client_id = client_id or f"client-{uuid.uuid4().hex[:12]}"
     settings = SessionSettings(
         host=host,
@@ -228,13 +261,46 @@ async def connect(
         username=username,
         password=password,  # type: ignore[arg-type]  # pydantic turns str into SecretStr
     )
-    session = MqttSession(settings, root or TopicRoot())
-    client = InferenceClient(session, client_id)
+    async with _connected(
+        MqttSession(settings, root or TopicRoot(), tls_context=tls_context), connect_timeout
+    ) as client:
+        yield client
+
+
+@asynccontextmanager
+async def connect_to(
+    broker: BrokerSettings, *, client_id: str | None = None, connect_timeout: float = 10.0
+) -> AsyncIterator[InferenceClient]:
+    """`connect` with the shared connection settings (edgedi.agent.connection)."""
+    from edgedi.agent.connection import session_settings, tls_context, topic_root
+
+    client_id = client_id or f"client-{uuid.uuid4().hex[:12]}"
+    session = MqttSession(
+        session_settings(broker, client_id), topic_root(broker), tls_context=tls_context(broker)
+    )
+    async with _connected(session, connect_timeout) as client:
+        yield client
+
+
+@asynccontextmanager
+async def _connected(
+    session: MqttSession,
+    connect_timeout: float,
+) -> AsyncIterator[InferenceClient]:
+    client = InferenceClient(session, session.settings.client_id)
     await client._watch()
-    async with asyncio.TaskGroup() as group:
-        group.create_task(session.run(), name=f"mqtt-{client_id}")
-        try:
-            await session.wait_connected(connect_timeout)
-            yield client
-        finally:
-            session.request_stop()
+    try:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(session.run(), name=f"mqtt-{client.client_id}")
+            try:
+                await session.wait_connected(connect_timeout)
+                client.check_authorised()
+                yield client
+            finally:
+                session.request_stop()
+    except BaseExceptionGroup as errors:
+        # The task group wraps what the block (or the check) raised; the caller
+        # expects the error itself (`except BrokerError`), as without a group.
+        if len(errors.exceptions) == 1:
+            raise errors.exceptions[0] from None
+        raise

@@ -4,14 +4,19 @@ Sources, strongest first: command-line flags, `EDGEDI_*` environment variables
 (nested with `__`, e.g. `EDGEDI_BROKER__PORT=1884`), the YAML file given with
 `--config`, then the defaults below. The MQTT password may also come from
 systemd's `$CREDENTIALS_DIRECTORY/mqtt-password` (LoadCredential=), so it never
-sits in a world-readable file. Unknown keys are errors, not silently ignored.
+sits in a world-readable file, or from `broker.password_file` (which wins). Unknown
+keys are errors, not silently ignored.
+
+The `broker` section (`BrokerSettings`) is every command's connection settings:
+`load_connection` reads it alone, from the same sources, for `infer`, `status`,
+`watch` and `demo` (edgedi.agent.connection holds the shared flags).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import (
@@ -44,7 +49,20 @@ class BrokerSettings(_Section):
         None,
         description="MQTT password; prefer $CREDENTIALS_DIRECTORY/mqtt-password under systemd",
     )
+    password_file: Path | None = Field(
+        None, description="file holding the MQTT password (read at start; beats `password`)"
+    )
+    tls: bool = Field(
+        False,
+        description="connect with TLS; without tls_ca_file the system's CA store checks the broker",
+    )
     tls_ca_file: Path | None = Field(None, description="CA bundle; setting it turns TLS on")
+    tls_certfile: Path | None = Field(
+        None, description="client certificate (PEM) for brokers that ask for one; turns TLS on"
+    )
+    tls_keyfile: Path | None = Field(
+        None, description="private key of tls_certfile (if not in the certificate file)"
+    )
     # Seconds, not a minute: a silent device is noticed after ~1.5 keepalives.
     keepalive_s: int = Field(5, ge=2, le=600, description="MQTT keepalive in seconds")
     topic_root: str = Field("edgedi/v1", description="topic prefix shared by the fleet")
@@ -66,6 +84,20 @@ class BrokerSettings(_Section):
         le=10_000,
         description="one-way latency per message, milliseconds (set: overrides the measurement)",
     )
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.tls or self.tls_ca_file is not None or self.tls_certfile is not None
+
+    @model_validator(mode="after")
+    def _files_exist(self) -> BrokerSettings:
+        for name in ("password_file", "tls_ca_file", "tls_certfile", "tls_keyfile"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name}: no such file: {path}")
+        if self.tls_keyfile is not None and self.tls_certfile is None:
+            raise ValueError("tls_keyfile needs tls_certfile")
+        return self
 
 
 class ComputeSettings(_Section):
@@ -233,11 +265,41 @@ class AgentSettings(BaseSettings):
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info")
 
-    @model_validator(mode="after")
-    def _tls_ca_file_exists(self) -> AgentSettings:
-        if self.broker.tls_ca_file is not None and not self.broker.tls_ca_file.exists():
-            raise ValueError(f"broker.tls_ca_file {self.broker.tls_ca_file} does not exist")
-        return self
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return _flags_environment_file(settings_cls, cls.yaml_path, init_settings, env_settings)
+
+
+def _flags_environment_file(
+    settings_cls: type[BaseSettings],
+    yaml_path: Path | None,
+    init_settings: PydanticBaseSettingsSource,
+    env_settings: PydanticBaseSettingsSource,
+) -> tuple[PydanticBaseSettingsSource, ...]:
+    """Every command's sources, strongest first: flags, environment, the YAML file."""
+    sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+    if yaml_path is not None:
+        sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_path))
+    return tuple(sources)
+
+
+class ConnectionSettings(BaseSettings):
+    """The `broker` section alone, for the client commands: the agent's sources and
+    model, other sections ignored (so an agent's YAML file serves as well)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="EDGEDI_", env_nested_delimiter="__", extra="ignore", frozen=True
+    )
+    yaml_path: ClassVar[Path | None] = None
+
+    broker: BrokerSettings = Field(default_factory=BrokerSettings)  # type: ignore[arg-type]
 
     @classmethod
     def settings_customise_sources(
@@ -248,10 +310,10 @@ class AgentSettings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if cls.yaml_path is not None:
-            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=cls.yaml_path))
-        return tuple(sources)
+        return _flags_environment_file(settings_cls, cls.yaml_path, init_settings, env_settings)
+
+
+_S = TypeVar("_S", bound=BaseSettings)
 
 
 def _credential_password(environ: dict[str, str]) -> str | None:
@@ -274,6 +336,44 @@ def _drop_none(values: dict[str, Any]) -> dict[str, Any]:
     return cleaned
 
 
+def _validated(settings_cls: type[_S], values: dict[str, Any]) -> _S:
+    try:
+        return settings_cls(**values)
+    except ValidationError as error:
+        raise ConfigError(
+            [
+                f"{'.'.join(str(part) for part in e['loc']) or '(root)'}: {e['msg']}"
+                for e in error.errors()
+            ]
+        ) from None
+
+
+def _with_password_file(broker: BrokerSettings) -> BrokerSettings:
+    """`broker` with `password` read from `password_file`, when one is named."""
+    if broker.password_file is None:
+        return broker
+    try:
+        password = broker.password_file.read_text().strip()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(
+            [f"broker.password_file: cannot read {broker.password_file}: {error}"]
+        ) from None
+    return broker.model_copy(update={"password": password})
+
+
+def _sources(
+    config_file: Path | None, overrides: dict[str, Any] | None, environ: dict[str, str]
+) -> dict[str, Any]:
+    """The init values common to every command: flags, then systemd's credential."""
+    if config_file is not None and not config_file.is_file():
+        raise ConfigError([f"--config: no such file: {config_file}"])
+    values = _drop_none(overrides or {})
+    password = _credential_password(environ)
+    if password is not None:
+        values.setdefault("broker", {}).setdefault("password", password)
+    return values
+
+
 def load_settings(
     config_file: Path | None = None,
     overrides: dict[str, Any] | None = None,
@@ -285,23 +385,30 @@ def load_settings(
     e.g. `{"device_id": "pi-1", "broker": {"host": "10.0.0.2"}}`.
     """
     environ = dict(os.environ) if environ is None else environ
-    if config_file is not None and not config_file.is_file():
-        raise ConfigError([f"--config: no such file: {config_file}"])
-    settings_cls = type("AgentSettingsFromFile", (AgentSettings,), {"yaml_path": config_file})
-    values = _drop_none(overrides or {})
-    password = _credential_password(environ)
-    if password is not None:
-        values.setdefault("broker", {}).setdefault("password", password)
+    values = _sources(config_file, overrides, environ)
+    settings_cls: type[AgentSettings] = type(
+        "AgentSettingsFromFile", (AgentSettings,), {"yaml_path": config_file}
+    )
     state_directory = environ.get("STATE_DIRECTORY")  # systemd's StateDirectory=
     if state_directory and "EDGEDI_STATE_DIR" not in environ:
         values.setdefault("state_dir", state_directory.split(":")[0])
-    try:
-        settings: AgentSettings = settings_cls(**values)
-    except ValidationError as error:
-        raise ConfigError(
-            [
-                f"{'.'.join(str(part) for part in e['loc']) or '(root)'}: {e['msg']}"
-                for e in error.errors()
-            ]
-        ) from None
-    return settings
+    settings = _validated(settings_cls, values)
+    broker = _with_password_file(settings.broker)
+    return settings if broker is settings.broker else settings.model_copy(update={"broker": broker})
+
+
+def load_connection(
+    config_file: Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    environ: dict[str, str] | None = None,
+) -> BrokerSettings:
+    """The broker settings of a client command (`infer`, `status`, `watch`), from the
+    same sources as the agent's: flags (`overrides`, as `{"broker": {...}}`), the
+    `EDGEDI_BROKER__*` environment, the `broker:` section of the YAML file (an
+    agent's file will do) and systemd's credential. Raises ConfigError."""
+    environ = dict(os.environ) if environ is None else environ
+    values = _sources(config_file, overrides, environ)
+    settings_cls: type[ConnectionSettings] = type(
+        "ConnectionSettingsFromFile", (ConnectionSettings,), {"yaml_path": config_file}
+    )
+    return _with_password_file(_validated(settings_cls, values).broker)

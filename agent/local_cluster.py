@@ -77,6 +77,8 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Final, Literal
 
 from edgedi.agent.cluster_view import ClusterView, subscribe_view
+from edgedi.agent.config import BrokerSettings
+from edgedi.agent.connection import describe, session_settings, tls_context
 from edgedi.agent.link_emulation import (
     LINK_RATES_MBIT,
     EmulatedNetwork,
@@ -85,7 +87,7 @@ from edgedi.agent.link_emulation import (
     Links,
     detect,
 )
-from edgedi.broker.connection import MqttSession, SessionSettings
+from edgedi.broker.connection import MqttSession
 from edgedi.broker.server import BrokerHandle, Preference, start_broker
 from edgedi.broker.topics import DEFAULT_PREFIX, TopicRoot
 
@@ -401,6 +403,19 @@ def forward_seconds(
         return (time.perf_counter() - started) / runs
 
 
+def _connection_environment(broker: BrokerSettings) -> dict[str, str]:
+    """The account and TLS settings of `broker` as an agent reads them from its environment."""
+    values = {
+        "USERNAME": broker.username,
+        "PASSWORD": broker.password,
+        "TLS": "true" if broker.tls else None,
+        "TLS_CA_FILE": broker.tls_ca_file,
+        "TLS_CERTFILE": broker.tls_certfile,
+        "TLS_KEYFILE": broker.tls_keyfile,
+    }
+    return {f"EDGEDI_BROKER__{k}": str(v) for k, v in values.items() if v is not None}
+
+
 def calibrate_profile(
     model: str,
     input_size: int,
@@ -504,6 +519,7 @@ class LocalCluster:
         broker: Preference = "auto",
         log_dir: Path | None = None,
         extra_agent_args: Sequence[str] = (),
+        connection: BrokerSettings | None = None,
     ) -> None:
         cores = os.cpu_count() or 1
         chosen = tuple(speeds) if speeds is not None else default_speeds(devices, cores)
@@ -528,6 +544,10 @@ class LocalCluster:
         self._network: EmulatedNetwork | None = None
         self.quota_period_us = quota_period_us
         self.broker_preference: Preference = broker
+        self.connection = connection
+        """An existing broker to run on instead of a private one: its address, account
+        and TLS settings go to every agent and to the observers (`cluster`/`topic_root`
+        are this cluster's, from the arguments above)."""
         self.extra_agent_args = tuple(extra_agent_args)
         self.device_ids = tuple(f"dev-{position + 1}" for position in range(devices))
         self.agents: list[AgentProcess] = []
@@ -547,15 +567,26 @@ class LocalCluster:
 
     @property
     def host(self) -> str:
+        if self.connection is not None:
+            return self.connection.host
         if self.broker is None:
             raise ClusterError("the cluster is not started")
         return self.broker.host
 
     @property
     def port(self) -> int:
+        if self.connection is not None:
+            return self.connection.port
         if self.broker is None:
             raise ClusterError("the cluster is not started")
         return self.broker.port
+
+    def connection_settings(self) -> BrokerSettings:
+        """How a client reaches this cluster (edgedi.agent.connection)."""
+        base = self.connection or BrokerSettings(host=self.host, port=self.port)  # type: ignore[call-arg]
+        return base.model_copy(
+            update={"cluster": self.root.cluster, "topic_root": self.root.prefix}
+        )
 
     @property
     def broker_address(self) -> str:
@@ -590,15 +621,20 @@ class LocalCluster:
                     ) from None
         if self.calibrate:
             self._calibrate()
+        if self.connection is not None and self.link != "loopback":
+            raise ClusterError("emulated links need the cluster's own broker, not an existing one")
         self.links = self._start_network()
-        if self._network is None:
+        if self.connection is not None:
+            logger.info("existing broker on %s", describe(self.connection))
+        elif self._network is None:
             self.broker = start_broker("127.0.0.1", 0, self.broker_preference)
         else:
             with self._network.inside("broker"):
                 self.broker = start_broker(
                     self._network.address("broker"), 0, self.broker_preference
                 )
-        logger.info("private %s broker on %s", self.broker.kind, self.broker_address)
+        if self.broker is not None:
+            logger.info("private %s broker on %s", self.broker.kind, self.broker_address)
         for position, device in enumerate(self.device_ids):
             self.agents.append(self._spawn(position, device))
 
@@ -640,7 +676,7 @@ class LocalCluster:
         return Emulation("slowdown", relative, self.cores, note)
 
     def _command(self, position: int, device: str) -> list[str]:
-        assert self.broker is not None and self.emulation is not None
+        assert self.emulation is not None
         network = self._network
         command = [
             *(network.exec_prefix(device) if network is not None else ()),
@@ -750,6 +786,9 @@ class LocalCluster:
         )
         if group is not None and loop_group is not None:
             environment["EDGEDI_COMPUTE__CGROUP_TASKS"] = str(group / "tasks")
+        if self.connection is not None:
+            # The environment, not flags: a password on a command line is in `ps`.
+            environment.update(_connection_environment(self.connection))
         log_path = self.log_dir / f"{device}.log"
         with log_path.open("ab") as log:
             process = subprocess.Popen(
@@ -821,13 +860,12 @@ class LocalCluster:
         Raises `ClusterError` (with the end of the relevant agents' logs) when an
         agent exits or `timeout` runs out.
         """
-        if self.broker is None:
+        if self.broker is None and self.connection is None:
             raise ClusterError("the cluster is not started")
         view = ClusterView()
-        settings = SessionSettings(
-            host=self.host, port=self.port, client_id=f"observer-{uuid.uuid4().hex[:12]}"
-        )
-        session = MqttSession(settings, self.root)
+        broker = self.connection_settings()
+        settings = session_settings(broker, f"observer-{uuid.uuid4().hex[:12]}")
+        session = MqttSession(settings, self.root, tls_context=tls_context(broker))
         await subscribe_view(session, view)
         loop = asyncio.get_running_loop()
         give_up = loop.time() + timeout

@@ -52,6 +52,7 @@ import torch
 
 from edgedi.agent.clock import OffsetEstimate
 from edgedi.agent.config import AgentSettings
+from edgedi.agent.connection import session_settings, tls_context
 from edgedi.agent.coordinator import Coordinator
 from edgedi.agent.device import (
     ProfileTable,
@@ -363,20 +364,12 @@ class Agent:
             raise self._duplicate
 
     def _session_settings(self, client_id: str) -> SessionSettings:
-        broker = self.settings.broker
-        return SessionSettings(
-            host=broker.host,
-            port=broker.port,
-            client_id=client_id,
-            username=broker.username,
-            password=broker.password,  # type: ignore[arg-type]  # SecretStr accepts str
-            keepalive_seconds=broker.keepalive_s,
-            max_payload_bytes=self.settings.jobs.max_payload_bytes,
+        return session_settings(
+            self.settings.broker, client_id, max_payload_bytes=self.settings.jobs.max_payload_bytes
         )
 
     def _tls(self) -> ssl.SSLContext | None:
-        ca_file = self.settings.broker.tls_ca_file
-        return None if ca_file is None else ssl.create_default_context(cafile=str(ca_file))
+        return tls_context(self.settings.broker)
 
     async def _claim_identity(self) -> bool:
         """Listen to our own id's records before announcing anything (agent.identity):

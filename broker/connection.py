@@ -321,6 +321,7 @@ class MqttSession:
         retained topic that was deleted (empty) or refused as malformed."""
         self._tls_context = tls_context
         self._subscriptions: list[Subscription] = []
+        self._refused: dict[str, int] = {}
         self._subscription_lock = asyncio.Lock()
         self._client: aiomqtt.Client | None = None
         # Completed when the current connection ends (publishes waiting on it give up).
@@ -514,7 +515,7 @@ class MqttSession:
             filters = dict(self._filters())
             if filters:
                 codes = await client.subscribe(list(filters.items()))
-                self._check_granted(list(filters), codes)
+                self._note_granted(list(filters), codes)
         self.statistics.connects += 1
         self._connected.set()
         logger.info(
@@ -530,14 +531,25 @@ class MqttSession:
         for subscription in self._subscriptions:
             yield subscription.topic_filter, subscription.spec.qos
 
-    @staticmethod
-    def _check_granted(filters: list[str], codes: object) -> None:
+    @property
+    def refused_subscriptions(self) -> dict[str, int]:
+        """Topic filters whose latest SUBACK was a failure (code >= 0x80), with the code.
+
+        MQTT 3.1.1 has one failure code (0x80); a broker may also grant a filter and
+        then withhold what the account may not read (Mosquitto does): that shows
+        only as silence, which the callers that expect retained records report."""
+        return dict(self._refused)
+
+    def _note_granted(self, filters: list[str], codes: object) -> None:
         if not isinstance(codes, list | tuple):
             return
         for topic_filter, code in zip(filters, codes, strict=False):
             value = getattr(code, "value", code)
             if isinstance(value, int) and value >= 0x80:
+                self._refused[topic_filter] = value
                 logger.error("broker refused subscription to %s (code %#x)", topic_filter, value)
+            else:
+                self._refused.pop(topic_filter, None)
 
     # --- receiving -------------------------------------------------------------------
 
@@ -650,7 +662,7 @@ class MqttSession:
                     # The connection is failing; the next connect subscribes again.
                     logger.debug("subscribe to %s deferred: %s", subscription.topic_filter, error)
                 else:
-                    self._check_granted([subscription.topic_filter], codes)
+                    self._note_granted([subscription.topic_filter], codes)
         return subscription
 
     async def unsubscribe(self, subscription: Subscription) -> None:
@@ -659,6 +671,8 @@ class MqttSession:
             if subscription in self._subscriptions:
                 self._subscriptions.remove(subscription)
             shared = any(s.topic_filter == subscription.topic_filter for s in self._subscriptions)
+            if not shared:
+                self._refused.pop(subscription.topic_filter, None)
             client = self._client
             if client is not None and not shared:
                 try:

@@ -10,6 +10,7 @@ BrokerError                     anything this package raises on purpose
 │   ├── TensorError             dtype not allowed, shape × itemsize ≠ len(data), NaN/inf
 │   └── UnknownTopic            a topic outside the catalogue, or a bad topic parameter
 ├── ConnectionLost              no broker connection, or an operation on it timed out
+├── NotAuthorised               the broker refused a subscription or a publish on a topic
 └── BrokerStartError            a private broker did not come up
 ```
 
@@ -28,6 +29,7 @@ __all__ = [
     "BrokerStartError",
     "ConnectionLost",
     "DecodeError",
+    "NotAuthorised",
     "PayloadTooLarge",
     "ProtocolError",
     "SchemaVersionError",
@@ -72,6 +74,16 @@ class UnknownTopic(ProtocolError):
 
 class ConnectionLost(BrokerError):
     """There is no broker connection, or a publish/subscribe on it failed or timed out."""
+
+
+class NotAuthorised(BrokerError):
+    """The broker refused this account a topic: a SUBACK failure code, or (where the
+    broker cannot say so: Mosquitto grants every subscription and filters on
+    delivery) an expected retained record that never came."""
+
+    def __init__(self, topic: str, detail: str) -> None:
+        super().__init__(f"not authorised for {topic}: {detail}")
+        self.topic = topic
 
 
 class BrokerStartError(BrokerError):

@@ -1,7 +1,8 @@
 """`edgedi agent`: run this device's agent (worker; planner and coordinator when elected).
 
 Settings come from `--config FILE` (YAML), `EDGEDI_*` environment variables and the
-flags below (strongest). `--check-config` validates them, prints one
+flags below (strongest); the connection flags are those of every command
+(`edgedi.agent.connection`). `--check-config` validates them, prints one
 `field.path: message` line per problem and exits 0 (valid) or 1, without connecting:
 the Ansible role runs it on every rendered configuration before installing it.
 SIGTERM or Ctrl-C stops the agent gracefully (drain, state `stopped`, disconnect).
@@ -20,40 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from edgedi.agent.config import AgentSettings, ConfigError, load_settings
-
-
-def broker_address(text: str) -> tuple[str, int | None]:
-    """`HOST`, `HOST:PORT` or `[IPv6]:PORT`."""
-    host, port = text, None
-    if text.startswith("["):
-        closing = text.find("]")
-        if closing < 0:
-            raise argparse.ArgumentTypeError(f"bad broker address {text!r}")
-        host, rest = text[1:closing], text[closing + 1 :]
-        if rest:
-            if not rest.startswith(":"):
-                raise argparse.ArgumentTypeError(f"bad broker address {text!r}")
-            port = rest[1:]
-    elif text.count(":") == 1:
-        host, port = text.split(":")
-    if not host:
-        raise argparse.ArgumentTypeError(f"bad broker address {text!r}: no host")
-    if port is None:
-        return host, None
-    if not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise argparse.ArgumentTypeError(f"bad broker port in {text!r}")
-    return host, int(port)
+from edgedi.agent.connection import add_connection_arguments, connection_overrides, describe
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="YAML settings file")
     parser.add_argument(
         "--check-config", action="store_true", help="validate the settings and exit (0 or 1)"
     )
-    parser.add_argument("--broker", type=broker_address, metavar="HOST:PORT", help="MQTT broker")
     parser.add_argument("--id", dest="device_id", metavar="ID", help="unique device name")
-    parser.add_argument("--cluster", help="cluster name (one topic level)")
-    parser.add_argument("--topic-root", help="topic prefix shared by the fleet")
+    add_connection_arguments(parser)
     parser.add_argument(
         "--link-mbit", type=float, metavar="MBIT", help="announced link bandwidth (Mbit/s)"
     )
@@ -100,16 +76,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    host, port = args.broker if args.broker is not None else (None, None)
     return {
         "device_id": args.device_id,
         "state_dir": args.state_dir,
         "log_level": args.log_level,
         "broker": {
-            "host": host,
-            "port": port,
-            "cluster": args.cluster,
-            "topic_root": args.topic_root,
+            **connection_overrides(args),
             "link_mbit_s": args.link_mbit,
             "link_latency_ms": args.link_latency_ms,
         },
@@ -196,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
         source = args.config or "flags and environment"
         print(
             f"{source}: OK (device {settings.device_id}, broker "
-            f"{settings.broker.host}:{settings.broker.port}, models "
+            f"{describe(settings.broker)}, models "
             f"{', '.join(settings.compute.models)})"
         )
         return 0

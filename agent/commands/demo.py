@@ -13,6 +13,12 @@ says what the speedup would ideally be for the emulated speeds, how the speeds w
 emulated, and whether the model's weights are trained (then the stream's accuracy is
 reported) or random (predictions are meaningless, and the summary says so).
 
+With `--broker` (or a broker address from `EDGEDI_BROKER__*` or `--config`: the
+connection options every command takes, `edgedi.agent.connection`) the agents and
+the stream run on that existing broker instead, in a cluster of their own
+(`demo-...` unless `--cluster` names one); its account and TLS settings go to every
+agent, so the broker must let that one account act as every demo device.
+
 Exit status: 0 when every job got an ok result; 1 when any failed or timed out, or
 the cluster did not start; 2 for bad arguments; 130 on Ctrl-C (the cluster is always
 stopped and its cgroups removed).
@@ -28,11 +34,14 @@ import signal
 import statistics
 import sys
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
+
+from edgedi.agent.connection import add_connection_arguments
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -41,6 +50,7 @@ if TYPE_CHECKING:
     import numpy.typing as npt
 
     from edgedi.agent.client import InferenceClient
+    from edgedi.agent.config import BrokerSettings
     from edgedi.agent.local_cluster import LocalCluster
     from edgedi.broker.messages import JobResult
     from edgedi.broker.plan import Plan
@@ -61,6 +71,7 @@ _STAGES = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_connection_arguments(parser)
     parser.add_argument(
         "--devices", type=int, default=4, metavar="N", help="local agents (default 4)"
     )
@@ -257,7 +268,32 @@ def _load_weights(model: str, size: int) -> tuple[Any, _Weights]:
     )
 
 
+def _existing_broker(args: argparse.Namespace) -> tuple[bool, BrokerSettings] | None:
+    """(whether to use an existing broker, its settings) from the connection options;
+    None (after saying why) when they are invalid.
+
+    Without a broker address (flag, environment or file) the demo starts its own.
+    On an existing broker the cluster is a fresh `demo-...` one unless named, so the
+    demo's agents never join a fleet's cluster."""
+    from edgedi.agent.config import ConfigError
+    from edgedi.agent.connection import load_from_arguments
+
+    try:
+        broker = load_from_arguments(args)
+    except ConfigError as error:
+        for line in error.lines:
+            print(line, file=sys.stderr)
+        return None
+    given = broker.model_fields_set
+    if not given & {"host", "port"}:
+        return False, broker
+    if "cluster" not in given:
+        broker = broker.model_copy(update={"cluster": f"demo-{uuid.uuid4().hex[:8]}"})
+    return True, broker
+
+
 def _demo(args: argparse.Namespace) -> int:
+    from edgedi.agent.connection import describe
     from edgedi.agent.local_cluster import ClusterError, LocalCluster
     from edgedi.models.checkpoints import CheckpointError
 
@@ -279,6 +315,9 @@ def _demo(args: argparse.Namespace) -> int:
             f"weights: RANDOM (no trained checkpoint for {args.model}): predictions are "
             "meaningless and no accuracy is reported; latency and speedup are still real"
         )
+    existing = _existing_broker(args)
+    if existing is None:
+        return 2
     cluster = LocalCluster(
         args.devices,
         model=args.model,
@@ -286,22 +325,26 @@ def _demo(args: argparse.Namespace) -> int:
         strategy=args.strategy,
         emulation=args.emulation,
         link=args.link,
+        cluster=existing[1].cluster,
+        topic_prefix=existing[1].topic_root,
+        connection=existing[1] if existing[0] else None,
     )
     failed = True
     try:
         _say("measuring one core of this machine, then starting the broker and the agents ...")
         try:
             cluster.start()
-            assert cluster.emulation is not None and cluster.broker is not None
-            assert cluster.links is not None
+            assert cluster.emulation is not None and cluster.links is not None
             _say(f"devices: {cluster.emulation.describe()}")
             _say(f"links: {cluster.links.describe()}")
             if cluster.calibration is not None:
                 _say(f"profile: {cluster.calibration.describe(args.model)}")
+            kind = cluster.broker.kind if cluster.broker is not None else "existing broker"
+            settings = cluster.connection_settings()
             _say(
-                f"broker: {cluster.broker.kind} on {cluster.broker_address} "
-                f"({cluster.links.label}); "
-                f"watch it live with: edgedi watch --broker {cluster.broker_address}"
+                f"broker: {kind} on {describe(settings)} ({cluster.links.label}); watch it live "
+                f"with: edgedi watch --broker {cluster.broker_address}"
+                + (f" --cluster {settings.cluster}" if settings.cluster != "default" else "")
             )
             view = asyncio.run(cluster.wait_ready(args.ready_timeout))
         except ClusterError as error:
@@ -394,7 +437,7 @@ def _trace_summary(result: JobResult) -> tuple[list[str], dict[str, Any]]:
 async def _stream(
     args: argparse.Namespace, cluster: LocalCluster, plan: Plan, network: Any, weights: _Weights
 ) -> int:
-    from edgedi.agent.client import connect
+    from edgedi.agent.client import connect_to
     from edgedi.agent.cluster_view import describe_plan
     from edgedi.agent.progress import ProgressBar
     from edgedi.models.data import CLASSES, iter_images
@@ -413,7 +456,7 @@ async def _stream(
         else ", one job at a time, with the plan in force"
     )
     _say(f"stream: {len(items)} synthetic defect images (seed {args.seed}){how}")
-    async with connect(cluster.host, cluster.port, root=cluster.root) as client:
+    async with connect_to(cluster.connection_settings()) as client:
         # Jobs first that are not counted: the first run of a plan pays one-off costs
         # (allocations, planning), and the leader measures its best candidate plans on
         # its first jobs and settles on the fastest (`Planning.observe_job`), as it

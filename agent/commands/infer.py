@@ -12,7 +12,11 @@ is decoded) or a side shorter than the model's minimum input (at least
 Without `--model`, the model of the published plan is used. Jobs are submitted
 concurrently (at most `--parallel` at once), each retried with the same job id
 until its result arrives or `--timeout` runs out. Exit status: 0 when every image
-got an ok result, 1 when any got an error or timed out, 2 for bad arguments.
+got an ok result, 1 when any got an error or timed out (or the broker refused a
+subscription: "not authorised for TOPIC"), 2 for bad arguments. Where the broker
+withholds records silently instead (Mosquitto), a missing plan or leader record is
+named, with the reminder that the account may not be authorised to read it.
+Connection flags: every command's (`edgedi.agent.connection`).
 """
 
 from __future__ import annotations
@@ -27,18 +31,18 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from edgedi.agent.commands.agent import broker_address
+from edgedi.agent.connection import add_connection_arguments
 
 # Below this many pixels a side an image holds no texture to classify, whatever
 # the smallest input the model could technically take.
 MIN_IMAGE_SIDE = 8
+# The retained plan arrives right after the SUBACK; this allows for a slow link.
+PLAN_WAIT_S = 2.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="*", type=Path, metavar="IMAGE", help="image files")
-    parser.add_argument(
-        "--broker", type=broker_address, default=("127.0.0.1", 1883), metavar="HOST:PORT"
-    )
+    add_connection_arguments(parser)
     parser.add_argument("--model", help="model to run (default: the published plan's)")
     parser.add_argument("--strategy", help="partitioning strategy for these jobs")
     parser.add_argument("--timeout", type=float, default=30.0, metavar="S", help="per image")
@@ -57,10 +61,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="refuse image files of more pixels than this, before decoding them (default 40000000)",
     )
     parser.add_argument("--parallel", type=int, default=4, metavar="N", help="jobs at once")
-    parser.add_argument("--cluster", default="default", help="cluster name")
-    parser.add_argument("--topic-root", default="edgedi/v1", help="topic prefix")
-    parser.add_argument("--username", help="MQTT user name")
-    parser.add_argument("--password-file", type=Path, help="file holding the MQTT password")
     parser.add_argument("--json", action="store_true", help="print each result as JSON")
 
 
@@ -105,23 +105,27 @@ def _line(name: str, result: Any) -> str:
 
 
 async def _main(args: argparse.Namespace) -> int:
-    from edgedi.agent.client import JobTimeout, connect
+    from edgedi.agent.client import JobTimeout, connect_to
+    from edgedi.agent.config import ConfigError
+    from edgedi.agent.connection import describe, load_from_arguments
     from edgedi.broker.errors import BrokerError
-    from edgedi.broker.topics import TopicRoot
+    from edgedi.broker.topics import PLAN_CURRENT
 
-    host, port = args.broker
-    password = args.password_file.read_text().strip() if args.password_file else None
-    root = TopicRoot(args.topic_root, args.cluster)
+    try:
+        broker = load_from_arguments(args)
+    except ConfigError as invalid:
+        for line in invalid.lines:
+            print(line, file=sys.stderr)
+        return 2
+    address = describe(broker)
     failures = 0
     try:
-        async with connect(
-            host, port or 1883, root=root, username=args.username, password=password
-        ) as client:
-            announcement = await client.current_plan(timeout=2.0)
+        async with connect_to(broker) as client:
+            announcement = await client.current_plan(timeout=PLAN_WAIT_S)
             model = args.model
             if model is None:
                 if announcement is None:
-                    print("no plan is published yet; pass --model", file=sys.stderr)
+                    print(f"{client.unseen(PLAN_CURRENT)}; pass --model", file=sys.stderr)
                     return 1
                 model = announcement.plan.model
             size = args.size
@@ -164,7 +168,7 @@ async def _main(args: argparse.Namespace) -> int:
                     print(_line(name, outcome))
                 sys.stdout.flush()
     except BrokerError as error:
-        print(f"broker {host}:{port}: {error}", file=sys.stderr)
+        print(f"broker {address}: {error}", file=sys.stderr)
         return 1
     return 1 if failures else 0
 

@@ -1,54 +1,91 @@
-"""Connection flags and session set-up shared by the read-only commands (status, watch)."""
+"""Session set-up shared by the read-only commands (status, watch).
+
+The connection flags are every command's (`edgedi.agent.connection`). What these
+commands subscribe to is mostly retained: where the broker refuses a subscription
+(a SUBACK failure code) they say "not authorised for TOPIC"; where it grants the
+subscription and then withholds the records (Mosquitto's ACL works on delivery)
+they can only say which retained records never came, and that the account may not
+be allowed to read them (`missing_records`).
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import uuid
-from pathlib import Path
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, NamedTuple
 
-from edgedi.agent.commands.agent import broker_address
+from edgedi.agent.connection import add_connection_arguments
 
 if TYPE_CHECKING:
+    from edgedi.agent.config import BrokerSettings
     from edgedi.broker.connection import MqttSession
-    from edgedi.broker.topics import TopicRoot
+    from edgedi.broker.topics import TopicRoot, TopicSpec
+
+__all__ = [
+    "Observer",
+    "add_connection_arguments",
+    "missing_records",
+    "observer_session",
+    "refusal",
+]
 
 
 class Observer(NamedTuple):
     session: MqttSession
     root: TopicRoot
     address: str  # host:port, for messages to the user
-
-
-def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--broker", type=broker_address, default=("127.0.0.1", 1883), metavar="HOST:PORT"
-    )
-    parser.add_argument("--cluster", default="default", help="cluster name")
-    parser.add_argument("--topic-root", default="edgedi/v1", help="topic prefix")
-    parser.add_argument("--username", help="MQTT user name")
-    parser.add_argument("--password-file", type=Path, help="file holding the MQTT password")
+    broker: BrokerSettings
 
 
 def observer_session(args: argparse.Namespace, client_prefix: str) -> Observer | None:
-    """An MQTT session for the flags above; None (after saying why) on a bad topic root."""
-    from edgedi.broker.connection import MqttSession, SessionSettings
-    from edgedi.broker.errors import BrokerError
-    from edgedi.broker.topics import TopicRoot
-
-    host, port = args.broker
-    password = args.password_file.read_text().strip() if args.password_file else None
-    settings = SessionSettings(
-        host=host,
-        port=port or 1883,
-        client_id=f"{client_prefix}-{uuid.uuid4().hex[:12]}",
-        username=args.username,
-        password=password,  # pydantic turns a str into a SecretStr
+    """An MQTT session for the connection flags; None (after saying why) on bad settings."""
+    from edgedi.agent.config import ConfigError
+    from edgedi.agent.connection import (
+        describe,
+        load_from_arguments,
+        session_settings,
+        tls_context,
+        topic_root,
     )
+    from edgedi.broker.connection import MqttSession
+    from edgedi.broker.errors import BrokerError
+
     try:
-        root = TopicRoot(args.topic_root, args.cluster)
+        broker = load_from_arguments(args)
+    except ConfigError as error:
+        for line in error.lines:
+            print(line, file=sys.stderr)
+        return None
+    try:
+        root = topic_root(broker)
     except BrokerError as error:
         print(f"bad topic root: {error}", file=sys.stderr)
         return None
-    return Observer(MqttSession(settings, root), root, f"{host}:{settings.port}")
+    settings = session_settings(broker, f"{client_prefix}-{uuid.uuid4().hex[:12]}")
+    session = MqttSession(settings, root, tls_context=tls_context(broker))
+    return Observer(session, root, describe(broker), broker)
+
+
+def refusal(session: MqttSession) -> str | None:
+    """ "not authorised for TOPIC: ..." for the first subscription the broker refused."""
+    from edgedi.broker.errors import NotAuthorised
+
+    for topic_filter, code in session.refused_subscriptions.items():
+        return str(
+            NotAuthorised(
+                topic_filter, f"the broker refused the subscription (reason code {code:#x})"
+            )
+        )
+    return None
+
+
+def missing_records(observer: Observer, specs: Iterable[TopicSpec], waited_s: float) -> list[str]:
+    """One line per retained topic of `specs` of which nothing arrived in `waited_s`."""
+    account = observer.broker.username or "anonymous"
+    return [
+        f"no retained record on {spec.filter(observer.root)} within {waited_s:g} s: none is "
+        f"published, or the account {account} is not authorised to read it"
+        for spec in specs
+    ]

@@ -5,7 +5,10 @@
 Connects, collects the retained records (births, states, the leader record, the
 plan) and a round of heartbeats for `--wait` seconds (default 1.2: heartbeats come
 every second), prints them and exits: 0 when a leader and a plan are known, 1
-otherwise (nothing there, or the broker unreachable).
+otherwise (nothing there, the broker unreachable, or a subscription refused:
+"not authorised for TOPIC"). A retained record that never came is named on
+stderr, with the reminder that the account may not be authorised to read it.
+Connection flags: every command's (`edgedi.agent.connection`).
 """
 
 from __future__ import annotations
@@ -16,7 +19,12 @@ import json
 import sys
 from typing import Any
 
-from edgedi.agent.commands.observer import add_connection_arguments, observer_session
+from edgedi.agent.commands.observer import (
+    add_connection_arguments,
+    missing_records,
+    observer_session,
+    refusal,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -86,24 +94,41 @@ def render(document: dict[str, Any], plan_lines: list[str]) -> list[str]:
 async def _collect(args: argparse.Namespace) -> int:
     from edgedi.agent.cluster_view import ClusterView, describe_plan, subscribe_view
     from edgedi.broker.errors import BrokerError
+    from edgedi.broker.topics import DEVICE_BIRTH, PLAN_CURRENT, PLANNER_LEADER
 
     observer = observer_session(args, "status")
     if observer is None:
         return 2
-    session, root, address = observer
+    session, root, address, _ = observer
     view = ClusterView()
     await subscribe_view(session, view, heartbeats=True)
     async with asyncio.TaskGroup() as group:
         runner = group.create_task(session.run(), name="status-session")
         try:
             await session.wait_connected(10.0)
-            await asyncio.sleep(max(0.0, args.wait))
+            refused = refusal(session)
+            if refused is None:
+                await asyncio.sleep(max(0.0, args.wait))
         except BrokerError as error:
             print(f"broker {address}: {error}", file=sys.stderr)
             return 1
         finally:
             session.request_stop()
             await runner
+    if refused is not None:
+        print(f"broker {address}: {refused}", file=sys.stderr)
+        return 1
+    absent = [
+        spec
+        for spec, seen in (
+            (DEVICE_BIRTH, view.devices),
+            (PLANNER_LEADER, view.leader),
+            (PLAN_CURRENT, view.plan),
+        )
+        if not seen
+    ]
+    for line in missing_records(observer, absent, args.wait):
+        print(line, file=sys.stderr)
     document = view.to_json()
     document["broker"] = f"{address}"
     document["topic_root"] = root.base

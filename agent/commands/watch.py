@@ -7,7 +7,11 @@ stopped; a late Will of an old session is shown as ignored), leader changes, new
 plans, and every job result (label, confidence, latency, devices; or the error).
 The retained records come first, so the opening lines describe the cluster as it
 is; after that only changes print. Watching never disturbs the cluster: it only
-subscribes.
+subscribes. A subscription the broker refuses ends it at once with "not
+authorised for TOPIC" (exit status 1); when no retained record at all comes
+within `--wait` seconds, a line on stderr says so (an empty cluster, or an
+account that may not read it) and watching goes on. Connection flags: every
+command's (`edgedi.agent.connection`).
 """
 
 from __future__ import annotations
@@ -18,7 +22,12 @@ import contextlib
 import sys
 import time
 
-from edgedi.agent.commands.observer import add_connection_arguments, observer_session
+from edgedi.agent.commands.observer import (
+    add_connection_arguments,
+    missing_records,
+    observer_session,
+    refusal,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,6 +37,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--duration", type=float, metavar="S", help="stop after S seconds (default: Ctrl-C)"
+    )
+    parser.add_argument(
+        "--wait",
+        type=float,
+        default=2.0,
+        metavar="S",
+        help="say so when no retained record came within S seconds (default 2)",
     )
 
 
@@ -66,12 +82,18 @@ async def _watch(args: argparse.Namespace) -> int:
     from edgedi.broker.connection import Received
     from edgedi.broker.errors import BrokerError
     from edgedi.broker.messages import Heartbeat
-    from edgedi.broker.topics import DEVICE_HEARTBEAT, JOB_RESULT
+    from edgedi.broker.topics import (
+        DEVICE_BIRTH,
+        DEVICE_HEARTBEAT,
+        JOB_RESULT,
+        PLAN_CURRENT,
+        PLANNER_LEADER,
+    )
 
     observer = observer_session(args, "watch")
     if observer is None:
         return 2
-    session, root, address = observer
+    session, root, address, _ = observer
     view = ClusterView()
 
     def on_lines(lines: list[str]) -> None:
@@ -97,15 +119,28 @@ async def _watch(args: argparse.Namespace) -> int:
         runner = group.create_task(session.run(), name="watch-session")
         try:
             await session.wait_connected(10.0)
+            problem = refusal(session)
         except BrokerError as error:
-            print(f"broker {address}: {error}", file=sys.stderr)
+            problem = str(error)
+        if problem is not None:
+            print(f"broker {address}: {problem}", file=sys.stderr)
             session.request_stop()
             await runner
             return 1
         _emit(f"watching {root.base}/ on {address} (Ctrl-C to stop)")
         try:
-            if args.duration is not None:
-                await asyncio.sleep(args.duration)
+            loop = asyncio.get_running_loop()
+            stop_at = None if args.duration is None else loop.time() + args.duration
+            first = args.wait if stop_at is None else min(args.wait, args.duration)
+            await asyncio.sleep(max(0.0, first))
+            if not (view.devices or view.leader or view.plan):
+                for line in missing_records(
+                    observer, (DEVICE_BIRTH, PLANNER_LEADER, PLAN_CURRENT), args.wait
+                ):
+                    print(line, file=sys.stderr)
+                sys.stderr.flush()
+            if stop_at is not None:
+                await asyncio.sleep(max(0.0, stop_at - loop.time()))
             else:
                 await asyncio.Event().wait()
         finally:

@@ -21,6 +21,7 @@ import pytest
 
 from edgedi.agent.client import connect
 from edgedi.agent.local_cluster import LocalCluster
+from edgedi.broker.server import start_broker
 from edgedi.models.data import generate_image
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
@@ -52,6 +53,30 @@ def test_demo_streams_images_and_reports_the_speedup() -> None:
     assert "ideal speedup for these speeds:" in output
     assert ": identical" in output  # distributed == one plain forward pass
     assert "\x1b[" not in output  # no bar drawing when the output is not a terminal
+
+
+def test_demo_runs_on_an_existing_broker_with_the_shared_connection_options() -> None:
+    broker = start_broker(prefer="auto")
+    try:
+        completed = subprocess.run(
+            edgedi(
+                "demo", "--broker", f"{broker.host}:{broker.port}",
+                "--devices", "2", "--images", "2", "--model", MODEL, "--size", str(SIZE),
+                "--no-baseline",
+            ),
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )  # fmt: skip
+    finally:
+        broker.stop()
+    output = completed.stdout
+    assert completed.returncode == 0, output + completed.stderr
+    assert f"broker: existing broker on {broker.host}:{broker.port}" in output, output
+    # A cluster of its own on a shared broker: never a fleet's `default`.
+    assert f"edgedi watch --broker {broker.host}:{broker.port} --cluster demo-" in output
+    assert "summary: 2/2 jobs ok" in output, output
 
 
 def test_demo_refuses_bad_arguments() -> None:

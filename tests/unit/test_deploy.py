@@ -14,7 +14,6 @@ needs, no more.
 from __future__ import annotations
 
 import configparser
-import json
 import os
 import re
 import shlex
@@ -29,6 +28,12 @@ from typing import Any
 import pytest
 import yaml
 from pydantic import BaseModel
+from role_templates import ansible_bool as _ansible_bool
+from role_templates import environment as _environment
+from role_templates import jinja2
+from role_templates import render as _render
+from role_templates import role_defaults as _role_defaults
+from role_templates import variables as _variables
 
 from edgedi.agent.config import (
     BrokerSettings,
@@ -37,11 +42,6 @@ from edgedi.agent.config import (
     MetricsSettings,
     load_settings,
 )
-
-try:
-    import jinja2
-except ImportError:  # pragma: no cover - jinja2 comes with torch
-    jinja2 = None  # type: ignore[assignment]
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -77,11 +77,6 @@ def _load(path: Path) -> Any:
     return yaml.safe_load(path.read_text())
 
 
-def _role_defaults(role: str) -> dict[str, Any]:
-    defaults: dict[str, Any] = _load(ROLES / role / "defaults" / "main.yml") or {}
-    return defaults
-
-
 def _role_options(role: str) -> dict[str, Any]:
     meta = _load(ROLES / role / "meta" / "main.yml")
     options: dict[str, Any] = meta["argument_specs"]["main"]["options"]
@@ -104,53 +99,7 @@ def _playbooks() -> list[Path]:
     return sorted(path for path in ANSIBLE.glob("*.yml") if isinstance(_load(path), list))
 
 
-def _ansible_bool(value: Any) -> bool:
-    if isinstance(value, str):
-        return value.strip().lower() in {"yes", "on", "1", "true", "y", "t"}
-    return bool(value)
-
-
-def _environment() -> Any:
-    """A Jinja2 environment configured like Ansible's template module."""
-    assert jinja2 is not None
-    environment = jinja2.Environment(
-        undefined=jinja2.StrictUndefined, trim_blocks=True, keep_trailing_newline=True
-    )
-    environment.filters.update(
-        to_json=json.dumps, bool=_ansible_bool, quote=shlex.quote, basename=lambda p: Path(p).name
-    )
-    return environment
-
-
 needs_jinja = pytest.mark.skipif(jinja2 is None, reason="jinja2 (a torch dependency) missing")
-
-
-def _variables(role: str, **overrides: Any) -> dict[str, Any]:
-    """The role's defaults, templated against each other like Ansible does, plus overrides."""
-    context: dict[str, Any] = {
-        "inventory_hostname": "pi-1",
-        "role_path": str(ROLES / role),
-        "playbook_dir": str(ANSIBLE),
-        "ansible_playbook_python": "/usr/bin/python3",
-        "ansible_managed": "Ansible managed",
-        "ansible_facts": {},
-        "groups": {"agents": ["pi-1"]},
-        "ansible_play_hosts_all": ["pi-1"],
-    }
-    context.update(_role_defaults(role))
-    context.update(overrides)
-    environment = _environment()
-    for _ in range(5):  # defaults refer to defaults, a few levels deep at most
-        for key, value in context.items():
-            if isinstance(value, str) and "{{" in value:
-                context[key] = environment.from_string(value).render(context)
-    return context
-
-
-def _render(role: str, template: str, **overrides: Any) -> str:
-    source = (ROLES / role / "templates" / template).read_text()
-    rendered: str = _environment().from_string(source).render(_variables(role, **overrides))
-    return rendered
 
 
 def _unit_values(text: str) -> dict[tuple[str, str], list[str]]:
@@ -747,12 +696,14 @@ class Acl:
 # For each topic of the catalogue (docs/protocol): who writes it and who reads it.
 # {device} is a device id, {job} a job id. Roles: "owner" (the device named in the
 # topic), "device" (any device), "candidate" (may become leader/coordinator),
-# "submitter" (a client, or a device with submit_jobs), "monitor" (operators).
+# "submitter" (a client, or a device with submit_jobs), "client" (an account of
+# `mosquitto_clients`), "monitor" (operators).
 CATALOGUE: dict[str, tuple[set[str], set[str]]] = {
-    "devices/{device}/birth": ({"owner"}, {"device", "owner"}),
-    "devices/{device}/state": ({"owner"}, {"device", "owner", "home_assistant"}),
+    # Clients read the public records too: `edgedi status`, `watch` and `infer`.
+    "devices/{device}/birth": ({"owner"}, {"device", "owner", "client"}),
+    "devices/{device}/state": ({"owner"}, {"device", "owner", "home_assistant", "client"}),
     # Every device reads the leader's heartbeat: it echoes theirs (clock offsets).
-    "devices/{device}/heartbeat": ({"owner"}, {"device", "owner"}),
+    "devices/{device}/heartbeat": ({"owner"}, {"device", "owner", "client"}),
     "devices/{device}/tasks": ({"candidate", "owner"}, {"owner"}),
     # The direct data plane: only the sender writes, only the target (and the sender,
     # under its own prefix) reads.
@@ -760,8 +711,9 @@ CATALOGUE: dict[str, tuple[set[str], set[str]]] = {
     "devices/{device}/probe": ({"owner"}, {"owner"}),
     # Gate partials of the direct plane: published once, read by every device.
     "devices/{device}/partials": ({"owner"}, {"device", "owner"}),
-    "planner/leader": ({"candidate"}, {"device"}),
-    "plans/current": ({"candidate"}, {"device"}),
+    # A client believes a result only from the leader of its epoch (agent.client).
+    "planner/leader": ({"candidate"}, {"device", "client"}),
+    "plans/current": ({"candidate"}, {"device", "client"}),
     "jobs/submit": ({"submitter"}, {"candidate"}),
     # What a worker or the leader answers carries its own id: nobody writes another's.
     "jobs/{job}/partials/{device}": ({"owner"}, {"candidate"}),
@@ -779,7 +731,7 @@ def _roles_of(
 ) -> set[str]:
     if "username" in identity:
         return (
-            {"submitter"}
+            {"submitter", "client"}
             | ({"monitor"} if identity.get("monitor") else set())
             | ({"home_assistant"} if identity.get("home_assistant") else set())
         )

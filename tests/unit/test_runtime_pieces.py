@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgedi.agent.commands.agent import broker_address
+from edgedi.agent.connection import broker_address
 from edgedi.agent.layout import LayoutError, plan_segment_layout, segment_layout
 from edgedi.agent.planning import profile_from_birth
 from edgedi.agent.result_checks import JobFailed, check_image
