@@ -171,3 +171,31 @@ def test_parts_are_frozen() -> None:
     with pytest.raises(ValidationError):
         setattr(part, "device", "b")  # noqa: B010  (frozen: must raise)
     assert Segment.model_fields["parts"].is_required()
+
+
+def _channel_segment(*parts: tuple[tuple[int, int], tuple[int, int] | None]) -> Segment:
+    return Segment(
+        first_unit=0,
+        last_unit=0,
+        out_height=4,
+        out_width=4,
+        sink="a",
+        parts=tuple(
+            Part(device=d, rows=rows, channels=channels)
+            for d, (rows, channels) in zip("ab", parts, strict=False)
+        ),
+    )
+
+
+def test_channel_parts_must_continue_from_zero_on_every_part() -> None:
+    good = _channel_segment(((0, 2), (0, 10)), ((2, 4), (10, 16)))
+    good.check_coverage()
+    assert good.channel_split
+    for parts, problem in (
+        ((((0, 2), (0, 10)), ((2, 4), (11, 16))), "channel parts do not continue"),
+        ((((0, 2), (1, 10)), ((2, 4), (10, 16))), "channel parts do not continue"),
+        ((((0, 2), (0, 10)), ((2, 4), None)), "every part to name channels"),
+        ((((0, 2), (0, 10)), ((2, 2), (10, 16))), "non-empty"),
+    ):
+        with pytest.raises(PlanError, match=problem):
+            _channel_segment(*parts).check_coverage()
