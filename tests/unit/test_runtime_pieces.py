@@ -206,3 +206,29 @@ def test_link_flags_reach_the_settings_and_are_checked() -> None:
         device_id="pi-1", broker={k: v for k, v in overrides["broker"].items() if v is not None}
     )
     assert settings.broker.link_mbit_s == 54.0 and settings.broker.link_latency_ms == 3.0
+
+
+def test_channel_layouts_read_the_whole_map_and_refuse_bad_parts() -> None:
+    spec = get_spec("resnet18", 64)
+    last = len(spec.spatial_units) - 1
+    first = last - 1  # the last two residual units (same width)
+    height = spec.units[last].out_shape[1]
+    width = spec.units[first].main[0].out_channels
+    layout = segment_layout(
+        spec, first, last, [(0, 1), (1, height)], channel_parts=[(0, 100), (100, width)]
+    )
+    assert layout.sums and layout.count == 2
+    rows, _ = layout.tile(1)
+    assert (rows.in_rows.start, rows.in_rows.stop) == (0, spec.units[first].in_shape[1])
+    assert (rows.out_rows.start, rows.out_rows.stop) == (1, height)
+    assert layout.gate_positions(0, 0) == 100 and layout.partial_total(0) == width
+    assert layout.partial_shape(1) == (1, *spec.units[last].out_shape)
+    for channels, problem in (
+        ([(0, 100)], "one each"),
+        ([(0, 100), (101, width)], "continue"),
+        ([(0, 100), (100, width + 1)], "partition ends"),
+    ):
+        with pytest.raises(LayoutError, match=problem):
+            segment_layout(spec, first, last, [(0, 1), (1, height)], channel_parts=channels)
+    with pytest.raises(LayoutError, match="cannot be split by channels"):
+        segment_layout(spec, 0, 0, [(0, 1), (1, 2)], channel_parts=[(0, 1), (1, 2)])
