@@ -28,7 +28,7 @@ from edgedi.agent.model_store import TORCH_RNG_LOCK, ModelStore
 from edgedi.broker.messages import DeviceCapabilities, UnitProfile
 from edgedi.models.calibration import time_model_tiles
 from edgedi.planner.profiles import fit_profile
-from edgedi.planner.unit_costs import fit_unit_times
+from edgedi.planner.unit_costs import fit_channel_times, fit_unit_times
 
 __all__ = [
     "ProfileTable",
@@ -177,8 +177,9 @@ def measure_profile(
 
 
 def _unit_cache_key(threads: int, digest: str) -> str:
-    # v2: units timed without the per-tile conversion, which is timed apart.
-    return f"{_cache_key(threads)}-{digest}-v2"
+    # v2: units timed without the per-tile conversion, which is timed apart;
+    # v3: channel tiles timed too.
+    return f"{_cache_key(threads)}-{digest}-v3"
 
 
 def _read_unit_cache(path: Path) -> dict[str, Any]:
@@ -228,11 +229,20 @@ def measure_unit_profiles(
             fitted = fit_unit_times(
                 held.spec, timing.tiles, timing.tail_seconds, timing.copy_seconds_per_byte
             )
+            channel_models = fit_channel_times(held.spec, timing.channel_tiles)
             profile = UnitProfile(
                 digest=held.digest,
                 units=tuple((m.seconds_per_mac, m.seconds_fixed) for m in fitted.units),
                 tail_seconds=fitted.tail_s,
                 copy_seconds_per_byte=fitted.copy_s_per_byte,
+                channel_units=(
+                    tuple(
+                        None if m is None else (m.seconds_per_mac, m.seconds_fixed)
+                        for m in channel_models
+                    )
+                    if any(m is not None for m in channel_models)
+                    else None
+                ),
             )
             logger.info(
                 "timed %d tiles of %s in %.1f s",
@@ -251,6 +261,12 @@ def measure_unit_profiles(
                 "units": tuple((a * slowdown, b * slowdown) for a, b in profile.units),
                 "tail_seconds": profile.tail_seconds * slowdown,
                 "copy_seconds_per_byte": profile.copy_seconds_per_byte * slowdown,
+                "channel_units": None
+                if profile.channel_units is None
+                else tuple(
+                    None if m is None else (m[0] * slowdown, m[1] * slowdown)
+                    for m in profile.channel_units
+                ),
             }
         )
     if changed and cache is not None:

@@ -108,6 +108,10 @@ def profile_from_birth(birth: DeviceBirth) -> DeviceProfile:
                 units=tuple(TimeModel(seconds_per_mac=a, seconds_fixed=b) for a, b in unit.units),
                 tail_s=unit.tail_seconds,
                 copy_s_per_byte=unit.copy_seconds_per_byte,
+                channel_units=tuple(
+                    None if m is None else TimeModel(seconds_per_mac=m[0], seconds_fixed=m[1])
+                    for m in unit.channel_units or ()
+                ),
             )
             for unit in birth.unit_profiles.values()
         },

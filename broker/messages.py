@@ -215,6 +215,12 @@ class UnitProfile(BaseModel):
     copy_seconds_per_byte: NonNegativeFloat = Field(
         default=0.0, description="converting a tile's input or output, seconds per byte"
     )
+    channel_units: tuple[tuple[NonNegativeFloat, NonNegativeFloat] | None, ...] | None = Field(
+        default=None,
+        max_length=1024,
+        description="per spatial unit, a channel tile's (seconds per MAC, seconds per tile); "
+        "null for a unit not split by channels; absent: not measured",
+    )
 
 
 class DeviceBirth(WireMessage):

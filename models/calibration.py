@@ -11,11 +11,16 @@ fused segment's tile is priced as the sum of its units' costs at the rows each
 unit really computes (halo included).
 
 Gates run in `local` mode here: the same arithmetic as `exact`, without waiting
-for other tiles. Blocking: run it on the compute thread.
+for other tiles. Units that can be split by channels (`models/channel_split.py`)
+are also timed as channel tiles on the whole map at a quarter and half of their
+hidden channels: small convolutions over a few channels run at another efficiency
+than row strips, and the planner must not price one with the other's fit.
+Blocking: run it on the compute thread.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 import time
@@ -25,11 +30,20 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from edgedi.models.channel_split import run_channel_tile
 from edgedi.models.tiling import GatePartial, run_tail, run_tile
-from edgedi.models.units import Rows, segment_tiles
+from edgedi.models.units import Rows, Unit, channel_splittable, segment_tiles
 from edgedi.models.zoo import ZooModel
 
-__all__ = ["SUSTAIN_WINDOW_S", "ModelTiming", "TileTiming", "row_counts", "time_model_tiles"]
+__all__ = [
+    "SUSTAIN_WINDOW_S",
+    "ChannelTiming",
+    "ModelTiming",
+    "TileTiming",
+    "channel_counts",
+    "row_counts",
+    "time_model_tiles",
+]
 
 SUSTAIN_WINDOW_S = 0.03
 _COPY_ELEMENTS = 1 << 20  # 4 MiB of float32: a mid-sized feature map
@@ -46,12 +60,28 @@ class TileTiming:
 
 
 @dataclass(frozen=True)
+class ChannelTiming:
+    """A channel tile of unit `unit` alone with `channels` hidden channels took `seconds`."""
+
+    unit: int
+    channels: int
+    seconds: float
+
+
+@dataclass(frozen=True)
 class ModelTiming:
     tiles: tuple[TileTiming, ...]
     tail_seconds: float
     """The tail (pooling and head) from the last spatial unit's output."""
     copy_seconds_per_byte: float = 0.0
     """Converting a tile's input or output (numpy ↔ torch, wire layout), per byte."""
+    channel_tiles: tuple[ChannelTiming, ...] = ()
+    """Channel tiles of the units that can be split by channels."""
+
+
+def channel_counts(width: int) -> tuple[int, ...]:
+    """The hidden-channel shares timed for a unit `width` channels wide."""
+    return tuple(sorted({max(1, width // 4), max(1, width // 2)}))
 
 
 def row_counts(height: int) -> tuple[int, ...]:
@@ -81,16 +111,24 @@ def _median_seconds(run: Callable[[], object], repeats: int, window_s: float) ->
 
 
 def _drive(runner: object) -> torch.Tensor:
-    """Run a tile generator to its end (local gates never yield, but be safe)."""
+    """Run a tile generator to its end (local gates never yield, but be safe; a
+    channel tile's partial comes back as if it were the sum)."""
     assert hasattr(runner, "send")
     try:
         step = next(runner)  # type: ignore[call-overload]
         while True:
             assert isinstance(step, GatePartial)
-            step = runner.send(step.sums / max(1, step.count))
+            value = step.sums if step.reduce == "sum" else step.sums / max(1, step.count)
+            step = runner.send(value)
     except StopIteration as done:
         output: torch.Tensor = done.value
         return output
+
+
+def _run_channel_tile(
+    model: ZooModel, unit: Unit, share: Rows, whole: torch.Tensor, out: Rows
+) -> torch.Tensor:
+    return _drive(run_channel_tile(model, [unit], share, whole, out))
 
 
 def time_model_tiles(
@@ -120,6 +158,18 @@ def time_model_tiles(
                     return _drive(run_tile(model, geometry, x, gate_mode="local"))  # type: ignore[arg-type]
 
                 tiles.append(TileTiming(index, rows, _median_seconds(run, repeats, window_s)))
+        channel_tiles = []
+        for index, unit in enumerate(spec.spatial_units):
+            if not channel_splittable(unit):
+                continue
+            whole = torch.randn((1, *unit.in_shape), generator=generator)
+            out = Rows(0, unit.out_shape[1])
+            for count in channel_counts(unit.main[0].out_channels):
+                run_share = functools.partial(
+                    _run_channel_tile, model, unit, Rows(0, count), whole, out
+                )
+                seconds = _median_seconds(run_share, repeats, window_s)
+                channel_tiles.append(ChannelTiming(index, count, seconds))
         last = spec.spatial_units[-1]
         last_output = torch.randn((1, *last.out_shape), generator=generator)
         first_tail = len(spec.spatial_units)
@@ -141,4 +191,4 @@ def time_model_tiles(
             return np.ascontiguousarray(torch.from_numpy(block.copy()).numpy())
 
         copy_s = _median_seconds(copy, repeats, window_s) / (2 * block.nbytes)
-    return ModelTiming(tuple(tiles), tail_s, copy_s)
+    return ModelTiming(tuple(tiles), tail_s, copy_s, tuple(channel_tiles))

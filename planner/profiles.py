@@ -59,6 +59,12 @@ class UnitTimes(_Frozen):
     digest: str = Field(min_length=1, description="architecture digest the units belong to")
     units: tuple[TimeModel, ...] = Field(min_length=1, description="one model per spatial unit")
     tail_s: NonNegative = Field(default=0.0, description="measured tail (pool + head) seconds")
+    channel_units: tuple[TimeModel | None, ...] = Field(
+        default=(),
+        description="per spatial unit, a channel tile's cost (seconds per MAC of its share, "
+        "seconds per tile); None for a unit that cannot be split by channels; empty: not "
+        "measured",
+    )
     copy_s_per_byte: NonNegative = Field(
         default=0.0, description="converting a tile's input or output, seconds per byte"
     )
@@ -67,6 +73,9 @@ class UnitTimes(_Frozen):
         return self.model_copy(
             update={
                 "units": tuple(m.scaled(factor) for m in self.units),
+                "channel_units": tuple(
+                    None if m is None else m.scaled(factor) for m in self.channel_units
+                ),
                 "tail_s": self.tail_s * factor,
                 "copy_s_per_byte": self.copy_s_per_byte * factor,
             }

@@ -53,6 +53,7 @@ from edgedi.planner.cost import (
 )
 from edgedi.planner.errors import InfeasiblePlanError
 from edgedi.planner.profiles import DeviceProfile
+from edgedi.planner.unit_costs import channel_tile_macs
 
 __all__ = ["Replay", "ReplayEvent", "replay_plan", "supports_replay", "tile_phases"]
 
@@ -119,11 +120,17 @@ def channel_phases(
     an exchange, and a last (nearly free) one that finishes the last unit.
 
     Each unit's two convolutions cost `share` of their whole-map work; its shortcut
-    runs whole on every tile.
+    runs whole on every tile. Priced by the device's measured channel tiles where it
+    has them (`UnitTimes.channel_units`), else as row tiles' ops are.
     """
     measured = profile.units_for(digest)
+    channel = measured.channel_units if measured is not None else ()
     phases = []
     for unit in units:
+        model = channel[unit.index] if unit.index < len(channel) else None
+        if model is not None:
+            phases.append(model.seconds(channel_tile_macs(unit, share)) if share > 0 else 0.0)
+            continue
         seconds = 0.0
         for position, op in enumerate((*unit.main, *(unit.shortcut or ()))):
             fraction = share if position < len(unit.main) else 1.0

@@ -16,12 +16,19 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Protocol
 
-from edgedi.models.units import ModelSpec
+from edgedi.models.units import ModelSpec, Unit, channel_splittable
 from edgedi.planner.blocks import block_table
 from edgedi.planner.errors import ProfileError
 from edgedi.planner.profiles import TimeModel, UnitTimes, fit_time_model
 
-__all__ = ["UnitSampleLike", "centred_rows", "fit_unit_times"]
+__all__ = [
+    "ChannelSampleLike",
+    "UnitSampleLike",
+    "centred_rows",
+    "channel_tile_macs",
+    "fit_channel_times",
+    "fit_unit_times",
+]
 
 
 class UnitSampleLike(Protocol):
@@ -35,6 +42,49 @@ class UnitSampleLike(Protocol):
 
     @property
     def seconds(self) -> float: ...
+
+
+class ChannelSampleLike(Protocol):
+    """A channel tile of spatial unit `unit` alone, `channels` hidden channels, took
+    `seconds` (`edgedi.models.calibration`)."""
+
+    @property
+    def unit(self) -> int: ...
+
+    @property
+    def channels(self) -> int: ...
+
+    @property
+    def seconds(self) -> float: ...
+
+
+def channel_tile_macs(unit: Unit, share: float) -> float:
+    """MACs of a channel tile of `unit` computing `share` of its hidden channels: that
+    share of the two convolutions, and the whole shortcut."""
+    main = sum(op.macs() for op in unit.main)
+    return share * main + sum(op.macs() for op in unit.shortcut or ())
+
+
+def fit_channel_times(
+    spec: ModelSpec, samples: Iterable[ChannelSampleLike]
+) -> tuple[TimeModel | None, ...]:
+    """Per spatial unit, `seconds ≈ a·MACs + b` of a channel tile (one fixed cost per
+    tile); None for units without samples (not split by channels)."""
+    grouped: dict[int, tuple[list[float], list[float]]] = defaultdict(lambda: ([], []))
+    spatial = spec.spatial_units
+    for sample in samples:
+        if not 0 <= sample.unit < len(spatial) or not channel_splittable(spatial[sample.unit]):
+            raise ProfileError(f"{spec.name}: unit {sample.unit} has no channel tiles")
+        unit = spatial[sample.unit]
+        width = unit.main[0].out_channels
+        if not 0 < sample.channels <= width:
+            raise ProfileError(f"unit {sample.unit}: {sample.channels} channels of {width}")
+        grouped[sample.unit][0].append(channel_tile_macs(unit, sample.channels / width))
+        grouped[sample.unit][1].append(float(sample.seconds))
+    return tuple(
+        fit_time_model(*grouped[index]) if index in grouped else None
+        for index in range(len(spatial))
+    )
 
 
 def centred_rows(height: int, rows: int) -> tuple[int, int]:

@@ -117,3 +117,16 @@ def test_split_channels_is_proportional_and_exact() -> None:
     assert [len(p) for p in split_rows(10, [1, 0, 1])] == [5, 0, 5]
     with pytest.raises(ValueError):
         split_rows(10, [0, 0])
+
+
+def test_calibration_times_channel_tiles_of_the_splittable_units() -> None:
+    from edgedi.models.calibration import channel_counts, time_model_tiles
+
+    model = _model("resnet18", 32)
+    timing = time_model_tiles(model, repeats=1, window_s=0.0)
+    splittable = [u for u in model.spec.spatial_units if channel_splittable(u)]
+    assert {t.unit for t in timing.channel_tiles} == {u.index for u in splittable}
+    for unit in splittable:
+        counts = {t.channels for t in timing.channel_tiles if t.unit == unit.index}
+        assert counts == set(channel_counts(unit.main[0].out_channels))
+    assert all(t.seconds > 0 for t in timing.channel_tiles)

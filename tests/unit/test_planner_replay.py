@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from edgedi.models.specs import get_spec
-from edgedi.models.units import Rows, segment_tiles
+from edgedi.models.units import Rows, channel_splittable, segment_tiles
 from edgedi.planner.blocks import block_table, seconds_table
 from edgedi.planner.cost import NetworkModel
 from edgedi.planner.profiles import DeviceProfile, TimeModel, UnitTimes
@@ -220,3 +220,42 @@ def test_channel_exchanges_are_priced_by_the_link() -> None:
     # Each unit moves whole-map partials: on a 2 MB/s link that dwarfs the compute.
     assert slowed > 2 * quick
     assert "+channels" not in choose(candidates(spec, slow_links, leader="a")).name
+
+
+def test_channel_tiles_are_fitted_and_priced_by_their_own_model() -> None:
+    from edgedi.planner.replay import channel_phases
+    from edgedi.planner.unit_costs import channel_tile_macs, fit_channel_times
+
+    spec = get_spec("resnet34", 200)
+    spatial = spec.spatial_units
+    samples = []
+    for unit in spatial:
+        if not channel_splittable(unit):
+            continue
+        width = unit.main[0].out_channels
+        for count in (width // 4, width // 2):
+            macs = channel_tile_macs(unit, count / width)
+            samples.append(_ChannelSample(unit.index, count, 2e-10 * macs + 5e-4))
+    fitted = fit_channel_times(spec, samples)
+    assert fitted[0] is None and fitted[1] is None  # the stem and the pool
+    for unit in spatial[2:]:
+        model = fitted[unit.index]
+        assert model is not None
+        assert model.seconds_per_mac == pytest.approx(2e-10, rel=1e-6)
+        assert model.seconds_fixed == pytest.approx(5e-4, rel=1e-6)
+    # The replay prices a channel tile with that model: one fixed cost per unit.
+    base = device("a", 1.0, model="resnet34")
+    times = base.units_for(block_table(spec).digest)
+    assert times is not None
+    measured = base.model_copy(
+        update={"unit_times": {times.digest: times.model_copy(update={"channel_units": fitted})}}
+    )
+    units = spatial[15:]
+    phases = channel_phases(measured, times.digest, units, 0.25)
+    expected = [2e-10 * channel_tile_macs(u, 0.25) + 5e-4 for u in units]
+    assert phases[:-1] == pytest.approx(expected) and phases[-1] == 0.0
+
+
+class _ChannelSample:
+    def __init__(self, unit: int, channels: int, seconds: float) -> None:
+        self.unit, self.channels, self.seconds = unit, channels, seconds
