@@ -923,35 +923,18 @@ class Coordinator:
             raise JobFailed(f"plan {plan.plan_id} cannot be executed: {error}") from None
 
     def _next_image_device(self, plan: Plan) -> tuple[str, int]:
-        """The device for the next whole image, and how many of its images are ahead.
-
-        First the devices with fewer than `_IMAGES_IN_HAND` unfinished tiles, then the
-        rest; within each, the one that would finish the image first (its images in
-        hand plus this one, over its share of the speed); equals by smooth weighted
-        round robin over the shares (deterministic). So every device holds the image
-        it computes and the next one, whatever the order the answers come back in,
-        and never waits for the leader between two: a blind round robin left a
-        device idle while another had three queued.
-        """
+        """The device for the next whole image (`_image_device`), and how many
+        unfinished tiles it holds already."""
         shares = {share.device: share.share for share in plan.images if share.share > 0}
         if len(self._round_robin) > 16:
             self._round_robin.clear()
-        current = self._round_robin.setdefault(plan.plan_id, dict.fromkeys(sorted(shares), 0.0))
-        for device, share in shares.items():
-            current[device] += share
+        credit = self._round_robin.setdefault(plan.plan_id, dict.fromkeys(sorted(shares), 0.0))
         in_hand = dict.fromkeys(shares, 0)
         for job in self._jobs.values():
             for record in job.tiles.values():
                 for device in record.devices & in_hand.keys():
                     in_hand[device] += 1
-
-        def order(device: str) -> tuple[bool, float, float]:
-            held = in_hand[device]
-            finish = round((held + 1) / shares[device], 6)  # rounding: equal shares tie
-            return held >= _IMAGES_IN_HAND, finish, -current[device]
-
-        chosen = min(sorted(shares), key=order)
-        current[chosen] -= sum(shares.values())
+        chosen = _image_device(shares, in_hand, credit)
         return chosen, in_hand[chosen]
 
     async def _run_segment(
@@ -1432,6 +1415,32 @@ def _deadline_fields(deadline: float) -> tuple[float, float]:
     worker counts on its own clock, and the wall-clock instant for older workers."""
     left = max(0.0, deadline - time.monotonic())
     return time.time() + left, left
+
+
+def _image_device(
+    shares: dict[str, float], in_hand: dict[str, int], credit: dict[str, float]
+) -> str:
+    """Where the next whole image goes, given each device's share of the speed and
+    unfinished tiles; `credit` is the round robin's state, updated.
+
+    First the devices with fewer than `_IMAGES_IN_HAND`, then the rest; within each,
+    the one that would finish the image first (its tiles in hand plus this one, over
+    its share); equals by smooth weighted round robin over the shares. So every
+    device holds the image it computes and the next one, whatever order the answers
+    come back in, and never waits for the leader between two (a blind round robin
+    left one device without an image while another had three).
+    """
+    for device, share in shares.items():
+        credit[device] = credit.get(device, 0.0) + share
+
+    def order(device: str) -> tuple[bool, float, float]:
+        held = in_hand.get(device, 0)
+        finish = round((held + 1) / shares[device], 6)  # rounded: equal shares tie
+        return held >= _IMAGES_IN_HAND, finish, -credit[device]
+
+    chosen = min(sorted(shares), key=order)
+    credit[chosen] -= sum(shares.values())
+    return chosen
 
 
 def _from_a_copy(record: TileRecord, item: ReductionPartial | TileResult | TileFailed) -> bool:
