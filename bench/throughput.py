@@ -58,6 +58,8 @@ class Stream:
     load_average: str
     busy: dict[str, float] = field(default_factory=dict)
     """Each device's compute seconds per second of the steady state (four devices)."""
+    compute_ms: dict[str, float] = field(default_factory=dict)
+    """Each device's mean compute time of one image in the steady state."""
     leader_ms: dict[str, float] = field(default_factory=dict)
     """Mean of the leader's stages that are not the device's compute (ms)."""
 
@@ -105,12 +107,14 @@ async def _stream(cluster: LocalCluster, config: Config, model: str) -> Stream:
         raise SystemExit(f"--images must be well above 2 x the window ({config.window})")
     interval = finished[last][0] - finished[first][0]
     stream = Stream((last - first) / interval, whole, load)
+    steady = [result for _, result in finished[first + 1 : last + 1]]
+    computed: dict[str, list[float]] = {}
+    for result in steady:
+        worker = next((d for d in result.devices if d != result.sender), result.sender)
+        computed.setdefault(worker, []).append(result.latency_ms.get("worker_compute", 0.0))
+    stream.compute_ms = {device: statistics.mean(ms) for device, ms in sorted(computed.items())}
     if len(config.speeds) > 1:
-        busy: dict[str, float] = {}
-        for _, result in finished[first + 1 : last + 1]:
-            worker = next((d for d in result.devices if d != result.sender), result.sender)
-            busy[worker] = busy.get(worker, 0.0) + result.latency_ms.get("worker_compute", 0.0)
-        stream.busy = {device: ms / 1000 / interval for device, ms in sorted(busy.items())}
+        stream.busy = {device: sum(ms) / 1000 / interval for device, ms in sorted(computed.items())}
         for stage in ("prepare", "scatter", "tail"):
             values = [r.latency_ms.get(stage, 0.0) for _, r in finished]
             stream.leader_ms[stage] = statistics.mean(values)
@@ -254,14 +258,21 @@ def main() -> int:
         return f"| {config.label} | {_median(runs[config]):.2f} | {each} | {whole:.2f} |"
 
     def detail(config: Config) -> list[str]:
-        lines = []
+        lines = [f"{config.label}:"]
         for number, stream in enumerate(runs[config], 1):
-            busy = ", ".join(f"{d} {share:.0%}" for d, share in stream.busy.items())
-            stages = ", ".join(f"{k} {v:.1f} ms" for k, v in stream.leader_ms.items())
-            lines.append(f"- round {number}: devices computing {busy}; leader per job: {stages}")
-        return lines
+            parts = [f"load average {stream.load_average}"]
+            if stream.busy:
+                busy = ", ".join(f"{d} {share:.0%}" for d, share in stream.busy.items())
+                parts.append(f"devices computing {busy}")
+            each = ", ".join(f"{d} {ms:.0f} ms" for d, ms in stream.compute_ms.items())
+            parts.append(f"compute per image {each}")
+            if stream.leader_ms:
+                stages = ", ".join(f"{k} {v:.1f} ms" for k, v in stream.leader_ms.items())
+                parts.append(f"leader per job: {stages}")
+            lines.append(f"- round {number}: {'; '.join(parts)}")
+        return [*lines, ""]
 
-    loads = [s.load_average for streams in runs.values() for s in streams]
+    loads = [float(s.load_average.split()[0]) for streams in runs.values() for s in streams]
     lines = [
         "# Throughput mode: whole images on every device",
         "",
@@ -300,12 +311,15 @@ def main() -> int:
             else "."
         ),
         "",
-        f"Load average (1/5/15 min) at the start → end of each stream: {'; '.join(loads)}.",
+        f"Load average (1 min) during the streams: {min(loads):.1f} to {max(loads):.1f} on "
+        f"{os.cpu_count()} cores, shared with other work: the lead re-measures on a quiet "
+        "machine. Per stream, the load average (1/5/15 min) at its start → end; how much "
+        "of the steady state each device computed (its images' compute seconds over the "
+        "interval: about ±1 image per device at the edges); its mean compute time of one "
+        "image; and the leader's mean time per job to normalise the image (prepare), send "
+        "it (scatter) and run the tail:",
         "",
-        f"{together.label}:",
-        *detail(together),
-        *(["", f"{baseline.label}:", *detail(baseline)] if baseline is not None else []),
-        "",
+        *(line for config in configs for line in detail(config)),
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines))
