@@ -55,8 +55,9 @@ coordinator leaves unfinished is not answered when another candidate is alive:
 that one has it in its journal (`edgedi.agent.journal`) and runs it as leader.
 
 All torch work (normalising the image, the tail) runs on the device's compute
-thread through `CoordinatorLinks.compute`; the loop only slices and stitches numpy
-arrays. Every wait is bounded by the job's deadline.
+thread through `CoordinatorLinks.compute`, an `images` plan's on a thread of its
+own (`_leader_step`); the loop only slices and stitches numpy arrays. Every wait is
+bounded by the job's deadline.
 """
 
 from __future__ import annotations
