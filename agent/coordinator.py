@@ -27,8 +27,8 @@ On the relayed path, per job and per plan segment, the coordinator
 The tail (global pooling and head) runs on the leader; when it starts with a
 global average pool it is fed the pooled mean of the last segment's tiles, as
 `edgedi.models.tiling.run_partitioned` does. `images` plans go through the same
-machinery as a single segment with a single tile, devices taken in weighted
-round robin by their share.
+machinery as a single segment with a single tile; each goes to a device that
+holds fewer than two images, or else finishes first (`_next_image_device`).
 
 Each tile has a record of its copies in flight. A copy that fails, or whose device
 leaves the cluster, is re-sent unchanged (attempt + 1) to another alive device
@@ -55,8 +55,9 @@ coordinator leaves unfinished is not answered when another candidate is alive:
 that one has it in its journal (`edgedi.agent.journal`) and runs it as leader.
 
 All torch work (normalising the image, the tail) runs on the device's compute
-thread through `CoordinatorLinks.compute`; the loop only slices and stitches numpy
-arrays. Every wait is bounded by the job's deadline.
+thread through `CoordinatorLinks.compute`, an `images` plan's on a thread of its
+own (`_leader_step`); the loop only slices and stitches numpy arrays. Every wait is
+bounded by the job's deadline.
 
 This module is the orchestrator; each idea has its own home: job records, the
 result cache and run numbers in `edgedi.agent.job_intake`; running segments
@@ -74,7 +75,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Collection
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -136,6 +137,10 @@ logger = logging.getLogger(__name__)
 _REPLAY_KINDS: dict[str, SpanKind] = {"compute": "compute", "send": "send"}
 # Publishing an error result while shutting down must not hang the shutdown.
 _FINAL_PUBLISH_TIMEOUT_S = 2.0
+T = TypeVar("T")
+# `images` plans: whole images each device should hold, the one it computes and the
+# next, before any device gets a third.
+_IMAGES_IN_HAND = 2
 
 
 class Coordinator:
@@ -410,9 +415,17 @@ class Coordinator:
         """Forget the job and stop its tiles on every device that was sent one.
 
         Not only where a tile is unfinished: a copy that lost its race may still run.
+        Except a whole image (`images` plan) whose only copy answered: nothing of it
+        runs anywhere, and a cancel per image would only cost a message.
         """
         self._jobs.pop(job.job_id, None)
-        devices = {d for record in job.tiles.values() for d in record.sent.values()}
+        images = job.plan is not None and job.plan.mode == "images"
+        devices = {
+            d
+            for record in job.tiles.values()
+            if not (images and record.done and len(record.sent) == 1)
+            for d in record.sent.values()
+        }
         devices |= job.direct_failed | job.direct_devices
         for device in sorted(devices):
             cancel = CancelJob(
@@ -483,7 +496,7 @@ class Coordinator:
         job.add_time("plan", time.monotonic() - started)
 
         started = time.monotonic()
-        x: npt.NDArray[np.float32] = await self.links.compute(lambda: normalize(image).numpy())
+        x: npt.NDArray[np.float32] = await self._leader_step(job, lambda: normalize(image).numpy())
         job.add_time("prepare", time.monotonic() - started)
 
         segments = self._segments(plan, held)
@@ -517,8 +530,8 @@ class Coordinator:
                 pooled = pooled_outputs(outputs, held.spec.tail_units[0].in_shape)
                 job.add_time("gather", time.monotonic() - started)
                 started = time.monotonic()
-                logits = await self.links.compute(
-                    functools.partial(_tail_from_pooled, held, layout.last + 1, pooled)
+                logits = await self._leader_step(
+                    job, functools.partial(_tail_from_pooled, held, layout.last + 1, pooled)
                 )
                 job.add_time("tail", time.monotonic() - started)
                 job.local_span(self.device_id, "tail", started, time.monotonic())
@@ -528,13 +541,27 @@ class Coordinator:
             job.add_time(f"segment_{position}", time.monotonic() - segment_started)
         if logits is None:
             started = time.monotonic()
-            logits = await self.links.compute(
-                functools.partial(_tail_from_map, held, segments[-1][0].last + 1, x)
+            logits = await self._leader_step(
+                job, functools.partial(_tail_from_map, held, segments[-1][0].last + 1, x)
             )
             job.add_time("tail", time.monotonic() - started)
             job.local_span(self.device_id, "tail", started, time.monotonic())
         assert logits is not None
         return self._success(job, held, plan, logits)
+
+    async def _leader_step(self, job: Job, function: Callable[[], T]) -> T:
+        """One of the leader's own torch steps of a job: normalising, the tail.
+
+        They run on the compute thread, between the tiles, except for an `images`
+        plan: there this device computes whole images too, and a step of about a
+        millisecond queued behind them would wait for up to every image in its
+        queue, twice per job (before the image can be sent, and before its result),
+        while the device that has the job waits for its next one. Those steps run
+        on a thread of their own instead.
+        """
+        if job.plan is not None and job.plan.mode == "images":
+            return await asyncio.to_thread(function)
+        return await self.links.compute(function)
 
     def _success(
         self, job: Job, held: HeldModel, plan: Plan, logits: npt.NDArray[Any]
@@ -600,24 +627,55 @@ class Coordinator:
                 last = len(spec.spatial_units) - 1
                 height = spec.units[last].out_shape[1]
                 layout = segment_layout(spec, 0, last, [(0, height)])
-                device = self._next_image_device(plan)
+                device, ahead = self._next_image_device(plan)
                 latency = next((i.latency_s for i in plan.images if i.device == device), 0.0)
-                return [(layout, (TileAssignment(0, device, expected_s=latency),))]
+                # Its output comes after the images ahead of it on the device.
+                expected = latency * (ahead + 1)
+                return [(layout, (TileAssignment(0, device, expected_s=expected),))]
             return [plan_segment_layout(spec, segment) for segment in plan.segments]
         except LayoutError as error:
             raise JobFailed(f"plan {plan.plan_id} cannot be executed: {error}") from None
 
-    def _next_image_device(self, plan: Plan) -> str:
-        """Smooth weighted round robin over the plan's image shares (deterministic)."""
+    def _next_image_device(self, plan: Plan) -> tuple[str, int]:
+        """The device for the next whole image (`_image_device`), and how many
+        unfinished tiles it holds already."""
         shares = {share.device: share.share for share in plan.images if share.share > 0}
         if len(self._round_robin) > 16:
             self._round_robin.clear()
-        current = self._round_robin.setdefault(plan.plan_id, dict.fromkeys(sorted(shares), 0.0))
-        for device, share in shares.items():
-            current[device] += share
-        chosen = max(sorted(current), key=lambda device: current[device])
-        current[chosen] -= sum(shares.values())
-        return chosen
+        credit = self._round_robin.setdefault(plan.plan_id, dict.fromkeys(sorted(shares), 0.0))
+        in_hand = dict.fromkeys(shares, 0)
+        for job in self._jobs.values():
+            for record in job.tiles.values():
+                for device in record.devices & in_hand.keys():
+                    in_hand[device] += 1
+        chosen = _image_device(shares, in_hand, credit)
+        return chosen, in_hand[chosen]
+
+
+def _image_device(
+    shares: dict[str, float], in_hand: dict[str, int], credit: dict[str, float]
+) -> str:
+    """Where the next whole image goes, given each device's share of the speed and
+    unfinished tiles; `credit` is the round robin's state, updated.
+
+    First the devices with fewer than `_IMAGES_IN_HAND`, then the rest; within each,
+    the one that would finish the image first (its tiles in hand plus this one, over
+    its share); equals by smooth weighted round robin over the shares. So every
+    device holds the image it computes and the next one, whatever order the answers
+    come back in, and never waits for the leader between two (a blind round robin
+    left one device without an image while another had three).
+    """
+    for device, share in shares.items():
+        credit[device] = credit.get(device, 0.0) + share
+
+    def order(device: str) -> tuple[bool, float, float]:
+        held = in_hand.get(device, 0)
+        finish = round((held + 1) / shares[device], 6)  # rounded: equal shares tie
+        return held >= _IMAGES_IN_HAND, finish, -credit[device]
+
+    chosen = min(sorted(shares), key=order)
+    credit[chosen] -= sum(shares.values())
+    return chosen
 
 
 # --- the tail (torch: on the compute thread) --------------------------------------------
