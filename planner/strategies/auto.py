@@ -119,6 +119,16 @@ def _channel_candidates(
     segment, over the candidate's devices or the whole fleet; the best per device count."""
     spatial = spec.spatial_units
     splittable = [channel_splittable(unit) for unit in spatial]
+    # Channel segments start where a stage starts (the map shrinks, the width grows):
+    # a start within a stage saves little more and costs a replay per candidate,
+    # which a leader pays on its own CPU at every re-plan.
+    starts = {
+        unit.index
+        for unit in spatial
+        if splittable[unit.index] and unit.in_shape[1] != unit.out_shape[1]
+    }
+    if any(splittable):
+        starts.add(splittable.index(True))
     height = spatial[-1].out_shape[1]
     variants: list[Candidate] = []
     seen: set[tuple[object, ...]] = set()
@@ -126,7 +136,7 @@ def _channel_candidates(
         plan = candidate.plan
         for position, segment in enumerate(plan.segments):
             first = segment.first_unit
-            if position == 0 or not all(splittable[first:]):
+            if position == 0 or first not in starts or not all(splittable[first:]):
                 continue
             for group in (plan.devices_used, ranked):
                 chosen = sorted(set(group) | {plan.leader}, key=lambda d: (-speed[d], d))
