@@ -43,6 +43,7 @@ from edgedi.models.data import iter_images
 SIZE = 200
 ALL_STRATEGIES = (
     "auto",
+    "channels",
     "single",
     "edgeci",
     "edgedi",
@@ -159,7 +160,7 @@ def run_one(model: str, link: str, devices: int, strategies: list[str], images: 
             time.monotonic() - started,
         )
     finally:
-        cluster.stop()
+        cluster.stop(keep_logs=bool(os.environ.get("EDGEDI_KEEP_LOGS")))
 
 
 def _table(run: Run) -> list[str]:
@@ -178,7 +179,7 @@ def _table(run: Run) -> list[str]:
     for name, series in sorted(run.series.items(), key=lambda kv: kv[1].median_ms):
         speedup = base / series.median_ms if series.seconds else math.nan
         error = series.predicted_ms / series.median_ms - 1 if series.seconds else math.nan
-        chosen = ", ".join(sorted(series.chosen)) if name == "auto" else ""
+        chosen = ", ".join(sorted(series.chosen)) if name in ("auto", "channels") else ""
         failures = f" ({series.failures} failed)" if series.failures else ""
         lines.append(
             f"| {name} | {series.median_ms:.1f} | {series.p90_ms:.1f} | {speedup:.2f}× | "
