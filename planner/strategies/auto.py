@@ -10,7 +10,7 @@ is only ever used when it is predicted faster than one device.
 
 Where rows run out — late residual units on 13×13 and 7×7 maps, whose halos make
 row strips nearly whole maps — `auto` also tries each candidate with its tail of
-units from a segment boundary on replaced by one *channel* segment
+units from a stage start on replaced by one *channel* segment
 (`edgedi.models.channel_split`): every device of the candidate, or of the fleet,
 computes a share of the filters proportional to its speed from the whole map, with
 one exchange of partial sums per unit. No published system partitions this way.
@@ -115,8 +115,9 @@ def _channel_candidates(
     ranked: Sequence[str],
     network: NetworkModel,
 ) -> list[Candidate]:
-    """Every candidate with its units from each segment boundary on as one channel
-    segment, over the candidate's devices or the whole fleet; the best per device count."""
+    """Every candidate with its units from a stage start on (where it has a segment
+    boundary) as one channel segment, over the candidate's devices or the whole fleet;
+    the best per device count."""
     spatial = spec.spatial_units
     splittable = [channel_splittable(unit) for unit in spatial]
     # Channel segments start where a stage starts (the map shrinks, the width grows):
