@@ -312,8 +312,8 @@ def main() -> int:
         ),
         "",
         f"Load average (1 min) during the streams: {min(loads):.1f} to {max(loads):.1f} on "
-        f"{os.cpu_count()} cores, shared with other work: the lead re-measures on a quiet "
-        "machine. Per stream, the load average (1/5/15 min) at its start → end; how much "
+        f"{os.cpu_count()} cores (the clusters' own work, and whatever else ran beside "
+        "them). Per stream, the load average (1/5/15 min) at its start → end; how much "
         "of the steady state each device computed (its images' compute seconds over the "
         "interval: about ±1 image per device at the edges); its mean compute time of one "
         "image; and the leader's mean time per job to normalise the image (prepare), send "
