@@ -251,14 +251,18 @@ class Auto(Strategy):
             created_at=created_at,
             tail_on_leader=problem.tail_on_leader,
         )
-        return labelled(choose(found), plan_id, problem.devices)
+        return labelled(choose(self.among(found)), plan_id, problem.devices, prefix=self.name)
+
+    def among(self, found: list[Candidate]) -> list[Candidate]:
+        """The candidates this strategy chooses from: all of them."""
+        return found
 
     def decide(self, problem: PlanningProblem) -> Decision:
-        raise InfeasiblePlanError("auto chooses among whole plans, not segments")
+        raise InfeasiblePlanError(f"{self.name} chooses among whole plans, not segments")
 
 
 @register
-class Channels(Strategy):
+class Channels(Auto):
     """`auto`'s best candidate with a channel segment: rows early, channels late.
 
     For comparing partitionings and for tests; `auto` weighs these against every
@@ -267,28 +271,9 @@ class Channels(Strategy):
     name = "channels"
     summary = "rows early, output channels late (auto's best channel plan)"
 
-    def plan_problem(
-        self,
-        problem: PlanningProblem,
-        *,
-        epoch: int = 0,
-        plan_id: str | None = None,
-        created_at: float | None = None,
-    ) -> Plan:
-        found = candidates(
-            problem.spec,
-            problem.devices,
-            leader=problem.fleet.ids[problem.leader],
-            network=problem.network,
-            epoch=epoch,
-            created_at=created_at,
-            tail_on_leader=problem.tail_on_leader,
-        )
+    def among(self, found: list[Candidate]) -> list[Candidate]:
         split = [c for c in found if any(s.channel_split for s in c.plan.segments)]
-        return labelled(choose(split or found), plan_id, problem.devices, prefix=self.name)
-
-    def decide(self, problem: PlanningProblem) -> Decision:
-        raise InfeasiblePlanError("channels chooses among whole plans, not segments")
+        return split or found
 
 
 def labelled(
