@@ -154,6 +154,14 @@ def _key(task: TileTask) -> tuple[str, int, int]:
     return (task.job_id, task.segment, task.tile)
 
 
+def _version(task: TileTask) -> tuple[int, int, int]:
+    """Which of two tasks of one tile is newer: a later leader's (epoch), a later run of
+    the job, then a later attempt. A new leader that takes a job over starts again at
+    attempt 0, and its task must not be taken for a redelivery of the old leader's
+    attempt 2 still waiting here for rows that will never come."""
+    return (task.epoch, task.run, task.attempt)
+
+
 class Worker:
     """Executes tile tasks; see the module docstring."""
 
@@ -237,7 +245,7 @@ class Worker:
             del self._cancelled[task.job_id]
         key = _key(task)
         existing = self._tiles.get(key)
-        if existing is not None and existing.task.attempt >= task.attempt:
+        if existing is not None and _version(existing.task) >= _version(task):
             logger.debug("ignored duplicate task %s", key)  # a QoS 1 redelivery
             return
         if not self._accepting:

@@ -401,6 +401,24 @@ async def test_a_valid_newer_attempt_replaces_the_tile_in_hand(running: Running)
     assert running.worker.busy_tiles == 0 and running.outbox.outcomes.empty()
 
 
+async def test_a_new_leaders_first_attempt_replaces_the_old_leaders_later_one(
+    running: Running,
+) -> None:
+    """A job taken over by the next leader starts again at attempt 0: that task is not
+    a redelivery of the old leader's attempt 2, which still waits for its gate here."""
+    job_id = new_job_id("taken-over")
+    task = good_task(running, job_id, model="tiny-edgedi", split=False, attempt=2)
+    running.worker.accept(task)
+    await running.outbox.partial()  # the old leader's tile waits at its gate, forever
+    running.worker.accept(task.model_copy(update={"epoch": EPOCH + 1, "attempt": 0}))
+    partial = await running.outbox.partial()  # the new leader's task runs
+    assert partial.epoch == EPOCH + 1
+    await answer_gate(running, partial)
+    result = await running.outbox.outcome()
+    assert isinstance(result, TileResult) and result.epoch == EPOCH + 1
+    assert_exact(running, result, "tiny-edgedi")
+
+
 # --- hostile gate values and cancellations -----------------------------------------------
 
 
