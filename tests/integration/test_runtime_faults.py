@@ -64,7 +64,7 @@ async def test_a_joining_device_is_used_and_a_slow_one_is_copied_then_given_less
 
             # Re-plans from measurements come at most every REPLAN_MIN_INTERVAL_S.
             results = []
-            for _ in range(60):
+            for _ in range(150):  # a bound: on a busy machine the learning takes more jobs
                 result = await client.infer(image, MODEL, strategy="proportional", timeout=20)
                 results.append(result)
                 assert result.status == "ok", result.error
