@@ -43,9 +43,10 @@ only waits for the others and is left alone. The straggler's device is then
 *suspect*: new tiles go elsewhere until it answers again, restarts (a new session)
 or 10 s have passed, so a hung device costs one overdue wait, not one per
 segment. A device that has not yet answered a tile (new, or a new session) is on
-*probation*: it gets one trial tile (or one direct run) and no second until it
-answers or 10 s have passed, so a ghost that announces itself and never computes
-costs one overdue wait per 10 s, however often it is born again. A gate that was
+*probation*: it gets one trial tile, relayed (never a direct run, where an overrun
+names no device), and no second until it answers or 10 s have passed, so a ghost
+that announces itself and never computes costs one overdue wait per 10 s, however
+often it is born again, and a newcomer slower than it announced is measured. A gate that was
 already combined is re-sent to any late copy. Measured tile times go back to
 `Planning.observe_tile`, so the next plan fits the devices as they are.
 

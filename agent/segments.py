@@ -3,8 +3,10 @@
 `SegmentRunner.run_direct` sends every device all of its tasks of a row-strip plan
 at once (`edgedi.agent.direct`): devices exchange gate partials and segment
 boundaries among themselves, and only the last segment's results come back. It
-gives up (None) when a device of the plan is gone or suspect, a tile failed, a
-device left or the job is overdue; the job is then relayed from the first segment.
+is not used (None) while a device of the plan is gone, suspect or on probation (its
+trial tile is relayed, where its time is measured), and gives up (None) when a
+tile failed, a device left or the job is overdue; the job is then relayed from
+the first segment.
 
 `SegmentRunner.run_segment` runs one segment relayed: it scatters one `TileTask`
 per tile, gathers each gate's `ReductionPartial`s and publishes the exact combined
@@ -117,16 +119,24 @@ class SegmentRunner:
     ) -> dict[int, npt.NDArray[np.float32]] | None:
         """Run the job on the direct data plane (see `edgedi.agent.direct`).
 
-        Returns the last segment's outputs, or None when the job must be run again
-        through the leader: a device of the plan is gone or suspect, a tile failed,
-        a device left, or the job is overdue (a straggler, lost messages). The
-        relayed path then re-sends what is needed, with copies and re-dispatch.
+        Returns the last segment's outputs, or None when the job must be run
+        through the leader: a device of the plan is gone, suspect or on probation,
+        a tile failed, a device left, or the job is overdue (a straggler, lost
+        messages). The relayed path then sends what is needed, with copies and
+        re-dispatch, and times every tile.
         """
         used = {a.device for _, assignments in segments for a in assignments}
         alive = set(self.alive_devices())
         unusable = sorted((used - alive) | (used & self.tracker.suspects()))
         if unusable:
             logger.info("job %s: not direct, %s gone or not answering", job.job_id, unusable)
+            return None
+        # A newcomer's trial tile goes through the leader, which times it: on the
+        # direct plane an overrun names no device, so a slow newcomer would never be
+        # learnt, only relayed around.
+        newcomers = sorted(self.tracker.unproven(used))
+        if newcomers:
+            logger.info("job %s: not direct, %s on probation", job.job_id, newcomers)
             return None
         started = time.monotonic()
         template = self._tile_task(
@@ -142,8 +152,6 @@ class SegmentRunner:
         tasks.sort(key=lambda t: (t.segment > 0, t.device != self.device_id))
         job.direct_devices = used
         job.devices |= used
-        for device in used:
-            self.tracker.on_trial(device)
         if not await self._send_tasks(job, tasks):
             return None
         job.add_time("scatter", time.monotonic() - started)
@@ -186,9 +194,6 @@ class SegmentRunner:
             outputs[item.tile] = item.tensor.array.astype(np.float32, copy=False)
             worker_compute = max(worker_compute, item.compute_seconds)
         job.direct_devices = set()
-        if not reason:
-            for device in used:  # every one of them delivered: the result needs them all
-                self.tracker.prove(device)
         if reason:
             self.statistics.direct_fallbacks += 1
             job.direct_failed = used

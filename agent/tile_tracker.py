@@ -9,9 +9,11 @@ over all jobs of one coordinator:
   tiles go elsewhere until they answer again, restart (a new session) or
   `SUSPECT_S` pass, so a hung device costs one overdue wait, not one per segment;
 - *probation*: a device that has not yet answered a tile (new, or a new session)
-  gets one trial tile (or one direct run) and no second until it answers or
-  `SUSPECT_S` pass, so a ghost that announces itself and never computes costs one
-  overdue wait per `SUSPECT_S`, however often it is born again;
+  gets one trial tile and no second until it answers or `SUSPECT_S` pass, so a
+  ghost that announces itself and never computes costs one overdue wait per
+  `SUSPECT_S`, however often it is born again. The trial is a relayed tile, never
+  a direct run: only there is the newcomer's own time measured (and copied when
+  overdue), so a device slower than it announced is learnt from its first job;
 - how many speculative copies are out (`copies_out`), which bounds new ones.
 """
 
@@ -126,10 +128,13 @@ class TileTracker:
         return set(self._suspect_since) | set(self._trial_since)
 
     def on_trial(self, device: str) -> None:
-        """`device` was just given a tile (or a direct run's tasks): if it is on
-        probation, that was its trial."""
+        """`device` was just given a tile: if it is on probation, that was its trial."""
         if device not in self._proven:
             self._trial_since.setdefault(device, time.monotonic())
+
+    def unproven(self, devices: Iterable[str]) -> set[str]:
+        """Those of `devices` still on probation (they have not answered a tile)."""
+        return {device for device in devices if device not in self._proven}
 
     def prove(self, device: str) -> None:
         """`device` answered: off probation."""

@@ -308,10 +308,12 @@ async def test_tiles_of_a_device_that_vanishes_are_redispatched(
         await cluster.wait_for_plan()
         victim = next(agent for agent in cluster.agents if not agent.is_leader)
         task = cluster.tasks[cluster.agents.index(victim)]
-        task.cancel()  # a crash without a Will: only its silence gives it away (~3 s)
-        await asyncio.gather(task, return_exceptions=True)
         async with connect(broker.host, broker.port, root=topic_root) as client:
+            # Connected first: the job must reach the leader well before the victim's
+            # silence (~3 s) does, or the plan no longer names it.
             image = sample_image(0)
+            task.cancel()  # a crash without a Will: only its silence gives it away
+            await asyncio.gather(task, return_exceptions=True)
             result = await client.infer(image, "tiny-edgedi", strategy="equal", timeout=30)
         assert result.status == "ok", result.error
         np.testing.assert_allclose(
@@ -320,7 +322,7 @@ async def test_tiles_of_a_device_that_vanishes_are_redispatched(
         coordinator = cluster.leader().coordinator
         assert coordinator is not None
         # Re-sent when it is found gone, or copied before that when it turns overdue, or
-        # (a device on probation, whose direct run overran) the job relayed around it.
+        # the direct run overran and the job was relayed around it.
         statistics = coordinator.statistics
         assert statistics.redispatched + statistics.speculative + statistics.direct_fallbacks >= 1
         assert victim.device_id in result.devices  # it was sent a tile before it was missed

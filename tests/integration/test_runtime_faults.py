@@ -75,10 +75,8 @@ async def test_a_joining_device_is_used_and_a_slow_one_is_copied_then_given_less
         assert "agent-3" in results[0].devices  # used from the plan after it joined
         coordinator = leader.coordinator
         assert coordinator is not None
-        # Its tiles were copied to others, or (a newcomer on probation: its direct run
-        # overran) the job was relayed around it.
-        statistics = coordinator.statistics
-        assert statistics.speculative + statistics.direct_fallbacks >= 1
+        # Its trial tile (relayed: a newcomer gets no direct run) was copied to others.
+        assert coordinator.statistics.speculative >= 1
         assert _learnt(planning)
         relearnt = await planning.plan_for(MODEL, "proportional")
         assert _rows(relearnt, "agent-3") < _rows(initial, "agent-3")
