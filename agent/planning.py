@@ -29,7 +29,7 @@ import math
 import statistics
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -72,6 +72,8 @@ _FACTOR_BOUNDS = (0.05, 20.0)
 # Measurements re-plan at most this often: during an outage every tile is late, and
 # a plan per late tile would only churn (the factors still learn in between).
 REPLAN_MIN_INTERVAL_S = 2.0
+# Plans whose speed factors are kept for judging their tiles (jobs run a recent one).
+_REMEMBERED_PLANS = 64
 # An `auto` plan is judged on the median of this many jobs ...
 MEASURED_JOBS = 5
 # ... and re-planned with fitted message costs when it is off its prediction by more.
@@ -160,6 +162,10 @@ class Planning:
         # Per (device, session): the measured speed factor, and the one plans use.
         self._factors: dict[_Member, float] = {}
         self._planned: dict[_Member, float] = {}
+        # The factors each recent plan was made with: a tile of a job still running
+        # an older plan is judged against the factor its prediction assumed, not the
+        # one in force now (which would make the factor swing after every re-plan).
+        self._plan_factors: OrderedDict[str, dict[_Member, float]] = OrderedDict()
         self._learnt_replan_at = -math.inf
         self.direct = direct
         # Measured client-side latencies per (model, plan); candidates' slow medians;
@@ -205,11 +211,18 @@ class Planning:
         return self._factors.get(_member(birth), 1.0)
 
     def observe_tile(
-        self, device: str, predicted_s: float, measured_s: float, *, now: float | None = None
+        self,
+        device: str,
+        predicted_s: float,
+        measured_s: float,
+        *,
+        plan_id: str | None = None,
+        now: float | None = None,
     ) -> bool:
         """A tile's predicted and measured compute time; True when it caused a re-plan.
 
-        `now` (monotonic seconds) is for tests.
+        `plan_id` names the plan that predicted it (its factors are remembered; the
+        current ones are assumed otherwise). `now` (monotonic seconds) is for tests.
         """
         birth = self._births.get(device)
         if birth is None or predicted_s < _MIN_PREDICTED_S or not measured_s > 0:
@@ -217,7 +230,7 @@ class Planning:
         member = _member(birth)
         ratio = min(max(measured_s / predicted_s, _RATIO_BOUNDS[0]), _RATIO_BOUNDS[1])
         # `predicted_s` came from a plan made with the planned factor.
-        planned = self._planned.get(member, 1.0)
+        planned = self._factors_of(plan_id).get(member, 1.0)
         before = self._factors.get(member, 1.0)
         observed = planned * ratio
         factor = before + OBSERVATION_WEIGHT * (observed - before)
@@ -391,13 +404,24 @@ class Planning:
             if model in birth.capabilities.models
         ]
 
+    def _factors_of(self, plan_id: str | None) -> Mapping[_Member, float]:
+        """The speed factors the plan `plan_id` was made with (now's if unknown)."""
+        known = self._plan_factors.get(plan_id) if plan_id is not None else None
+        return self._planned if known is None else known
+
+    def _remember_factors(self, plan_id: str, factors: dict[_Member, float]) -> None:
+        self._plan_factors[plan_id] = factors
+        while len(self._plan_factors) > _REMEMBERED_PLANS:
+            self._plan_factors.popitem(last=False)
+
     def replay(self, model: str, plan: Plan) -> Replay | None:
         """`plan` replayed with the devices' profiles and the fitted message costs, as
         its prediction was made; None when it is not a direct-plane plan."""
         if not supports_replay(plan):
             return None
+        factors = self._factors_of(plan.plan_id)
         profiles = [
-            profile_from_birth(birth).scaled(self._planned.get(_member(birth), 1.0))
+            profile_from_birth(birth).scaled(factors.get(_member(birth), 1.0))
             for birth in self.devices_for(model)
         ]
         try:
@@ -425,13 +449,15 @@ class Planning:
                 raise PlanningError(
                     f"the leader {self.leader} does not hold model {model!r}; it runs the tail"
                 )
+            factors = dict(self._planned)
             profiles = [
-                profile_from_birth(birth).scaled(self._planned.get(_member(birth), 1.0))
+                profile_from_birth(birth).scaled(factors.get(_member(birth), 1.0))
                 for birth in devices
             ]
             plan = await asyncio.to_thread(
                 self._make_plan, model, strategy, profiles, self.epoch, generation
             )
+            self._remember_factors(plan.plan_id, factors)
             if generation == self.generation:
                 self._cache[key] = plan
             return plan

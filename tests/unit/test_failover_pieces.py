@@ -153,6 +153,29 @@ async def test_measured_tiles_slow_a_device_down_and_trigger_a_new_plan() -> Non
     assert planning.speed_factor("pi-3") == 1.0
 
 
+async def test_a_tile_of_an_older_plan_is_judged_by_the_factor_that_plan_assumed() -> None:
+    planning = Planning("pi-1", 200, "proportional")
+    births = {device: _birth(device) for device in ("pi-1", "pi-2", "pi-3")}
+    planning.update(births, births, epoch=1)
+    before = await planning.plan_for("tiny-edgedi")  # made with pi-3 at 1.0
+    for _ in range(10):
+        if planning.observe_tile("pi-3", 0.010, 0.030, plan_id=before.plan_id):
+            break
+    learnt = planning.speed_factor("pi-3")
+    assert learnt > REPLAN_DRIFT
+    after = await planning.plan_for("tiny-edgedi")  # made with the learnt factor
+    # Tiles of jobs still running the old plan still take 3× the old prediction: that
+    # says pi-3 is 3× its profile, not 3× the new factor, nor (judged by the new plan's
+    # factor) faster than learnt...
+    for _ in range(20):
+        planning.observe_tile("pi-3", 0.010, 0.030, plan_id=before.plan_id)
+    assert planning.speed_factor("pi-3") == pytest.approx(3.0, rel=0.01)
+    # ...and the new plan's tiles (predicted with the factor learnt then) confirm it.
+    for _ in range(5):
+        planning.observe_tile("pi-3", 0.010 * learnt, 0.030, plan_id=after.plan_id)
+    assert planning.speed_factor("pi-3") == pytest.approx(3.0, rel=0.01)
+
+
 def test_noise_and_unknown_devices_are_not_learnt() -> None:
     planning = Planning("pi-1", 200, "proportional")
     births = {"pi-1": _birth("pi-1")}
