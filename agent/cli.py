@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 # name -> (module, one-line help). Order is the order `edgedi --help` shows.
@@ -54,6 +56,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"edgedi {known.command}", description=help_text)
     module.add_arguments(parser)
     args = parser.parse_args(rest)
+    # A shell starts background jobs with SIGINT ignored, and Python keeps it so: then
+    # `kill -INT` could not stop a backgrounded demo, whose clean-up (namespaces,
+    # qdiscs, cgroups) runs on KeyboardInterrupt. Interrupts always interrupt.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     level = logging.WARNING - 10 * min(known.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

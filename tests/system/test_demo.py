@@ -187,5 +187,6 @@ def test_watch_prints_membership_results_and_departures(
             code = watcher.wait(timeout=20)
         except subprocess.TimeoutExpired:
             watcher.kill()
+            watcher.wait(timeout=10)  # reaped here, not blamed on a later test
             raise
     assert code == 0, log.read_text()
