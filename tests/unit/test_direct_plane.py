@@ -212,7 +212,10 @@ async def _wired(
     size: int,
     settings: JobSettings | None = None,
     models: tuple[str, ...] = MODELS,
+    proven: tuple[str, ...] = DEVICES,
 ) -> AsyncIterator[Links]:
+    """Workers and a leader wired in memory; `proven` are the devices the leader has
+    seen answer before (the others are on probation: their first job is relayed)."""
     settings = settings or JobSettings(deadline_s=RESULT_TIMEOUT_S, straggler_min_s=2.0)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="direct-test") as executor:
         links = Links(executor)
@@ -234,6 +237,7 @@ async def _wired(
             links,
             settings,
             alive_devices=lambda: [d for d in DEVICES if d not in links.gone],
+            proven=proven,
         )
         links.coordinator = coordinator
         tasks = [asyncio.create_task(w.run()) for w in links.workers.values()]
@@ -286,6 +290,23 @@ async def test_direct_jobs_equal_the_whole_forward_pass(
     assert all(isinstance(m, TileResult) and m.segment == last for m in links.to_leader)
     # A successful job ends without a message to any device.
     assert not links.cancels
+
+
+async def test_a_newcomers_first_job_is_relayed_and_timed_then_direct(
+    store: ModelStore, image: npt.NDArray[np.uint8]
+) -> None:
+    # No device has answered this leader yet: each gets a relayed trial tile, whose
+    # time the leader measures (an overrun on the direct plane names no device).
+    async with _wired(store, SIZE, proven=()) as links:
+        first = await links.result_of(submit(links, "tiny-edgedi", image, "equal"))
+        assert first.status == "ok", first.error
+        assert not any(task.direct for task in links.tasks)
+        assert links.gates  # gate values went through the leader
+        links.tasks.clear()
+        second = await links.result_of(submit(links, "tiny-edgedi", image, "equal"))
+        assert second.status == "ok", second.error
+        assert links.tasks and all(task.direct for task in links.tasks)
+        np.testing.assert_array_equal(first.probabilities, second.probabilities)
 
 
 async def test_gates_and_rows_travel_between_devices(
