@@ -488,7 +488,8 @@ class Coordinator:
 
         started = time.monotonic()
         try:
-            plan = await self.planning.plan_for(submit.model, submit.strategy)
+            # A re-plan in progress does not hold the job: the plan it replaces runs.
+            plan = await self.planning.plan_for(submit.model, submit.strategy, stale_ok=True)
         except PlanningError as error:
             raise JobFailed(str(error)) from None
         if plan.model_digest != held.digest:

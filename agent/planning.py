@@ -19,6 +19,13 @@ were made (and the last such re-plan is `REPLAN_MIN_INTERVAL_S` old; factors sta
 within 1/20..20), the cache starts over and `on_change` asks for a new plan, so a device
 that turns out slower (throttled, loaded, a poor start-up benchmark) gets less.
 A device's factor is forgotten when it restarts (a new session re-profiles it).
+
+A job never waits for a re-plan when the plan it would have had is still usable:
+`plan_for(..., stale_ok=True)` (the coordinator's) returns the replaced plan while
+its devices are all alive under this leader, and asks (`on_change`, `take_wanted`)
+for the new one to be made in the background. Planning `auto` for a deep model
+takes most of a second of the leader's CPU (seconds on a small board), which
+otherwise every re-plan added to a job's latency.
 """
 
 from __future__ import annotations
@@ -157,6 +164,10 @@ class Planning:
         self._births: dict[str, DeviceBirth] = {}
         self._members: frozenset[_Member] = frozenset()
         self._cache: dict[tuple[str, str], Plan] = {}
+        # Plans replaced by a re-plan, served until their successor is made; the keys
+        # served that way, for the background re-plan to make.
+        self._stale: dict[tuple[str, str], Plan] = {}
+        self._wanted: dict[tuple[str, str], None] = {}
         self._lock = asyncio.Lock()
         self.generation = 0
         # Per (device, session): the measured speed factor, and the one plans use.
@@ -195,6 +206,7 @@ class Planning:
         return True
 
     def _new_generation(self) -> None:
+        self._retire({key: plan for key, plan in self._cache.items()})
         self._cache.clear()
         # Another cluster: what was measured on this one says nothing about it.
         for memory in (self._job_times, self._measured, self._pending_fit, self._fits):
@@ -302,6 +314,7 @@ class Planning:
         else:
             return False
         logger.info("%s (%.0f ms): re-planning %s", why, plan.predicted_latency_s * 1000, model)
+        self._retire({key: plan for key, plan in self._cache.items() if key[0] == model})
         for key in [key for key in self._cache if key[0] == model]:
             del self._cache[key]
         if self.on_change is not None:
@@ -433,10 +446,40 @@ class Planning:
     def cached(self, model: str, strategy: str | None = None) -> Plan | None:
         return self._cache.get((model, strategy or self.default_strategy))
 
-    async def plan_for(self, model: str, strategy: str | None = None) -> Plan:
-        """The plan for `model` (cached for this membership); `PlanningError` if none."""
+    def _retire(self, plans: Mapping[tuple[str, str], Plan]) -> None:
+        """Keep replaced plans to serve (`stale_ok`) until their successors exist."""
+        self._stale.update(plans)
+
+    def _servable(self, plan: Plan) -> bool:
+        """Can a replaced plan still run: this leader's, every device of it alive?"""
+        return plan.epoch == self.epoch and set(plan.devices_used) <= set(self._births)
+
+    def take_wanted(self) -> list[tuple[str, str]]:
+        """The (model, strategy) pairs served a replaced plan since the last call:
+        the background re-plan makes these."""
+        wanted = list(self._wanted)
+        self._wanted.clear()
+        return wanted
+
+    async def plan_for(
+        self, model: str, strategy: str | None = None, *, stale_ok: bool = False
+    ) -> Plan:
+        """The plan for `model` (cached for this membership); `PlanningError` if none.
+
+        With `stale_ok`, a plan that a re-plan replaced is returned at once while its
+        successor is still to be made (and still usable: see `_servable`); the
+        successor is then asked for through `on_change`.
+        """
         strategy = strategy or self.default_strategy
         key = (model, strategy)
+        if stale_ok and key not in self._cache:
+            stale = self._stale.get(key)
+            if stale is not None and self._servable(stale):
+                if key not in self._wanted:
+                    self._wanted[key] = None
+                    if self.on_change is not None:
+                        self.on_change()
+                return stale
         async with self._lock:  # one planning run at a time; the rest reuse its plan
             plan = self._cache.get(key)
             if plan is not None:
@@ -460,6 +503,7 @@ class Planning:
             self._remember_factors(plan.plan_id, factors)
             if generation == self.generation:
                 self._cache[key] = plan
+                self._stale.pop(key, None)
             return plan
 
     def _make_plan(

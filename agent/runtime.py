@@ -1132,6 +1132,7 @@ class Agent:
             model = self.settings.planner.model or (self.store.held[0] if self.store.held else None)
             if model is None:
                 continue
+            await self._make_wanted_plans()
             try:
                 plan = await self.planning.plan_for(model)
             except PlanningError as error:
@@ -1143,6 +1144,15 @@ class Agent:
                 logger.info("not publishing plan %s of epoch %d", plan.plan_id, plan.epoch)
                 continue
             await self._publish_plan(plan)
+
+    async def _make_wanted_plans(self) -> None:
+        """Jobs that ran a replaced plan meanwhile: make their new plans now, off the
+        jobs' path (`Planning.plan_for(stale_ok=True)`)."""
+        for model, strategy in self.planning.take_wanted():
+            try:
+                await self.planning.plan_for(model, strategy)
+            except PlanningError as error:
+                logger.info("no new %s plan for %s: %s", strategy, model, error)
 
     async def _publish_plan(self, plan: Plan) -> None:
         announcement = PlanAnnouncement(sender=self.device_id, epoch=plan.epoch, plan=plan)

@@ -176,6 +176,38 @@ async def test_a_tile_of_an_older_plan_is_judged_by_the_factor_that_plan_assumed
     assert planning.speed_factor("pi-3") == pytest.approx(3.0, rel=0.01)
 
 
+async def test_a_job_runs_the_replaced_plan_while_its_successor_is_made() -> None:
+    changes: list[int] = []
+    planning = Planning("pi-1", 200, "proportional", on_change=lambda: changes.append(1))
+    births = {device: _birth(device) for device in ("pi-1", "pi-2", "pi-3")}
+    planning.update(births, births, epoch=1)
+    first = await planning.plan_for("tiny-edgedi", stale_ok=True)
+    assert planning.take_wanted() == []
+    for _ in range(10):
+        if planning.observe_tile("pi-3", 0.010, 0.030, plan_id=first.plan_id):
+            break
+    changes.clear()
+    # A job does not wait for the re-plan: it runs the plan being replaced, and asks
+    # (once) for its successor to be made in the background.
+    assert await planning.plan_for("tiny-edgedi", stale_ok=True) is first
+    assert await planning.plan_for("tiny-edgedi", stale_ok=True) is first
+    assert changes == [1]
+    assert planning.take_wanted() == [("tiny-edgedi", "proportional")]
+    successor = await planning.plan_for("tiny-edgedi")  # what the background run does
+    assert successor.plan_id != first.plan_id
+    assert await planning.plan_for("tiny-edgedi", stale_ok=True) is successor
+    assert planning.take_wanted() == []
+
+    # A replaced plan that names a device that left is never served.
+    del births["pi-3"]
+    planning.update(births, births, epoch=1)
+    after_leave = await planning.plan_for("tiny-edgedi", stale_ok=True)
+    assert after_leave is not successor and "pi-3" not in after_leave.devices_used
+    # Nor one of an earlier leader's epoch.
+    planning.update(births, births, epoch=2)
+    assert (await planning.plan_for("tiny-edgedi", stale_ok=True)).epoch == 2
+
+
 def test_noise_and_unknown_devices_are_not_learnt() -> None:
     planning = Planning("pi-1", 200, "proportional")
     births = {"pi-1": _birth("pi-1")}
