@@ -20,9 +20,9 @@ within 1/20..20), the cache starts over and `on_change` asks for a new plan, so 
 that turns out slower (throttled, loaded, a poor start-up benchmark) gets less.
 A device's factor is forgotten when it restarts (a new session re-profiles it).
 
-A job never waits for a re-plan when the plan it would have had is still usable:
-`plan_for(..., stale_ok=True)` (the coordinator's) returns the replaced plan while
-its devices are all alive under this leader, and asks (`on_change`, `take_wanted`)
+A job never waits for a re-plan that measurements asked for (the membership is
+unchanged, so the plan in force still runs): `plan_for(..., stale_ok=True)` (the
+coordinator's) returns the replaced plan, and asks (`on_change`, `take_wanted`)
 for the new one to be made in the background. Planning `auto` for a deep model
 takes most of a second of the leader's CPU (seconds on a small board), which
 otherwise every re-plan added to a job's latency.
@@ -202,11 +202,19 @@ class Planning:
         self.epoch = epoch
         for forgotten in set(self._factors) - members:
             del self._factors[forgotten]
-        self._new_generation()
+        self._new_generation(keep_replaced=False)
         return True
 
-    def _new_generation(self) -> None:
-        self._retire({key: plan for key, plan in self._cache.items()})
+    def _new_generation(self, *, keep_replaced: bool) -> None:
+        """Start planning over. `keep_replaced`: the devices are the same, only their
+        measured speeds moved, so the plans in force may run until their successors
+        exist; a membership change is acted on at once (a newcomer is used by the
+        next job, a departed device is in no plan)."""
+        if keep_replaced:
+            self._retire({key: plan for key, plan in self._cache.items()})
+        else:
+            self._stale.clear()
+            self._wanted.clear()
         self._cache.clear()
         # Another cluster: what was measured on this one says nothing about it.
         for memory in (self._job_times, self._measured, self._pending_fit, self._fits):
@@ -260,7 +268,7 @@ class Planning:
             factor,
             planned,
         )
-        self._new_generation()
+        self._new_generation(keep_replaced=True)
         if self.on_change is not None:
             self.on_change()
         return True
@@ -450,10 +458,6 @@ class Planning:
         """Keep replaced plans to serve (`stale_ok`) until their successors exist."""
         self._stale.update(plans)
 
-    def _servable(self, plan: Plan) -> bool:
-        """Can a replaced plan still run: this leader's, every device of it alive?"""
-        return plan.epoch == self.epoch and set(plan.devices_used) <= set(self._births)
-
     def take_wanted(self) -> list[tuple[str, str]]:
         """The (model, strategy) pairs served a replaced plan since the last call:
         the background re-plan makes these."""
@@ -466,15 +470,15 @@ class Planning:
     ) -> Plan:
         """The plan for `model` (cached for this membership); `PlanningError` if none.
 
-        With `stale_ok`, a plan that a re-plan replaced is returned at once while its
-        successor is still to be made (and still usable: see `_servable`); the
-        successor is then asked for through `on_change`.
+        With `stale_ok`, a plan that a re-plan from measurements replaced (same
+        devices, same leader) is returned at once while its successor is still to be
+        made; the successor is then asked for through `on_change`.
         """
         strategy = strategy or self.default_strategy
         key = (model, strategy)
         if stale_ok and key not in self._cache:
             stale = self._stale.get(key)
-            if stale is not None and self._servable(stale):
+            if stale is not None:
                 if key not in self._wanted:
                     self._wanted[key] = None
                     if self.on_change is not None:
