@@ -341,7 +341,9 @@ class SegmentRunner:
 
         When a copy beat the plan's own, that device's answer never comes (its tile
         is cancelled with the job); the time it had already taken is a lower bound
-        of its compute time and is reported instead.
+        of its compute time and is reported instead, unless the device holds other
+        tiles too: then it may have spent that time on them (a copy of another
+        device's tile, another job's), and the wait says nothing of its speed.
         """
         if record.compute_s <= 0:
             return
@@ -350,11 +352,21 @@ class SegmentRunner:
             self.planning.observe_tile(
                 result.device, record.compute_s, result.compute_seconds, plan_id=plan_id
             )
-        elif record.running.get(first) == record.planned_device:
+        elif record.running.get(first) == record.planned_device and not self._holds_others(
+            record.planned_device, record
+        ):
             waited = time.monotonic() - record.first_sent_at
             self.planning.observe_tile(
                 record.planned_device, record.compute_s, waited, plan_id=plan_id
             )
+
+    def _holds_others(self, device: str, record: TileRecord) -> bool:
+        """Does `device` hold an unanswered copy of a tile other than `record`'s?"""
+        return any(
+            other is not record and device in other.devices
+            for job in self.jobs.values()
+            for other in job.tiles.values()
+        )
 
     def _tile_task(
         self,

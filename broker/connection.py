@@ -217,6 +217,10 @@ class SessionStatistics:
     """Payload bytes of every incoming message, dropped ones included."""
 
 
+_PENDING_PUBLISHES_WARNING = 1000
+"""Publishes awaiting their PUBACK beyond which aiomqtt warns (a broker falling behind)."""
+
+
 async def _cancel_and_wait(task: asyncio.Task[None]) -> None:
     """Cancel `task` and wait until it has really ended.
 
@@ -475,7 +479,7 @@ class MqttSession:
     def _new_client(self) -> aiomqtt.Client:
         will = self._will() if callable(self._will) else self._will
         password = self.settings.password
-        return aiomqtt.Client(
+        client = aiomqtt.Client(
             self.settings.host,
             self.settings.port,
             identifier=self.settings.client_id,
@@ -496,6 +500,11 @@ class MqttSession:
             tls_context=self._tls_context,
             logger=logging.getLogger(f"{__name__}.aiomqtt"),
         )
+        # aiomqtt warns once per publish while more than 10 await their PUBACK; a
+        # leader scattering a job's tasks has dozens out by design, and on a board a
+        # log line per publish costs more than the publish.
+        client.pending_calls_threshold = _PENDING_PUBLISHES_WARNING
+        return client
 
     def _backoff(self, failures: int) -> float:
         """Exponential backoff with 'equal jitter': half fixed, half random.

@@ -5,12 +5,19 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from types import SimpleNamespace
+from typing import Any, cast
 
 import numpy as np
 import pytest
 
+from edgedi.agent.config import JobSettings
+from edgedi.agent.job_intake import CoordinatorStatistics
 from edgedi.agent.journal import JobJournal, remember_result
 from edgedi.agent.planning import REPLAN_DRIFT, REPLAN_MIN_INTERVAL_S, Planning
+from edgedi.agent.segments import SegmentRunner
+from edgedi.agent.tile_tracker import TileRecord, TileTracker
+from edgedi.broker.ids import DeviceId
 from edgedi.broker.messages import (
     DeviceBirth,
     DeviceCapabilities,
@@ -211,6 +218,56 @@ async def test_a_job_runs_the_replaced_plan_while_its_successor_is_made() -> Non
     planning.update(births, births, epoch=1)
     assert "pi-4" in (await planning.plan_for("tiny-edgedi", stale_ok=True)).devices_used
     assert planning.take_wanted() == []
+
+
+def _overtaken_tile(planned: str, by: str, predicted_s: float, waited_s: float) -> TileRecord:
+    """A tile of `planned` that a speculative copy on `by` answered after `waited_s`."""
+    now = time.monotonic()
+    return TileRecord(
+        segment=0,
+        index=0,
+        task=cast(Any, None),  # not read when learning
+        expected_s=predicted_s,
+        compute_s=predicted_s,
+        planned_device=planned,
+        first_sent_at=now - waited_s,
+        sent_at=now - waited_s,
+        overdue_at=now,
+        running={0: planned, 1: by},
+        sent={0: planned, 1: by},
+    )
+
+
+async def test_a_wait_is_learnt_as_slowness_only_when_the_device_had_nothing_else() -> None:
+    planning = Planning("pi-1", 200, "proportional")
+    births = {device: _birth(device) for device in ("pi-1", "pi-2", "pi-3")}
+    planning.update(births, births, epoch=1)
+    plan = await planning.plan_for("tiny-edgedi")
+    jobs: dict[str, Any] = {}
+    settings = JobSettings()
+    runner = SegmentRunner(
+        DeviceId("pi-1"),
+        1,
+        planning,
+        cast(Any, None),  # no messages are sent when learning
+        settings,
+        CoordinatorStatistics(),
+        TileTracker(settings),
+        alive_devices=lambda: list(births),
+        jobs=jobs,
+    )
+    copy_answer = cast(Any, SimpleNamespace(device="pi-2", attempt=1, compute_seconds=0.01))
+    # pi-3 also holds another job's tile (a copy it took for a slow peer, say): its
+    # 5x wait may have gone on that, so it is not taken as its speed.
+    tile = _overtaken_tile("pi-3", "pi-2", 0.010, 0.050)
+    jobs["other"] = SimpleNamespace(tiles={(0, 0): _overtaken_tile("pi-3", "pi-1", 0.01, 0.0)})
+    jobs["this"] = SimpleNamespace(tiles={(0, 0): tile})
+    runner._learn_speed(plan.plan_id, tile, copy_answer)
+    assert planning.speed_factor("pi-3") == 1.0
+    # With nothing else on it, the wait is a lower bound of its compute time.
+    del jobs["other"]
+    runner._learn_speed(plan.plan_id, tile, copy_answer)
+    assert planning.speed_factor("pi-3") > 1.0
 
 
 def test_noise_and_unknown_devices_are_not_learnt() -> None:
