@@ -13,7 +13,8 @@ jobs of other models or strategies get theirs on demand.
 
 Profiles learn from the cluster's own tiles: the coordinator reports each tile's
 predicted and measured compute time (`observe_tile`), and a device's time models
-are scaled by a moving average of measured / predicted (`DeviceProfile.refined`).
+are scaled by the median of its last tiles' measured / predicted
+(`DeviceProfile.refined`), each judged against the factor its own plan assumed.
 Once a device's factor has moved by more than `REPLAN_DRIFT` since the plans
 were made (and the last such re-plan is `REPLAN_MIN_INTERVAL_S` old; factors stay
 within 1/20..20), the cache starts over and `on_change` asks for a new plan, so a device
@@ -31,13 +32,18 @@ otherwise every re-plan added to a job's latency.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import math
+import os
 import statistics
+import threading
 import time
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from edgedi.broker.messages import DeviceBirth
@@ -67,8 +73,11 @@ _FALLBACK_SECONDS_PER_MAC = 2e-9
 _FALLBACK_BANDWIDTH = 12.5e6  # 100 Mbit/s
 # Re-plan once a device's measured speed drifts this far (as a ratio) from the plans'.
 REPLAN_DRIFT = 1.25
-# Weight of one tile's measurement in a device's moving average.
-OBSERVATION_WEIGHT = 0.3
+# A device's factor is the median of its last this many tiles' measured factors,
+# taken once it has at least `_MIN_OBSERVED` of them: one tile stalled by another
+# process, a swap storm or a planning run on the same core moves nothing.
+OBSERVED_TILES = 5
+_MIN_OBSERVED = 3
 # One measurement moves a factor at most this far (a tile stalled by a swap storm
 # must not make a device look 100× slower for the next ten plans).
 _RATIO_BOUNDS = (0.2, 5.0)
@@ -169,10 +178,12 @@ class Planning:
         self._stale: dict[tuple[str, str], Plan] = {}
         self._wanted: dict[tuple[str, str], None] = {}
         self._lock = asyncio.Lock()
+        self._executor: ThreadPoolExecutor | None = None
         self.generation = 0
         # Per (device, session): the measured speed factor, and the one plans use.
         self._factors: dict[_Member, float] = {}
         self._planned: dict[_Member, float] = {}
+        self._observed: dict[_Member, deque[float]] = {}
         # The factors each recent plan was made with: a tile of a job still running
         # an older plan is judged against the factor its prediction assumed, not the
         # one in force now (which would make the factor swing after every re-plan).
@@ -202,6 +213,8 @@ class Planning:
         self.epoch = epoch
         for forgotten in set(self._factors) - members:
             del self._factors[forgotten]
+        for forgotten in set(self._observed) - members:
+            del self._observed[forgotten]
         self._new_generation(keep_replaced=False)
         return True
 
@@ -249,13 +262,16 @@ class Planning:
             return False
         member = _member(birth)
         ratio = min(max(measured_s / predicted_s, _RATIO_BOUNDS[0]), _RATIO_BOUNDS[1])
-        # `predicted_s` came from a plan made with the planned factor.
-        planned = self._factors_of(plan_id).get(member, 1.0)
-        before = self._factors.get(member, 1.0)
-        observed = planned * ratio
-        factor = before + OBSERVATION_WEIGHT * (observed - before)
-        factor = min(max(factor, _FACTOR_BOUNDS[0]), _FACTOR_BOUNDS[1])
+        # `predicted_s` came from a plan made with that plan's factor.
+        observed = self._factors_of(plan_id).get(member, 1.0) * ratio
+        window = self._observed.setdefault(member, deque(maxlen=OBSERVED_TILES))
+        window.append(min(max(observed, _FACTOR_BOUNDS[0]), _FACTOR_BOUNDS[1]))
+        if len(window) < _MIN_OBSERVED:
+            return False
+        factor = statistics.median(window)
         self._factors[member] = factor
+        # Judged against what the plans in force now assume.
+        planned = self._planned.get(member, 1.0)
         if abs(math.log(factor / planned)) < math.log(REPLAN_DRIFT):
             return False
         now = time.monotonic() if now is None else now
@@ -501,14 +517,31 @@ class Planning:
                 profile_from_birth(birth).scaled(factors.get(_member(birth), 1.0))
                 for birth in devices
             ]
-            plan = await asyncio.to_thread(
-                self._make_plan, model, strategy, profiles, self.epoch, generation
+            plan = await asyncio.get_running_loop().run_in_executor(
+                self._planner_thread(),
+                functools.partial(
+                    self._make_plan, model, strategy, profiles, self.epoch, generation
+                ),
             )
             self._remember_factors(plan.plan_id, factors)
             if generation == self.generation:
                 self._cache[key] = plan
                 self._stale.pop(key, None)
             return plan
+
+    def _planner_thread(self) -> ThreadPoolExecutor:
+        """The thread plans are made on (started on first use; `close` ends it)."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="planning", initializer=_lowest_priority
+            )
+        return self._executor
+
+    def close(self) -> None:
+        """End the planning thread (a plan being made is left to finish on it)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
 
     def _make_plan(
         self,
@@ -569,3 +602,12 @@ class Planning:
             raise PlanningError(f"planning {model} with {strategy} failed: {error}") from error
         logger.info("new plan %s", plan.summary())
         return plan
+
+
+def _lowest_priority() -> None:
+    """Planning is background work: on a leader's busy core its event loop and
+    compute thread come first, or a re-plan (most of a second of CPU for a deep
+    model, seconds on a small board) slows the very jobs whose times it learns from.
+    Linux gives each thread its own nice value."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)

@@ -360,6 +360,7 @@ class Agent:
             self._group = None
             self.coordinator = None  # an agent that is not running leads nothing
             self.executor.shutdown(wait=False, cancel_futures=True)
+            self.planning.close()
         if self._duplicate is not None:
             raise self._duplicate
 

@@ -3,6 +3,9 @@ and the planner learning device speeds from measured tiles."""
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
 import time
 from collections import OrderedDict
 from types import SimpleNamespace
@@ -14,7 +17,7 @@ import pytest
 from edgedi.agent.config import JobSettings
 from edgedi.agent.job_intake import CoordinatorStatistics
 from edgedi.agent.journal import JobJournal, remember_result
-from edgedi.agent.planning import REPLAN_DRIFT, REPLAN_MIN_INTERVAL_S, Planning
+from edgedi.agent.planning import OBSERVED_TILES, REPLAN_DRIFT, REPLAN_MIN_INTERVAL_S, Planning
 from edgedi.agent.segments import SegmentRunner
 from edgedi.agent.tile_tracker import TileRecord, TileTracker
 from edgedi.broker.ids import DeviceId
@@ -153,7 +156,7 @@ async def test_measured_tiles_slow_a_device_down_and_trigger_a_new_plan() -> Non
     for _ in range(5):
         assert not planning.observe_tile("pi-3", predicted_s=0.010, measured_s=0.0101)
     assert await planning.plan_for("tiny-edgedi") is after
-    assert planning.speed_factor("pi-3") == pytest.approx(planned, rel=0.01)
+    assert planning.speed_factor("pi-3") == pytest.approx(planned, rel=0.02)
     # ...and a restart (new session) forgets what was learnt: it is a new device.
     births["pi-3"] = _birth("pi-3", session=2)
     planning.update(births, births, epoch=1)
@@ -262,12 +265,14 @@ async def test_a_wait_is_learnt_as_slowness_only_when_the_device_had_nothing_els
     tile = _overtaken_tile("pi-3", "pi-2", 0.010, 0.050)
     jobs["other"] = SimpleNamespace(tiles={(0, 0): _overtaken_tile("pi-3", "pi-1", 0.01, 0.0)})
     jobs["this"] = SimpleNamespace(tiles={(0, 0): tile})
-    runner._learn_speed(plan.plan_id, tile, copy_answer)
+    for _ in range(OBSERVED_TILES):
+        runner._learn_speed(plan.plan_id, tile, copy_answer)
     assert planning.speed_factor("pi-3") == 1.0
     # With nothing else on it, the wait is a lower bound of its compute time.
     del jobs["other"]
-    runner._learn_speed(plan.plan_id, tile, copy_answer)
-    assert planning.speed_factor("pi-3") > 1.0
+    for _ in range(OBSERVED_TILES):
+        runner._learn_speed(plan.plan_id, tile, copy_answer)
+    assert planning.speed_factor("pi-3") == pytest.approx(5.0, rel=0.05)
 
 
 def test_noise_and_unknown_devices_are_not_learnt() -> None:
@@ -278,9 +283,11 @@ def test_noise_and_unknown_devices_are_not_learnt() -> None:
     assert not planning.observe_tile("pi-1", predicted_s=1e-4, measured_s=1.0)  # below noise
     assert not planning.observe_tile("pi-1", predicted_s=0.01, measured_s=0.0)
     assert planning.speed_factor("pi-1") == 1.0
-    # One pathological tile (a swap storm) moves the factor by a bounded step only.
-    planning.observe_tile("pi-1", predicted_s=0.01, measured_s=100.0)
-    assert planning.speed_factor("pi-1") <= 1.0 + 0.3 * (5.0 - 1.0) + 1e-9
+    # One pathological tile (a swap storm) among tiles as predicted moves nothing: the
+    # factor is the median of the last few.
+    for measured in (0.01, 0.01, 100.0, 0.01, 0.01):
+        planning.observe_tile("pi-1", predicted_s=0.01, measured_s=measured)
+    assert planning.speed_factor("pi-1") == 1.0
 
 
 def test_a_storm_of_late_tiles_replans_once_and_stays_bounded() -> None:
@@ -299,3 +306,18 @@ def test_a_storm_of_late_tiles_replans_once_and_stays_bounded() -> None:
     assert sum(replans) == 1 and changes == [1]
     assert REPLAN_DRIFT < planning.speed_factor("pi-2") <= 20.0
     assert planning.observe_tile("pi-2", 0.01, 1.0, now=100.0 + REPLAN_MIN_INTERVAL_S + 3.0)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+async def test_plans_are_made_at_the_lowest_cpu_priority() -> None:
+    planning = Planning("pi-1", 200, "proportional")
+    births = {device: _birth(device) for device in ("pi-1", "pi-2")}
+    planning.update(births, births, epoch=1)
+    try:
+        await planning.plan_for("tiny-edgedi")
+        nice = planning._planner_thread().submit(
+            lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        )
+        assert nice.result(timeout=10) == 19
+    finally:
+        planning.close()
