@@ -46,9 +46,10 @@ segment. A device that has not yet answered a tile (new, or a new session) is on
 *probation*: it gets one trial tile, relayed (never a direct run, where an overrun
 names no device), and no second until it answers or 10 s have passed, so a ghost
 that announces itself and never computes costs one overdue wait per 10 s, however
-often it is born again, and a newcomer slower than it announced is measured. A gate that was
-already combined is re-sent to any late copy. Measured tile times go back to
-`Planning.observe_tile`, so the next plan fits the devices as they are.
+often it is born again, and a newcomer slower than it announced is measured. A
+gate that was already combined is re-sent to any late copy. Measured tile times,
+summed per device, go back to `Planning.observe_compute` when the job ends, so the
+next plan fits the devices as they are.
 
 Errors say whether they are `retryable` (the cluster's state: no workers, a tile
 lost, the deadline) or final (bad input, unknown model). A job that a stopping
@@ -443,6 +444,10 @@ class Coordinator:
 
     async def _finish(self, job: Job, result: JobResult) -> None:
         self._results.remember(result)
+        if job.plan is not None:
+            # One verdict per device per job: a job of many small tiles is one vote.
+            for device, (predicted, measured) in job.compute_times.items():
+                self.planning.observe_compute(device, predicted, measured, plan_id=job.plan.plan_id)
         if result.status == "ok":
             self.statistics.completed += 1
         else:

@@ -135,6 +135,13 @@ class Job:
     trace_origin_monotonic: float = field(default_factory=time.monotonic)
     """The same moment on this device's monotonic clock, for the leader's own spans."""
     spans: list[JobSpan] = field(default_factory=list)
+    compute_times: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """Per device, the plan's predicted and the measured compute time of its relayed
+    tiles in this job, summed: learnt once per job (`Planning.observe_compute`)."""
+
+    def add_compute(self, device: str, predicted_s: float, measured_s: float) -> None:
+        predicted, measured = self.compute_times.get(device, (0.0, 0.0))
+        self.compute_times[device] = (predicted + predicted_s, measured + measured_s)
 
     @property
     def job_id(self) -> JobId:

@@ -11,10 +11,11 @@ models, so it runs on a helper thread, never on the event loop.
 The plan of the default model is what the leader publishes on `plans/current`;
 jobs of other models or strategies get theirs on demand.
 
-Profiles learn from the cluster's own tiles: the coordinator reports each tile's
-predicted and measured compute time (`observe_tile`), and a device's time models
-are scaled by the median of its last tiles' measured / predicted
-(`DeviceProfile.refined`), each judged against the factor its own plan assumed.
+Profiles learn from the cluster's own tiles: at the end of each job the coordinator
+reports, per device, the predicted and measured compute time of its relayed tiles
+(`observe_compute`), and a device's time models are scaled by the median of its
+last jobs' measured / predicted (`DeviceProfile.refined`), each judged against the
+factor its own plan assumed.
 Once a device's factor has moved by more than `REPLAN_DRIFT` since the plans
 were made (and the last such re-plan is `REPLAN_MIN_INTERVAL_S` old; factors stay
 within 1/20..20), the cache starts over and `on_change` asks for a new plan, so a device
@@ -73,10 +74,11 @@ _FALLBACK_SECONDS_PER_MAC = 2e-9
 _FALLBACK_BANDWIDTH = 12.5e6  # 100 Mbit/s
 # Re-plan once a device's measured speed drifts this far (as a ratio) from the plans'.
 REPLAN_DRIFT = 1.25
-# A device's factor is the median of its last this many tiles' measured factors,
-# taken once it has at least `_MIN_OBSERVED` of them: one tile stalled by another
-# process, a swap storm or a planning run on the same core moves nothing.
-OBSERVED_TILES = 5
+# A device's factor is the median of its last this many jobs' measured factors,
+# taken once it has at least `_MIN_OBSERVED` of them: one job stalled by another
+# process, a swap storm or a planning run on the same core moves nothing, and a job
+# of many small tiles (whose predictions err the same way) is one vote, not many.
+OBSERVED_JOBS = 5
 _MIN_OBSERVED = 3
 # One measurement moves a factor at most this far (a tile stalled by a swap storm
 # must not make a device look 100× slower for the next ten plans).
@@ -243,7 +245,7 @@ class Planning:
             return 1.0
         return self._factors.get(_member(birth), 1.0)
 
-    def observe_tile(
+    def observe_compute(
         self,
         device: str,
         predicted_s: float,
@@ -252,7 +254,8 @@ class Planning:
         plan_id: str | None = None,
         now: float | None = None,
     ) -> bool:
-        """A tile's predicted and measured compute time; True when it caused a re-plan.
+        """A device's predicted and measured compute time over one job's tiles; True
+        when it caused a re-plan.
 
         `plan_id` names the plan that predicted it (its factors are remembered; the
         current ones are assumed otherwise). `now` (monotonic seconds) is for tests.
@@ -264,7 +267,7 @@ class Planning:
         ratio = min(max(measured_s / predicted_s, _RATIO_BOUNDS[0]), _RATIO_BOUNDS[1])
         # `predicted_s` came from a plan made with that plan's factor.
         observed = self._factors_of(plan_id).get(member, 1.0) * ratio
-        window = self._observed.setdefault(member, deque(maxlen=OBSERVED_TILES))
+        window = self._observed.setdefault(member, deque(maxlen=OBSERVED_JOBS))
         window.append(min(max(observed, _FACTOR_BOUNDS[0]), _FACTOR_BOUNDS[1]))
         if len(window) < _MIN_OBSERVED:
             return False

@@ -307,7 +307,7 @@ class SegmentRunner:
                 state.outputs[item.tile] = item.tensor.array.astype(np.float32, copy=False)
                 record.done = True
                 state.worker_compute = max(state.worker_compute, item.compute_seconds)
-                self._learn_speed(plan.plan_id, record, item)
+                self._learn_speed(job, record, item)
             elif not record.done:
                 await self._copy_failed(job, record, item.attempt, f"{item.device}: {item.reason}")
         finished = time.monotonic()
@@ -336,8 +336,8 @@ class SegmentRunner:
         except BrokerError as error:
             logger.debug("job %s: late gate not sent: %s", job.job_id, error)
 
-    def _learn_speed(self, plan_id: str, record: TileRecord, result: TileResult) -> None:
-        """Feed the planned device's measured tile time back into its profile.
+    def _learn_speed(self, job: Job, record: TileRecord, result: TileResult) -> None:
+        """Add the planned device's measured tile time to the job's (learnt at its end).
 
         When a copy beat the plan's own, that device's answer never comes (its tile
         is cancelled with the job); the time it had already taken is a lower bound
@@ -349,16 +349,12 @@ class SegmentRunner:
             return
         first = record.first_attempt
         if result.attempt == first and result.compute_seconds > 0:
-            self.planning.observe_tile(
-                result.device, record.compute_s, result.compute_seconds, plan_id=plan_id
-            )
+            job.add_compute(result.device, record.compute_s, result.compute_seconds)
         elif record.running.get(first) == record.planned_device and not self._holds_others(
             record.planned_device, record
         ):
             waited = time.monotonic() - record.first_sent_at
-            self.planning.observe_tile(
-                record.planned_device, record.compute_s, waited, plan_id=plan_id
-            )
+            job.add_compute(record.planned_device, record.compute_s, waited)
 
     def _holds_others(self, device: str, record: TileRecord) -> bool:
         """Does `device` hold an unanswered copy of a tile other than `record`'s?"""

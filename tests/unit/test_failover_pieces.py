@@ -3,6 +3,7 @@ and the planner learning device speeds from measured tiles."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 import threading
@@ -15,9 +16,9 @@ import numpy as np
 import pytest
 
 from edgedi.agent.config import JobSettings
-from edgedi.agent.job_intake import CoordinatorStatistics
+from edgedi.agent.job_intake import CoordinatorStatistics, Job
 from edgedi.agent.journal import JobJournal, remember_result
-from edgedi.agent.planning import OBSERVED_TILES, REPLAN_DRIFT, REPLAN_MIN_INTERVAL_S, Planning
+from edgedi.agent.planning import REPLAN_DRIFT, REPLAN_MIN_INTERVAL_S, Planning
 from edgedi.agent.segments import SegmentRunner
 from edgedi.agent.tile_tracker import TileRecord, TileTracker
 from edgedi.broker.ids import DeviceId
@@ -141,7 +142,7 @@ async def test_measured_tiles_slow_a_device_down_and_trigger_a_new_plan() -> Non
     # pi-3 takes 3× its prediction: the factor moves by 30 % of the gap per tile, and
     # the plans change once it has drifted past REPLAN_DRIFT.
     for _ in range(10):
-        if planning.observe_tile("pi-3", predicted_s=0.010, measured_s=0.030):
+        if planning.observe_compute("pi-3", predicted_s=0.010, measured_s=0.030):
             break
     assert changes == [1]
     assert planning.speed_factor("pi-3") > REPLAN_DRIFT
@@ -154,7 +155,7 @@ async def test_measured_tiles_slow_a_device_down_and_trigger_a_new_plan() -> Non
     # Measurements that agree with the new plan leave it alone...
     planned = planning.speed_factor("pi-3")
     for _ in range(5):
-        assert not planning.observe_tile("pi-3", predicted_s=0.010, measured_s=0.0101)
+        assert not planning.observe_compute("pi-3", predicted_s=0.010, measured_s=0.0101)
     assert await planning.plan_for("tiny-edgedi") is after
     assert planning.speed_factor("pi-3") == pytest.approx(planned, rel=0.02)
     # ...and a restart (new session) forgets what was learnt: it is a new device.
@@ -169,7 +170,7 @@ async def test_a_tile_of_an_older_plan_is_judged_by_the_factor_that_plan_assumed
     planning.update(births, births, epoch=1)
     before = await planning.plan_for("tiny-edgedi")  # made with pi-3 at 1.0
     for _ in range(10):
-        if planning.observe_tile("pi-3", 0.010, 0.030, plan_id=before.plan_id):
+        if planning.observe_compute("pi-3", 0.010, 0.030, plan_id=before.plan_id):
             break
     learnt = planning.speed_factor("pi-3")
     assert learnt > REPLAN_DRIFT
@@ -178,11 +179,11 @@ async def test_a_tile_of_an_older_plan_is_judged_by_the_factor_that_plan_assumed
     # says pi-3 is 3× its profile, not 3× the new factor, nor (judged by the new plan's
     # factor) faster than learnt...
     for _ in range(20):
-        planning.observe_tile("pi-3", 0.010, 0.030, plan_id=before.plan_id)
+        planning.observe_compute("pi-3", 0.010, 0.030, plan_id=before.plan_id)
     assert planning.speed_factor("pi-3") == pytest.approx(3.0, rel=0.01)
     # ...and the new plan's tiles (predicted with the factor learnt then) confirm it.
     for _ in range(5):
-        planning.observe_tile("pi-3", 0.010 * learnt, 0.030, plan_id=after.plan_id)
+        planning.observe_compute("pi-3", 0.010 * learnt, 0.030, plan_id=after.plan_id)
     assert planning.speed_factor("pi-3") == pytest.approx(3.0, rel=0.01)
 
 
@@ -194,7 +195,7 @@ async def test_a_job_runs_the_replaced_plan_while_its_successor_is_made() -> Non
     first = await planning.plan_for("tiny-edgedi", stale_ok=True)
     assert planning.take_wanted() == []
     for _ in range(10):
-        if planning.observe_tile("pi-3", 0.010, 0.030, plan_id=first.plan_id):
+        if planning.observe_compute("pi-3", 0.010, 0.030, plan_id=first.plan_id):
             break
     changes.clear()
     # A job does not wait for the re-plan: it runs the plan being replaced, and asks
@@ -211,7 +212,7 @@ async def test_a_job_runs_the_replaced_plan_while_its_successor_is_made() -> Non
     # A membership change is acted on at once: no plan naming a departed device, and
     # a newcomer in the very next job's plan.
     for _ in range(10):
-        if planning.observe_tile("pi-2", 0.010, 0.030, plan_id=successor.plan_id):
+        if planning.observe_compute("pi-2", 0.010, 0.030, plan_id=successor.plan_id):
             break
     del births["pi-3"]
     planning.update(births, births, epoch=1)
@@ -245,9 +246,8 @@ async def test_a_wait_is_learnt_as_slowness_only_when_the_device_had_nothing_els
     planning = Planning("pi-1", 200, "proportional")
     births = {device: _birth(device) for device in ("pi-1", "pi-2", "pi-3")}
     planning.update(births, births, epoch=1)
-    plan = await planning.plan_for("tiny-edgedi")
-    jobs: dict[str, Any] = {}
     settings = JobSettings()
+    jobs: dict[str, Any] = {}
     runner = SegmentRunner(
         DeviceId("pi-1"),
         1,
@@ -259,34 +259,35 @@ async def test_a_wait_is_learnt_as_slowness_only_when_the_device_had_nothing_els
         alive_devices=lambda: list(births),
         jobs=jobs,
     )
+    job = Job(submit=cast(Any, None), received_at=0.0, deadline=0.0, inbox=asyncio.Queue())
     copy_answer = cast(Any, SimpleNamespace(device="pi-2", attempt=1, compute_seconds=0.01))
     # pi-3 also holds another job's tile (a copy it took for a slow peer, say): its
     # 5x wait may have gone on that, so it is not taken as its speed.
     tile = _overtaken_tile("pi-3", "pi-2", 0.010, 0.050)
+    job.tiles[(0, 0)] = tile
+    jobs["this"] = job
     jobs["other"] = SimpleNamespace(tiles={(0, 0): _overtaken_tile("pi-3", "pi-1", 0.01, 0.0)})
-    jobs["this"] = SimpleNamespace(tiles={(0, 0): tile})
-    for _ in range(OBSERVED_TILES):
-        runner._learn_speed(plan.plan_id, tile, copy_answer)
-    assert planning.speed_factor("pi-3") == 1.0
+    runner._learn_speed(job, tile, copy_answer)
+    assert job.compute_times == {}
     # With nothing else on it, the wait is a lower bound of its compute time.
     del jobs["other"]
-    for _ in range(OBSERVED_TILES):
-        runner._learn_speed(plan.plan_id, tile, copy_answer)
-    assert planning.speed_factor("pi-3") == pytest.approx(5.0, rel=0.05)
+    runner._learn_speed(job, tile, copy_answer)
+    predicted, waited = job.compute_times["pi-3"]
+    assert predicted == 0.010 and waited >= 0.050
 
 
 def test_noise_and_unknown_devices_are_not_learnt() -> None:
     planning = Planning("pi-1", 200, "proportional")
     births = {"pi-1": _birth("pi-1")}
     planning.update(births, births, epoch=1)
-    assert not planning.observe_tile("pi-9", predicted_s=0.01, measured_s=1.0)
-    assert not planning.observe_tile("pi-1", predicted_s=1e-4, measured_s=1.0)  # below noise
-    assert not planning.observe_tile("pi-1", predicted_s=0.01, measured_s=0.0)
+    assert not planning.observe_compute("pi-9", predicted_s=0.01, measured_s=1.0)
+    assert not planning.observe_compute("pi-1", predicted_s=1e-4, measured_s=1.0)  # below noise
+    assert not planning.observe_compute("pi-1", predicted_s=0.01, measured_s=0.0)
     assert planning.speed_factor("pi-1") == 1.0
     # One pathological tile (a swap storm) among tiles as predicted moves nothing: the
     # factor is the median of the last few.
     for measured in (0.01, 0.01, 100.0, 0.01, 0.01):
-        planning.observe_tile("pi-1", predicted_s=0.01, measured_s=measured)
+        planning.observe_compute("pi-1", predicted_s=0.01, measured_s=measured)
     assert planning.speed_factor("pi-1") == 1.0
 
 
@@ -298,14 +299,14 @@ def test_a_storm_of_late_tiles_replans_once_and_stays_bounded() -> None:
     births = {device: _birth(device) for device in ("pi-1", "pi-2")}
     planning.update(births, births, epoch=1)
     replans = [
-        planning.observe_tile(
+        planning.observe_compute(
             "pi-2", predicted_s=0.01, measured_s=1.0, now=100.0 + REPLAN_MIN_INTERVAL_S * n / 400
         )
         for n in range(300)  # all within one interval
     ]
     assert sum(replans) == 1 and changes == [1]
     assert REPLAN_DRIFT < planning.speed_factor("pi-2") <= 20.0
-    assert planning.observe_tile("pi-2", 0.01, 1.0, now=100.0 + REPLAN_MIN_INTERVAL_S + 3.0)
+    assert planning.observe_compute("pi-2", 0.01, 1.0, now=100.0 + REPLAN_MIN_INTERVAL_S + 3.0)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
