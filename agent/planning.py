@@ -341,7 +341,7 @@ class Planning:
         else:
             return False
         logger.info("%s (%.0f ms): re-planning %s", why, plan.predicted_latency_s * 1000, model)
-        self._retire({key: plan for key, plan in self._cache.items() if key[0] == model})
+        # Not kept running meanwhile: the next job is to measure the new choice.
         for key in [key for key in self._cache if key[0] == model]:
             del self._cache[key]
         if self.on_change is not None:
