@@ -78,6 +78,7 @@ _ALIAS_PREFIX: Final = "edgedi launcher "
 _NAMESPACE_PATTERN: Final = re.compile(r"^edgedi-(\d+)-[0-9a-f]+-")
 _SUBNET_BASE: Final = "10.213"
 _HOST_NODE: Final = "host"
+_NETNS_DIR: Final = "/run/netns"  # where `ip netns add` keeps its namespaces
 # tbf lets a burst through at the veth's own speed (~15 Gbit/s): 1 ms of traffic at
 # the link rate keeps that burst no faster than the link for more than a millisecond,
 # and is still well above the timer granularity that a 1 Gbit/s rate needs (measured
@@ -148,7 +149,7 @@ class Links:
 
 
 def _tool(name: str) -> str | None:
-    """Path of `ip` or `tc`: Debian installs them in /usr/sbin, often not on PATH."""
+    """Path of `ip`, `tc` or `nsenter`: Debian installs them in /usr/sbin, often not on PATH."""
     found = shutil.which(name)
     if found:
         return found
@@ -291,7 +292,7 @@ def _setns(descriptor: int) -> None:
 def _entered(namespace: str) -> Iterator[None]:
     home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
     try:
-        target = os.open(f"/run/netns/{namespace}", os.O_RDONLY)
+        target = os.open(f"{_NETNS_DIR}/{namespace}", os.O_RDONLY)
         try:
             _setns(target)
         finally:
@@ -353,9 +354,16 @@ class EmulatedNetwork:
     def exec_prefix(self, node: str) -> list[str]:
         """Prepend to a command to run it in the node's namespace.
 
-        `ip netns exec` execs the command in place (no fork), so the pid that
-        `Popen` returns is the command's own: signals and cgroup placement reach it.
+        `nsenter --net` enters only the network namespace and execs the command in
+        place (no fork), so the pid that `Popen` returns is the command's own:
+        signals and cgroup placement reach it. `ip netns exec` (used where nsenter
+        is missing) also mounts a sysfs of its own over /sys, which hides
+        /sys/fs/cgroup: an agent's compute thread could not join its CPU quota
+        group and shared its event loop's.
         """
+        nsenter = _tool("nsenter")
+        if nsenter is not None:
+            return [nsenter, f"--net={_NETNS_DIR}/{self.namespace(node)}", "--"]
         ip = _tool("ip")
         if ip is None:
             raise LinkEmulationError("`ip` is not installed (package iproute2)")

@@ -136,7 +136,8 @@ def test_a_cluster_on_100mbit_links_runs_a_job_and_leaves_nothing_behind() -> No
         for agent in cluster.agents:
             # The agents measure the shaped link themselves: nothing is announced for them.
             assert "--link-mbit" not in agent.command
-            assert agent.command[:3] == [link_emulation._tool("ip"), "netns", "exec"]
+            # nsenter, not `ip netns exec`, whose own sysfs hides /sys/fs/cgroup.
+            assert agent.command[0] == link_emulation._tool("nsenter")
             if agent.cgroup is not None:  # the device's quota groups hold the agent itself
                 loop_group = agent.cgroup.with_name(agent.cgroup.name + "-loop")
                 group = loop_group if loop_group.exists() else agent.cgroup
@@ -150,6 +151,13 @@ def test_a_cluster_on_100mbit_links_runs_a_job_and_leaves_nothing_behind() -> No
             assert result.status == "ok", result.error
 
         asyncio.run(one_job())
+        for agent in cluster.agents:
+            tasks = agent.cgroup / "tasks" if agent.cgroup is not None else None
+            if tasks is not None and tasks.exists():  # cgroup v1: one thread moves
+                # Its compute thread sits in the device's quota group, apart from its loop.
+                threads = set(tasks.read_text().split())
+                own = {p.name for p in Path(f"/proc/{agent.process.pid}/task").iterdir()}
+                assert threads & own, (agent.device_id, threads, own)
         assert leftovers(os.getpid())
     assert leftovers(os.getpid()) == []
 
