@@ -80,8 +80,8 @@ REPLAN_DRIFT = 1.25
 # of many small tiles (whose predictions err the same way) is one vote, not many.
 OBSERVED_JOBS = 5
 _MIN_OBSERVED = 3
-# One measurement moves a factor at most this far (a tile stalled by a swap storm
-# must not make a device look 100× slower for the next ten plans).
+# One job's measured / predicted counts at most this far (a job stalled by a swap
+# storm must not make a device look 100× slower for the next ten plans).
 _RATIO_BOUNDS = (0.2, 5.0)
 # Predictions below this are dominated by timer and scheduling noise.
 _MIN_PREDICTED_S = 0.0005
@@ -344,6 +344,8 @@ class Planning:
         # Not kept running meanwhile: the next job is to measure the new choice.
         for key in [key for key in self._cache if key[0] == model]:
             del self._cache[key]
+        for key in [key for key in self._stale if key[0] == model]:
+            del self._stale[key]
         if self.on_change is not None:
             self.on_change()
         return True
