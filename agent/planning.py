@@ -75,11 +75,13 @@ _FALLBACK_BANDWIDTH = 12.5e6  # 100 Mbit/s
 # Re-plan once a device's measured speed drifts this far (as a ratio) from the plans'.
 REPLAN_DRIFT = 1.25
 # A device's factor is the median of its last this many jobs' measured factors,
-# taken once it has at least `_MIN_OBSERVED` of them: one job stalled by another
-# process, a swap storm or a planning run on the same core moves nothing, and a job
-# of many small tiles (whose predictions err the same way) is one vote, not many.
+# taken once it has at least `_MIN_OBSERVED` of them (a device so slow that it is
+# copied and then suspect for 10 s gives one per period). From the third on, one job
+# stalled by another process, a swap storm or a planning run on the same core moves
+# nothing, and a job of many small tiles (whose predictions err the same way) is
+# always one vote, not many.
 OBSERVED_JOBS = 5
-_MIN_OBSERVED = 3
+_MIN_OBSERVED = 2
 # One job's measured / predicted counts at most this far (a job stalled by a swap
 # storm must not make a device look 100× slower for the next ten plans).
 _RATIO_BOUNDS = (0.2, 5.0)
