@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgedi.models.checkpoints import load_model
+from edgedi.models.head_split import prepare_head_split
 from edgedi.models.specs import MODEL_NAMES
 from edgedi.models.units import ModelSpec
 from edgedi.models.zoo import ZooModel
@@ -87,6 +88,8 @@ class ModelStore:
             logger.warning("%s", source)
         else:
             logger.info("%s", source)
+        # Laid out now, not in the first job that splits the head (most of a second).
+        prepare_head_split(model)
         spec = model.spec
         return HeldModel(name, self.input_size, model, spec, spec.digest(), source)
 

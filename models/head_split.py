@@ -15,7 +15,6 @@ Pure: torch only, no I/O.
 from __future__ import annotations
 
 import weakref
-from collections import OrderedDict
 from collections.abc import Sequence
 
 import numpy as np
@@ -25,13 +24,13 @@ import torch
 from edgedi.models.units import splittable_head
 from edgedi.models.zoo import LinearOp, ZooModel, _apply_post
 
-__all__ = ["head_partial", "tail_from_head_partials"]
+__all__ = ["head_partial", "prepare_head_split", "tail_from_head_partials"]
 
-# Weight blocks kept per model: one per row range a device has been given lately.
-_BLOCKS_KEPT = 4
-_blocks: weakref.WeakKeyDictionary[ZooModel, OrderedDict[tuple[int, int], torch.Tensor]] = (
-    weakref.WeakKeyDictionary()
-)
+# The layer's weights once more per model, laid out row by row of the map it reads:
+# (out, H, C, W). Any row range is then a strided (out, r·C·W) matrix used where it
+# lies. (A copied block per row range cost the first job of every new plan most of a
+# second on a slow device: a gather over all 300 MB.)
+_by_rows: weakref.WeakKeyDictionary[ZooModel, torch.Tensor] = weakref.WeakKeyDictionary()
 
 
 def _first_linear(model: ZooModel) -> tuple[int, LinearOp]:
@@ -43,20 +42,31 @@ def _first_linear(model: ZooModel) -> tuple[int, LinearOp]:
     return unit, op
 
 
-def _block(model: ZooModel, rows: tuple[int, int]) -> torch.Tensor:
-    """The weights that multiply rows `rows` of the map, (out, C·r·W), contiguous."""
-    kept = _blocks.setdefault(model, OrderedDict())
-    block = kept.get(rows)
-    if block is None:
+def prepare_head_split(model: ZooModel) -> bool:
+    """Lay out the weights `head_partial` reads (once per model; slow: call it at load).
+
+    False for a model whose head cannot be split this way.
+    """
+    if splittable_head(model.spec) is None:
+        return False
+    _weights_by_rows(model)
+    return True
+
+
+def _weights_by_rows(model: ZooModel) -> torch.Tensor:
+    weight = _by_rows.get(model)
+    if weight is None:
         unit, op = _first_linear(model)
         channels, height, width = model.spec.units[unit].in_shape
-        weight = op.linear.weight.detach().view(-1, channels, height, width)
-        block = weight[:, :, rows[0] : rows[1], :].reshape(weight.shape[0], -1).contiguous()
-        kept[rows] = block
-        while len(kept) > _BLOCKS_KEPT:
-            kept.popitem(last=False)
-    kept.move_to_end(rows)
-    return block
+        with torch.inference_mode():
+            weight = (
+                op.linear.weight.detach()
+                .view(-1, channels, height, width)
+                .permute(0, 2, 1, 3)
+                .contiguous()
+            )
+        _by_rows[model] = weight
+    return weight
 
 
 def head_partial(
@@ -68,8 +78,11 @@ def head_partial(
     expected = (1, channels, rows[1] - rows[0], width)
     if not 0 <= rows[0] < rows[1] <= height or tuple(x_rows.shape) != expected:
         raise ValueError(f"rows {rows} of shape {tuple(x_rows.shape)}: expected {expected}")
+    weight = _weights_by_rows(model)
     with torch.inference_mode():
-        partial = x_rows.reshape(1, -1).to(torch.float32) @ _block(model, rows).T
+        block = weight[:, rows[0] : rows[1]].reshape(weight.shape[0], -1)  # a view
+        features = x_rows.to(torch.float32).permute(0, 2, 1, 3).reshape(1, -1)
+        partial = features @ block.T
     result: npt.NDArray[np.float32] = partial.numpy()
     return result
 
