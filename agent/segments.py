@@ -49,6 +49,7 @@ from edgedi.broker.messages import (
 )
 from edgedi.broker.plan import Plan
 from edgedi.broker.tensors import Tensor
+from edgedi.models.calibration import SUSTAIN_WINDOW_S
 from edgedi.models.reduce import CoverageError, combine, pooled_mean, stitch_grid
 from edgedi.models.units import splittable_head
 
@@ -705,7 +706,12 @@ def _learn_direct_speeds(
     The leader sees only the last segment's results; each carries the times of the
     tiles its input was made from, passed on with the rows from segment to segment,
     so together they name every tile of the job. A time of a tile the plan does not
-    have is ignored.
+    have is ignored, and so is a short tile's: it runs in one burst, and a CPU that
+    cannot keep its pace up (a CPU quota, a board that throttles when hot) is then
+    measured at its peak, well under what its calibration (sustained over the same
+    window) and hence the plan price it at. On the demo cluster ResNet-18's 2-10 ms
+    tiles measured at a third of their price, and the leader, taking its devices
+    for two to three times faster, made plans that measured far slower.
     """
     times: dict[tuple[int, int], float] = {}
     for result in results:
@@ -716,5 +722,5 @@ def _learn_direct_speeds(
         if segment >= len(segments):
             continue
         assignment = next((a for a in segments[segment][1] if a.index == index), None)
-        if assignment is not None and assignment.compute_s > 0:
+        if assignment is not None and assignment.compute_s >= SUSTAIN_WINDOW_S:
             job.add_compute(assignment.device, assignment.compute_s, seconds)

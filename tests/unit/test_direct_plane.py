@@ -26,6 +26,7 @@ import pytest
 import pytest_asyncio
 import torch
 
+from edgedi.agent import segments
 from edgedi.agent.config import JobSettings
 from edgedi.agent.coordinator import Coordinator
 from edgedi.agent.direct import forwards
@@ -328,6 +329,9 @@ async def test_the_leader_learns_every_direct_tiles_compute_time(
         original(device, predicted, measured, **kwargs)
 
     monkeypatch.setattr(planning, "observe_compute", observe)
+    # The tiny models' tiles are far shorter than the window a speed is judged over
+    # (see the next test): here every tile counts.
+    monkeypatch.setattr(segments, "SUSTAIN_WINDOW_S", 0.0)
     result = await links.result_of(submit(links, model, image, "equal"))
     assert result.status == "ok", result.error
     assert links.tasks and all(task.direct for task in links.tasks)
@@ -346,6 +350,24 @@ async def test_the_leader_learns_every_direct_tiles_compute_time(
     devices = {task.device for task in links.tasks}
     assert {device for device, _, _ in observed} == devices
     assert all(predicted > 0 and measured > 0 for _, predicted, measured in observed)
+
+
+async def test_tiles_too_short_to_be_throttled_teach_no_speed(
+    links: Links, image: npt.NDArray[np.uint8], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A tile that runs in one burst measures a quota-limited (or hot) CPU at its peak,
+    # not at the pace its calibration and the plan price it at.
+    assert links.coordinator is not None
+    observed: list[str] = []
+    monkeypatch.setattr(
+        links.coordinator.planning,
+        "observe_compute",
+        lambda device, *args, **kwargs: observed.append(device),
+    )
+    result = await links.result_of(submit(links, "tiny", image, "equal"))
+    assert result.status == "ok", result.error
+    assert links.tasks and all(task.direct for task in links.tasks)
+    assert not observed
 
 
 async def test_gates_and_rows_travel_between_devices(
