@@ -49,7 +49,6 @@ from edgedi.broker.messages import (
 )
 from edgedi.broker.plan import Plan
 from edgedi.broker.tensors import Tensor
-from edgedi.models.calibration import SUSTAIN_WINDOW_S
 from edgedi.models.reduce import CoverageError, combine, pooled_mean, stitch_grid
 from edgedi.models.units import splittable_head
 
@@ -161,7 +160,6 @@ class SegmentRunner:
         owners = {a.index: a.device for a in last_assignments}
         overdue_s = self.tracker.overdue_after(plan.predicted_latency_s)
         outputs: dict[int, npt.NDArray[np.float32]] = {}
-        results: list[TileResult] = []
         worker_compute = 0.0
         reason = ""
         while len(outputs) < last_layout.count:
@@ -194,7 +192,6 @@ class SegmentRunner:
                 reason = f"bad result from {item.device}: {problem}"
                 break
             outputs[item.tile] = item.tensor.array.astype(np.float32, copy=False)
-            results.append(item)
             worker_compute = max(worker_compute, item.compute_seconds)
         job.direct_devices = set()
         if reason:
@@ -202,7 +199,6 @@ class SegmentRunner:
             job.direct_failed = used
             logger.warning("job %s: direct plane gave up (%s); relaying", job.job_id, reason)
             return None
-        _learn_direct_speeds(job, segments, results)
         job.add_time("compute", time.monotonic() - started - job.timings.get("scatter", 0.0) / 1000)
         job.add_time("worker_compute", worker_compute)
         return outputs
@@ -694,33 +690,3 @@ def _channel_parts(layout: SegmentLayout) -> tuple[tuple[int, int], ...] | None:
     if layout.channel_parts is None:
         return None
     return tuple((part.start, part.stop) for part in layout.channel_parts)
-
-
-def _learn_direct_speeds(
-    job: Job,
-    segments: list[tuple[SegmentLayout, tuple[TileAssignment, ...]]],
-    results: list[TileResult],
-) -> None:
-    """Every tile's compute time of a direct job, summed per device (learnt at its end).
-
-    The leader sees only the last segment's results; each carries the times of the
-    tiles its input was made from, passed on with the rows from segment to segment,
-    so together they name every tile of the job. A time of a tile the plan does not
-    have is ignored, and so is a short tile's: it runs in one burst, and a CPU that
-    cannot keep its pace up (a CPU quota, a board that throttles when hot) is then
-    measured at its peak, well under what its calibration (sustained over the same
-    window) and hence the plan price it at. On the demo cluster ResNet-18's 2-10 ms
-    tiles measured at a third of their price, and the leader, taking its devices
-    for two to three times faster, made plans that measured far slower.
-    """
-    times: dict[tuple[int, int], float] = {}
-    for result in results:
-        for reported in result.tile_times or ():
-            times[(reported.segment, reported.tile)] = reported.seconds
-        times[(result.segment, result.tile)] = result.compute_seconds
-    for (segment, index), seconds in sorted(times.items()):
-        if segment >= len(segments):
-            continue
-        assignment = next((a for a in segments[segment][1] if a.index == index), None)
-        if assignment is not None and assignment.compute_s >= SUSTAIN_WINDOW_S:
-            job.add_compute(assignment.device, assignment.compute_s, seconds)

@@ -50,7 +50,6 @@ from edgedi.broker.messages import (
     TileResult,
     TileRows,
     TileTask,
-    TileTime,
     TileTrace,
     TraceSpan,
 )
@@ -76,9 +75,6 @@ _CANCELLED_MEMORY = 1024
 # kept this many (oldest dropped first): enough for every job in flight, bounded
 # against a flood.
 _EARLY_ROWS_MEMORY = 512
-# Jobs whose direct tile times are kept (a successful job sends no cancel: the oldest
-# go first).
-_TILE_TIMES_MEMORY = 256
 _PARTIALS_MEMORY = 2048
 # ... and at most this many bytes of them: a channel tile's partial is a whole map
 # (hundreds of KB), so a count alone does not bound the memory a flood can take.
@@ -196,9 +192,6 @@ class Worker:
         self._tiles: dict[tuple[str, int, int], _Tile] = {}
         self._gate_values: dict[tuple[str, int, int], npt.NDArray[Any]] = {}
         self._early_rows: OrderedDict[tuple[str, int, int], list[TileRows]] = OrderedDict()
-        # (job, epoch) -> compute seconds of its direct tiles, by (segment, tile): this
-        # device's and those its input rows were made from, passed on downstream.
-        self._tile_times: OrderedDict[tuple[str, int], dict[tuple[int, int], float]] = OrderedDict()
         self._partials = _PartialStore(_PARTIALS_MEMORY, _PARTIALS_BYTES)
         # job id -> (epoch, leader) of the newest cancel: tasks of older epochs and that
         # leader's own are dropped; a later leader's, which took the job over, are not,
@@ -434,10 +427,6 @@ class Worker:
             :, :, :, columns.start : columns.stop
         ]
         tile.received[start:stop] = True
-        if message.tile_times:
-            known = self._job_tile_times(message.job_id, message.epoch)
-            for time_ in message.tile_times:
-                known[(time_.segment, time_.tile)] = time_.seconds
         if tile.waiting_for_rows or tile.queued:
             return
         tile.ready_at = time.time()
@@ -598,28 +587,7 @@ class Worker:
         for store in (self._gate_values, self._early_rows):
             for key in [k for k in store if k[0] == job_id]:
                 del store[key]
-        for times_key in [k for k in self._tile_times if k[0] == job_id]:
-            del self._tile_times[times_key]
         self._partials.forget_job(job_id)
-
-    def _job_tile_times(self, job_id: str, epoch: int) -> dict[tuple[int, int], float]:
-        key = (job_id, epoch)
-        times = self._tile_times.get(key)
-        if times is None:
-            times = self._tile_times[key] = {}
-            while len(self._tile_times) > _TILE_TIMES_MEMORY:
-                self._tile_times.popitem(last=False)
-        return times
-
-    def _direct_tile_times(self, task: TileTask, seconds: float | None) -> tuple[TileTime, ...]:
-        """The job's direct tile times known here, this tile's (`seconds`) included."""
-        times = self._job_tile_times(task.job_id, task.epoch)
-        if seconds is not None:
-            times[(task.segment, task.tile)] = seconds
-        return tuple(
-            TileTime(segment=segment, tile=index, seconds=value)
-            for (segment, index), value in sorted(times.items())
-        )
 
     def _is_cancelled(self, task: TileTask) -> bool:
         cancel = self._cancelled.get(task.job_id)
@@ -817,7 +785,7 @@ class Worker:
             self.statistics.busy_seconds += seconds
         output = step
         if task.forward:
-            self._forward(tile, output, self._direct_tile_times(task, tile.compute_seconds))
+            await self._forward(tile, output)
             return None
         out_rows = (tile.rows.out_rows.start, tile.rows.out_rows.stop)
         if task.head_partial:
@@ -829,9 +797,6 @@ class Worker:
             tile.compute_seconds += seconds
             self.statistics.busy_seconds += seconds
         columns = tile.columns.out_rows
-        # The last segment's results carry the direct job's earlier tile times: the
-        # leader sees no other message of them.
-        upstream = self._direct_tile_times(task, None) if task.direct else ()
         return TileResult(
             sender=self.device_id,
             job_id=task.job_id,
@@ -845,14 +810,10 @@ class Worker:
             compute_seconds=tile.compute_seconds,
             attempt=task.attempt,
             head_partial=task.head_partial,
-            tile_times=upstream or None,
         )
 
-    def _forward(
-        self, tile: _Tile, output: npt.NDArray[Any], tile_times: tuple[TileTime, ...]
-    ) -> None:
-        """Direct data plane: each next-segment tile gets the rows it needs, from here,
-        with the compute times of the job's tiles known here (passed on to the leader)."""
+    async def _forward(self, tile: _Tile, output: npt.NDArray[Any]) -> None:
+        """Direct data plane: each next-segment tile gets the rows it needs, from here."""
         task = tile.task
         first = tile.rows.out_rows.start
         messages = [
@@ -872,7 +833,6 @@ class Worker:
                         )
                     ),
                     attempt=task.attempt,
-                    tile_times=tile_times,
                 ),
             )
             for forward in task.forward

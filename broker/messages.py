@@ -84,7 +84,6 @@ __all__ = [
     "TileResult",
     "TileRows",
     "TileTask",
-    "TileTime",
     "TileTrace",
     "TraceSpan",
     "UnitProfile",
@@ -599,35 +598,10 @@ class GateValue(_TensorMessage):
     vector: Tensor = Field(description="the gate's per-channel values")
 
 
-class TileTime(BaseModel):
-    """How long one direct-plane tile of a job computed, on the device that ran it."""
-
-    model_config = _FROZEN_STRICT
-
-    segment: NonNegativeInt = Field(description="the tile's segment")
-    tile: NonNegativeInt = Field(description="the tile's index in its segment")
-    seconds: NonNegativeFloat = Field(description="its compute time, seconds")
-
-
-_TILE_TIMES_MAX: Final = 4096
-
-TileTimes = Annotated[
-    tuple[TileTime, ...] | None,
-    Field(
-        default=None,
-        max_length=_TILE_TIMES_MAX,
-        description="direct data plane: the compute times of the job's earlier tiles "
-        "that this message's rows (or result) were made from, passed on from segment "
-        "to segment, so the leader learns every device's speed from the last results",
-    ),
-]
-
-
 class TileResult(_TensorMessage):
     """A worker's output rows for one tile."""
 
     kind: Literal["tile_result"] = "tile_result"
-    added_fields: ClassVar[frozenset[str]] = frozenset({"tile_times"})
     job_id: JobIdField = Field(description="the job (also in the topic)")
     epoch: NonNegativeInt = Field(description="epoch of the task's leader")
     segment: NonNegativeInt = Field(description="index of the fused segment")
@@ -645,7 +619,6 @@ class TileResult(_TensorMessage):
         description="`tensor` is the head's first linear layer applied to `output_rows` "
         "(see `TileTask.head_partial`), not the rows",
     )
-    tile_times: TileTimes = None
 
 
 class TileRows(_TensorMessage):
@@ -656,7 +629,6 @@ class TileRows(_TensorMessage):
     """
 
     kind: Literal["tile_rows"] = "tile_rows"
-    added_fields: ClassVar[frozenset[str]] = frozenset({"tile_times"})
     job_id: JobIdField = Field(description="the job")
     epoch: NonNegativeInt = Field(description="epoch of the task's leader")
     segment: NonNegativeInt = Field(description="the receiving tile's segment")
@@ -665,7 +637,6 @@ class TileRows(_TensorMessage):
     rows: RowInterval = Field(description="rows of the receiving segment's input in `tensor`")
     tensor: Tensor = Field(description="the rows, full width")
     attempt: NonNegativeInt = Field(default=0, description="attempt of the tasks involved")
-    tile_times: TileTimes = None
 
 
 class LinkProbe(_TensorMessage):

@@ -271,25 +271,6 @@ def test_golden_samples_still_decode_and_encode_identically(kind: str) -> None:
     assert encode(message) == golden, "the wire bytes changed: bump SCHEMA_VERSION if intended"
 
 
-def test_tile_times_ride_with_rows_only_when_set() -> None:
-    rows = samples()["tile_rows"]
-    assert isinstance(rows, TileRows)
-    assert "tile_times" not in msgpack.unpackb(encode(rows), raw=False)  # bytes as before
-    times = [{"segment": 0, "tile": tile, "seconds": 0.01 * tile} for tile in range(3)]
-    document = msgpack.unpackb(encode(rows), raw=False) | {"tile_times": times}
-    decoded = decode(msgpack.packb(document))
-    assert isinstance(decoded, TileRows) and decoded.tile_times is not None
-    assert [t.tile for t in decoded.tile_times] == [0, 1, 2]
-    assert decode(encode(decoded)) == decoded
-    for bad in (
-        [{"segment": 0, "tile": 0, "seconds": -1.0}],
-        [{"segment": 0, "tile": 0, "seconds": float("nan")}],
-        [{"segment": 0, "tile": 0, "seconds": 0.1}] * 4097,
-    ):
-        with pytest.raises(DecodeError):
-            decode(msgpack.packb(document | {"tile_times": bad}))
-
-
 def test_an_inconsistent_plan_is_refused_on_receipt() -> None:
     announcement = samples()["plan_announcement"]
     document = json.loads(encode(announcement))

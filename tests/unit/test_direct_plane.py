@@ -26,7 +26,6 @@ import pytest
 import pytest_asyncio
 import torch
 
-from edgedi.agent import segments
 from edgedi.agent.config import JobSettings
 from edgedi.agent.coordinator import Coordinator
 from edgedi.agent.direct import forwards
@@ -308,66 +307,6 @@ async def test_a_newcomers_first_job_is_relayed_and_timed_then_direct(
         assert second.status == "ok", second.error
         assert links.tasks and all(task.direct for task in links.tasks)
         np.testing.assert_array_equal(first.probabilities, second.probabilities)
-
-
-@pytest.mark.parametrize("model", MODELS)
-async def test_the_leader_learns_every_direct_tiles_compute_time(
-    links: Links,
-    image: npt.NDArray[np.uint8],
-    model: str,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # The leader sees only the last segment's results; the earlier tiles' times ride
-    # with the rows to them, so every device's speed is learnt from direct jobs too.
-    assert links.coordinator is not None
-    observed: list[tuple[str, float, float]] = []
-    planning = links.coordinator.planning
-    original = planning.observe_compute
-
-    def observe(device: str, predicted: float, measured: float, **kwargs: Any) -> None:
-        observed.append((device, predicted, measured))
-        original(device, predicted, measured, **kwargs)
-
-    monkeypatch.setattr(planning, "observe_compute", observe)
-    # The tiny models' tiles are far shorter than the window a speed is judged over
-    # (see the next test): here every tile counts.
-    monkeypatch.setattr(segments, "SUSTAIN_WINDOW_S", 0.0)
-    result = await links.result_of(submit(links, model, image, "equal"))
-    assert result.status == "ok", result.error
-    assert links.tasks and all(task.direct for task in links.tasks)
-    tiles = {(task.segment, task.tile) for task in links.tasks}
-    last = max(segment for segment, _ in tiles)
-    reported: set[tuple[int, int]] = set()
-    for message in links.to_leader:
-        assert isinstance(message, TileResult)
-        reported.add((message.segment, message.tile))
-        reported |= {(t.segment, t.tile) for t in message.tile_times or ()}
-    assert reported == tiles
-    if last > 0:  # rows crossed a boundary: they carried their producers' times
-        assert any(isinstance(m, TileRows) and m.tile_times for _, m in links.peer), (
-            "no rows carried tile times"
-        )
-    devices = {task.device for task in links.tasks}
-    assert {device for device, _, _ in observed} == devices
-    assert all(predicted > 0 and measured > 0 for _, predicted, measured in observed)
-
-
-async def test_tiles_too_short_to_be_throttled_teach_no_speed(
-    links: Links, image: npt.NDArray[np.uint8], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # A tile that runs in one burst measures a quota-limited (or hot) CPU at its peak,
-    # not at the pace its calibration and the plan price it at.
-    assert links.coordinator is not None
-    observed: list[str] = []
-    monkeypatch.setattr(
-        links.coordinator.planning,
-        "observe_compute",
-        lambda device, *args, **kwargs: observed.append(device),
-    )
-    result = await links.result_of(submit(links, "tiny", image, "equal"))
-    assert result.status == "ok", result.error
-    assert links.tasks and all(task.direct for task in links.tasks)
-    assert not observed
 
 
 async def test_gates_and_rows_travel_between_devices(
