@@ -88,7 +88,7 @@ class ModelStore:
             logger.warning("%s", source)
         else:
             logger.info("%s", source)
-        # Laid out now, not in the first job that splits the head (most of a second).
+        # VGG-16's head weights laid out now (0.8 s on one core), not per plan in a job.
         prepare_head_split(model)
         spec = model.spec
         return HeldModel(name, self.input_size, model, spec, spec.digest(), source)
