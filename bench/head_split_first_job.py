@@ -29,8 +29,7 @@ from pathlib import Path
 import torch
 
 from edgedi.models import head_split
-from edgedi.models.units import splittable_head
-from edgedi.models.zoo import LinearOp, build_model
+from edgedi.models.zoo import build_model
 
 ROOT = Path(__file__).resolve().parent.parent
 ROWS = [(0, 2), (2, 4), (4, 5), (5, 6)]  # a four-device split of the 6-row last map
@@ -52,10 +51,7 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(1)
     model = build_model("vgg16", 200, seed=0)
-    unit = splittable_head(model.spec)
-    assert unit is not None
-    op = model.unit(unit).main_ops[0]
-    assert isinstance(op, LinearOp)
+    unit, op = head_split._first_linear(model)
     channels, height, width = model.spec.units[unit].in_shape
     weight = op.linear.weight.detach().view(-1, channels, height, width)
     x = torch.randn(1, channels, height, width)

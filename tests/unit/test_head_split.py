@@ -15,8 +15,7 @@ import torch
 
 from edgedi.models import head_split
 from edgedi.models.head_split import head_partial, prepare_head_split
-from edgedi.models.units import splittable_head
-from edgedi.models.zoo import LinearOp, ZooModel, build_model
+from edgedi.models.zoo import ZooModel, build_model
 
 SIZE = 96  # the last map has 3 rows
 
@@ -27,10 +26,7 @@ def vgg() -> ZooModel:
 
 
 def _first_linear(model: ZooModel) -> tuple[torch.nn.Linear, tuple[int, int, int]]:
-    unit = splittable_head(model.spec)
-    assert unit is not None
-    op = model.unit(unit).main_ops[0]
-    assert isinstance(op, LinearOp)
+    unit, op = head_split._first_linear(model)
     return op.linear, model.spec.units[unit].in_shape
 
 
