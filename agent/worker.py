@@ -457,7 +457,10 @@ class Worker:
         """
         if not self.accepts_epoch(message.epoch):
             return
-        key = (message.job_id, message.segment, message.gate)
+        # By epoch too: a job taken over by a new leader keeps its id, and its old
+        # plan's partials (other tiles, other areas) may still be here when the new
+        # plan's come, if the new tasks outran the new leader's record.
+        key = (message.job_id, message.segment, message.gate, message.epoch)
         collected = self._partials.get(key)
         if collected is None:
             if self._is_cancelled_job(message.job_id, message.epoch):
@@ -468,13 +471,16 @@ class Worker:
         self._partials.add(key, message)  # copies of one tile sum alike: the first stays
         self._combine(key)
 
-    def _combine(self, key: tuple[str, int, int]) -> None:
+    def _combine(self, key: _PartialKey) -> None:
         """Deliver the gate's mean to the tiles here once every tile's partial is in."""
-        job_id, segment, gate = key
+        job_id, segment, gate, epoch = key
         waiting = [
             tile
             for tile in self._tiles.values()
-            if tile.task.job_id == job_id and tile.task.segment == segment and tile.task.direct
+            if tile.task.job_id == job_id
+            and tile.task.segment == segment
+            and tile.task.epoch == epoch
+            and tile.task.direct
         ]
         collected = self._partials.get(key)
         if not waiting or collected is None:
@@ -523,7 +529,8 @@ class Worker:
                 future.set_result(value)
                 delivered = True
         if not delivered:
-            self._gate_values[key] = value
+            # The gate's value is the whole map's, whatever the plan: kept by gate only.
+            self._gate_values[job_id, segment, gate] = value
 
     def _is_cancelled_job(self, job_id: str, epoch: int) -> bool:
         cancel = self._cancelled.get(job_id)
@@ -915,11 +922,11 @@ class Worker:
             tile.gates.pop((task.segment, gate), None)
 
 
-_PartialKey = tuple[str, int, int]
+_PartialKey = tuple[str, int, int, int]  # job, segment, gate, epoch
 
 
 class _PartialStore:
-    """Peers' partials by (job, segment, gate), then tile: bounded in keys and bytes.
+    """Peers' partials by (job, segment, gate, epoch), then tile: bounded in keys and bytes.
 
     The oldest gate's partials go first when either bound is passed (a flood of
     partials for jobs that never come, or of whole-map channel partials).
