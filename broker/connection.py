@@ -49,8 +49,8 @@ import random
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
 import aiomqtt
@@ -187,9 +187,31 @@ class Subscription:
     spec: TopicSpec
     topic_filter: str
     handler: Handler
+    levels: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        levels = self.topic_filter.split("/")
+        if levels[0] == "$share":  # $share/<group>/<filter>
+            levels = levels[2:]
+        object.__setattr__(self, "levels", tuple(levels))
 
     def matches(self, topic: str) -> bool:
-        return aiomqtt.Topic(topic).matches(self.topic_filter)
+        return filter_matches(self.levels, topic.split("/"))
+
+
+def filter_matches(levels: Sequence[str], topic: Sequence[str]) -> bool:
+    """Does a topic (split into levels) match a filter's levels (`+`, `#` wildcards)?
+
+    What aiomqtt's `Topic.matches` answers, without building objects per call: it
+    took 8 us per filter, some 0.1 ms per message over an agent's dozen filters,
+    which a device's quota-limited event loop pays on every row message.
+    """
+    for index, level in enumerate(levels):
+        if level == "#":
+            return True
+        if index >= len(topic) or (level != "+" and level != topic[index]):
+            return False
+    return len(topic) == len(levels)
 
 
 @dataclass(slots=True)
@@ -219,6 +241,8 @@ class SessionStatistics:
 
 _PENDING_PUBLISHES_WARNING = 1000
 """Publishes awaiting their PUBACK beyond which aiomqtt warns (a broker falling behind)."""
+_ROUTES_MEMORY = 1024
+"""Topics whose matching subscriptions are remembered (job topics name their job)."""
 
 
 async def _cancel_and_wait(task: asyncio.Task[None]) -> None:
@@ -325,6 +349,9 @@ class MqttSession:
         retained topic that was deleted (empty) or refused as malformed."""
         self._tls_context = tls_context
         self._subscriptions: list[Subscription] = []
+        # Topic -> the subscriptions it matches; cleared whenever those change.
+        self._routes: dict[str, tuple[Subscription, ...]] = {}
+        self._parsed: dict[str, ParsedTopic] = {}  # (the catalogue never changes)
         self._refused: dict[str, int] = {}
         self._subscription_lock = asyncio.Lock()
         self._client: aiomqtt.Client | None = None
@@ -588,7 +615,13 @@ class MqttSession:
         if not isinstance(payload, bytes | bytearray):
             payload = b"" if payload is None else str(payload).encode()
         self.statistics.bytes_received += len(payload)
-        matching = [s for s in self._subscriptions if s.matches(topic)]
+        matching = self._routes.get(topic)
+        if matching is None:
+            levels = topic.split("/")
+            matching = tuple(s for s in self._subscriptions if filter_matches(s.levels, levels))
+            if len(self._routes) >= _ROUTES_MEMORY:
+                self._routes.clear()  # job topics come and go: start again
+            self._routes[topic] = matching
         if not payload:
             # An empty retained payload deletes a retained message; nothing to handle,
             # but the message's owner may want to say it again.
@@ -600,7 +633,12 @@ class MqttSession:
             logger.debug("dropped message on %s: no subscription matches", topic)
             return
         try:
-            parsed = parse_topic(self.root, topic)
+            parsed = self._parsed.get(topic)
+            if parsed is None:
+                parsed = parse_topic(self.root, topic)
+                if len(self._parsed) >= _ROUTES_MEMORY:
+                    self._parsed.clear()
+                self._parsed[topic] = parsed
             decoded = decode_for_topic(parsed, bytes(payload), self._limits)
         except ProtocolError as error:
             # A live delivery says nothing of what the broker retained (the flag is
@@ -660,6 +698,7 @@ class MqttSession:
         async with self._subscription_lock:
             known = any(s.topic_filter == subscription.topic_filter for s in self._subscriptions)
             self._subscriptions.append(subscription)
+            self._routes.clear()
             client = self._client
             if client is not None and not known:
                 try:
@@ -679,6 +718,7 @@ class MqttSession:
         async with self._subscription_lock:
             if subscription in self._subscriptions:
                 self._subscriptions.remove(subscription)
+            self._routes.clear()
             shared = any(s.topic_filter == subscription.topic_filter for s in self._subscriptions)
             if not shared:
                 self._refused.pop(subscription.topic_filter, None)

@@ -367,7 +367,10 @@ def check_structure(value: object, limits: Limits = DEFAULT_LIMITS) -> None:
     unexpected keys would hold the event loop for a second. The walk stops at the
     first bound exceeded, so its cost is bounded by the limits, not by the value.
     """
+    _check_string(value, limits)
     items = 0
+    # Only containers go on the stack: scalars are checked as they are met (a tile's
+    # message is a few dozen of them, on every message an agent receives).
     stack: list[tuple[object, int]] = [(value, 1)]
     while stack:
         current, depth = stack.pop()
@@ -378,8 +381,6 @@ def check_structure(value: object, limits: Limits = DEFAULT_LIMITS) -> None:
             size, what, most = len(current), "array", limits.max_array_items
             children = current
         else:
-            if isinstance(current, str) and len(current) > limits.max_string_bytes:
-                raise DecodeError(f"a string of {len(current)} characters is over the limit")
             continue
         if depth > limits.max_depth:
             raise DecodeError(f"nested deeper than {limits.max_depth} levels")
@@ -388,7 +389,16 @@ def check_structure(value: object, limits: Limits = DEFAULT_LIMITS) -> None:
         items += size
         if items > limits.max_items:
             raise DecodeError(f"more than {limits.max_items} items in one message")
-        stack.extend((child, depth + 1) for child in children)
+        for child in children:
+            if isinstance(child, dict | list | tuple):
+                stack.append((child, depth + 1))
+            else:
+                _check_string(child, limits)
+
+
+def _check_string(value: object, limits: Limits) -> None:
+    if isinstance(value, str) and len(value) > limits.max_string_bytes:
+        raise DecodeError(f"a string of {len(value)} characters is over the limit")
 
 
 # msgpack raises these two with an empty message.

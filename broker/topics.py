@@ -17,6 +17,7 @@ receiver refuses a message whose `sender` is not the device the topic names.
 
 from __future__ import annotations
 
+import functools
 import sys
 import types
 import typing
@@ -156,7 +157,7 @@ class TopicSpec:
 
     def topic(self, root: TopicRoot, **parameters: str) -> str:
         """The concrete topic string, e.g. `edgedi/v1/default/devices/pi-1/birth`."""
-        return self._render(root, parameters, wildcards=False)
+        return _rendered(self, root, tuple(parameters.items()))
 
     def filter(self, root: TopicRoot, **parameters: str) -> str:
         """A subscription filter: parameters not given become the `+` wildcard."""
@@ -203,6 +204,13 @@ class TopicSpec:
 
 def _is_parameter(level: str) -> bool:
     return level.startswith("{") and level.endswith("}")
+
+
+@functools.lru_cache(maxsize=4096)
+def _rendered(spec: TopicSpec, root: TopicRoot, parameters: tuple[tuple[str, str], ...]) -> str:
+    """`spec.topic`, remembered: every message sent renders one, and the checks of its
+    levels cost more than the rest of publishing a small message (errors are not kept)."""
+    return spec._render(root, dict(parameters), wildcards=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,9 +7,11 @@ import logging
 import aiomqtt
 import numpy as np
 import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from edgedi.broker.connection import MqttSession, Received, SessionSettings
+from edgedi.broker.connection import MqttSession, Received, SessionSettings, Subscription
 from edgedi.broker.errors import ConnectionLost, PayloadTooLarge
 from edgedi.broker.messages import DeviceState, GateValue, encode
 from edgedi.broker.tensors import Tensor
@@ -124,6 +126,57 @@ async def test_unsubscribe_stops_delivery() -> None:
     await session.unsubscribe(subscription)
     await session._dispatch(_message(DEVICE_STATE.topic(ROOT, device="pi-1"), encode(_state())))
     assert not got
+
+
+_LEVELS = st.sampled_from(["a", "b", "dev-1", "", "$SYS"])
+
+
+@given(
+    st.lists(_LEVELS, min_size=1, max_size=5),
+    st.lists(st.one_of(_LEVELS, st.just("+")), max_size=5),
+    st.booleans(),
+    st.booleans(),
+)
+def test_topic_matching_agrees_with_aiomqtt(
+    topic: list[str], levels: list[str], rest: bool, shared: bool
+) -> None:
+    # The dispatcher's own matcher (it skips building aiomqtt objects per message).
+    topic_filter = "/".join([*levels, "#"] if rest or not levels else levels)
+    if shared:
+        topic_filter = f"$share/group/{topic_filter}"
+
+    async def nothing(received: Received) -> None:
+        return None
+
+    subscription = Subscription(DEVICE_STATE, topic_filter, nothing)
+    name = "/".join(topic)
+    assume(name)  # an empty topic is not a topic
+    expected = aiomqtt.Topic(name).matches(topic_filter)
+    assert subscription.matches(name) == expected, (name, topic_filter)
+
+
+async def test_routes_follow_subscribe_and_unsubscribe() -> None:
+    # Matches are remembered per topic: a new or removed subscription must show at once.
+    session = _session()
+    seen: list[str] = []
+
+    async def first(received: Received) -> None:
+        seen.append("first")
+
+    async def second(received: Received) -> None:
+        seen.append("second")
+
+    topic = f"{ROOT.prefix}/{ROOT.cluster}/devices/pi-1/state"
+    payload = encode(_state())
+    one = await session.subscribe(DEVICE_STATE, first)
+    await session._dispatch(_message(topic, payload))
+    two = await session.subscribe(DEVICE_STATE, second, device="pi-1")
+    await session._dispatch(_message(topic, payload))
+    await session.unsubscribe(one)
+    await session._dispatch(_message(topic, payload))
+    await session.unsubscribe(two)
+    await session._dispatch(_message(topic, payload))
+    assert seen == ["first", "first", "second", "second"]
 
 
 def test_backoff_grows_to_the_cap_with_jitter() -> None:
