@@ -243,6 +243,9 @@ _PENDING_PUBLISHES_WARNING = 1000
 """Publishes awaiting their PUBACK beyond which aiomqtt warns (a broker falling behind)."""
 _ROUTES_MEMORY = 1024
 """Topics whose matching subscriptions are remembered (job topics name their job)."""
+_ROUTED_TOPIC_CHARS = 512
+"""Only topics this short are remembered: ours are far shorter, and a peer's
+64 KB topic names must not take 1024 × 64 KB of memory."""
 
 
 async def _cancel_and_wait(task: asyncio.Task[None]) -> None:
@@ -619,9 +622,10 @@ class MqttSession:
         if matching is None:
             levels = topic.split("/")
             matching = tuple(s for s in self._subscriptions if filter_matches(s.levels, levels))
-            if len(self._routes) >= _ROUTES_MEMORY:
-                self._routes.clear()  # job topics come and go: start again
-            self._routes[topic] = matching
+            if len(topic) <= _ROUTED_TOPIC_CHARS:
+                if len(self._routes) >= _ROUTES_MEMORY:
+                    self._routes.clear()  # job topics come and go: start again
+                self._routes[topic] = matching
         if not payload:
             # An empty retained payload deletes a retained message; nothing to handle,
             # but the message's owner may want to say it again.
@@ -636,9 +640,10 @@ class MqttSession:
             parsed = self._parsed.get(topic)
             if parsed is None:
                 parsed = parse_topic(self.root, topic)
-                if len(self._parsed) >= _ROUTES_MEMORY:
-                    self._parsed.clear()
-                self._parsed[topic] = parsed
+                if len(topic) <= _ROUTED_TOPIC_CHARS:
+                    if len(self._parsed) >= _ROUTES_MEMORY:
+                        self._parsed.clear()
+                    self._parsed[topic] = parsed
             decoded = decode_for_topic(parsed, bytes(payload), self._limits)
         except ProtocolError as error:
             # A live delivery says nothing of what the broker retained (the flag is

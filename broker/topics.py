@@ -157,7 +157,10 @@ class TopicSpec:
 
     def topic(self, root: TopicRoot, **parameters: str) -> str:
         """The concrete topic string, e.g. `edgedi/v1/default/devices/pi-1/birth`."""
-        return _rendered(self, root, tuple(parameters.items()))
+        try:
+            return _rendered(self, root, tuple(parameters.items()))
+        except TypeError:  # an unhashable value: `_render` says what is wrong with it
+            return self._render(root, parameters, wildcards=False)
 
     def filter(self, root: TopicRoot, **parameters: str) -> str:
         """A subscription filter: parameters not given become the `+` wildcard."""

@@ -180,6 +180,25 @@ async def test_routes_follow_subscribe_and_unsubscribe() -> None:
     assert seen == ["first", "first", "second", "second"]
 
 
+async def test_long_topics_are_routed_but_not_remembered() -> None:
+    # A peer may name 64 KB topics: remembering 1024 of them would hold 64 MB.
+    session = _session()
+    got: list[Received] = []
+
+    async def on_gates(received: Received) -> None:
+        got.append(received)
+
+    await session.subscribe(JOB_GATES, on_gates)
+    long_topic = JOB_GATES.filter(ROOT).replace("+", "j" * 600)
+    await session._dispatch(_message(long_topic, b"\x80"))
+    assert not got  # not a valid job id: dropped as malformed, after matching
+    assert session.statistics.dropped_malformed == 1
+    assert long_topic not in session._routes and long_topic not in session._parsed
+    short_topic = JOB_GATES.topic(ROOT, job_id="job-1")
+    await session._dispatch(_message(short_topic, b"\x80"))
+    assert short_topic in session._routes
+
+
 def test_backoff_grows_to_the_cap_with_jitter() -> None:
     session = _session(reconnect_initial_seconds=0.1, reconnect_max_seconds=2.0)
     for failures, cap in [(0, 0.1), (1, 0.2), (3, 0.8), (10, 2.0), (500, 2.0)]:
