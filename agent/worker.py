@@ -404,6 +404,12 @@ class Worker:
             return
         key = (message.job_id, message.segment, message.tile)
         tile = self._tiles.get(key)
+        if tile is not None and message.epoch != tile.task.epoch:
+            if message.epoch < tile.task.epoch:
+                return  # a deposed leader's plan's rows
+            # A new leader took the job over (same id) and its task for this tile is
+            # still on its way: the rows wait for it, the old tile must not spend them.
+            tile = None
         if tile is None:
             if self._is_cancelled_job(message.job_id, message.epoch):
                 return

@@ -589,6 +589,38 @@ async def test_an_old_plans_partials_do_not_block_a_taken_over_jobs_gate(
     assert_exact(running, outcome, "tiny-edgedi")
 
 
+async def test_rows_for_a_taken_over_jobs_tile_wait_for_its_new_task(running: Running) -> None:
+    # The same race with rows: a tile of the old leader's plan still waits here for
+    # its rows when a producer under the new leader sends the rows for the new task
+    # of that tile, which has not come yet. The rows must wait for the new task, not
+    # be taken by the old one (the new tile would then wait for rows already spent).
+    worker = running.worker
+    job_id = new_job_id("taken-over-rows")
+    waiting = good_task(running, job_id, tile=0).model_copy(
+        update={"tensor": None, "peers": (DEVICE, "peer")}
+    )
+    worker.accept(waiting)  # epoch EPOCH: waits for rows that will never come
+    assert worker.busy_tiles == 1
+    start, stop = waiting.input_rows
+    worker.on_rows(
+        TileRows(
+            sender="peer",
+            job_id=job_id,  # type: ignore[arg-type]
+            epoch=EPOCH + 1,
+            segment=0,
+            tile=0,
+            device="peer",  # type: ignore[arg-type]
+            rows=(start, stop),
+            tensor=Tensor(np.ascontiguousarray(running.image[:, :, start:stop, :])),
+        )
+    )
+    worker.accept(waiting.model_copy(update={"epoch": EPOCH + 1}))
+    outcome = await running.outbox.outcome()
+    assert isinstance(outcome, TileResult) and outcome.epoch == EPOCH + 1, outcome
+    assert_exact(running, outcome, "tiny")
+    assert running.outbox.outcomes.empty()  # the old tile never ran
+
+
 async def test_a_whole_map_tile_with_local_gates_needs_no_round_trip(running: Running) -> None:
     task = good_task(running, new_job_id("local"), model="tiny-edgedi", split=False)
     running.worker.accept(task.model_copy(update={"local_gates": True}))
