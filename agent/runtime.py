@@ -1054,7 +1054,12 @@ class Agent:
         try:
             await self.session.publish(PLANNER_LEADER, record)
         except BrokerError as error:
-            logger.warning("could not publish the leader record: %s", error)
+            logger.warning("could not publish the leader record: %s (trying again)", error)
+            if self.election.my_claim == claim:
+                # Said again on a later tick (`Decision.REASSERT`). Never said, a claim
+                # leaves the others without a leader, or a rival of the same epoch
+                # (both claimed while a stopping broker sent every Will) leading too.
+                self.election.contested = True
 
     async def _start_leading(self) -> None:
         group = self._group

@@ -26,6 +26,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import paho.mqtt.client as paho
@@ -34,8 +35,8 @@ from runtime_support import Cluster, reference_probabilities, running_cluster, s
 
 from edgedi.agent.client import InferenceClient, connect
 from edgedi.broker.connection import MqttSession, Received, SessionSettings
-from edgedi.broker.errors import BrokerStartError
-from edgedi.broker.messages import DeviceBirth, DeviceState, JobResult
+from edgedi.broker.errors import BrokerStartError, ConnectionLost
+from edgedi.broker.messages import DeviceBirth, DeviceState, JobResult, WireMessage
 from edgedi.broker.server import (
     BrokerHandle,
     BrokerKind,
@@ -45,7 +46,14 @@ from edgedi.broker.server import (
     start_broker,
     start_mosquitto,
 )
-from edgedi.broker.topics import DEVICE_BIRTH, DEVICE_STATE, JOB_RESULT, TopicRoot
+from edgedi.broker.topics import (
+    DEVICE_BIRTH,
+    DEVICE_STATE,
+    JOB_RESULT,
+    PLANNER_LEADER,
+    TopicRoot,
+    TopicSpec,
+)
 
 MODEL = "tiny-edgedi"
 DOWN_S = 2.0
@@ -291,3 +299,35 @@ async def test_operations_waiting_for_the_broker_survive_its_restart(
             await asyncio.gather(*waiting, return_exceptions=True)
             subscriber.request_stop()
             publisher.request_stop()
+
+
+async def test_a_leader_record_that_could_not_be_published_is_said_again(
+    mosquitto: MosquittoBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first leader record of the cluster fails to publish (as when the broker
+    # stops just as the claim goes out). Unsaid, no one else would know the leader:
+    # the client believes results only from the leader of their epoch, and a rival
+    # that claimed the same epoch would lead too. It must be said again.
+    failed: list[str] = []
+    publish = MqttSession.publish
+
+    async def fail_the_first_record(
+        self: MqttSession, spec: TopicSpec, message: WireMessage, **options: Any
+    ) -> None:
+        if spec is PLANNER_LEADER and not failed:
+            failed.append(message.sender)
+            raise ConnectionLost("the broker went away (injected)")
+        await publish(self, spec, message, **options)
+
+    monkeypatch.setattr(MqttSession, "publish", fail_the_first_record)
+    root = TopicRoot(prefix=f"edgedi-test/{uuid.uuid4().hex[:12]}", cluster="test")
+    async with running_cluster(mosquitto, root) as cluster:
+        await cluster.wait_for_plan(timeout=WAIT_S)
+        leader = cluster.leader()
+        assert failed == [leader.device_id]
+        async with connect(mosquitto.host, mosquitto.port, root=root) as client:
+            record = await client.leader(timeout=WAIT_S)
+            assert record is not None and record.device == leader.device_id
+            _, result, _ = await _infer(client, 0)
+        assert result.status == "ok", result.error
+        assert all(agent.election.leader == leader.device_id for agent in cluster.agents)
