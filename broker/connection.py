@@ -195,9 +195,6 @@ class Subscription:
             levels = levels[2:]
         object.__setattr__(self, "levels", tuple(levels))
 
-    def matches(self, topic: str) -> bool:
-        return filter_matches(self.levels, topic.split("/"))
-
 
 def filter_matches(levels: Sequence[str], topic: Sequence[str]) -> bool:
     """Does a topic (split into levels) match a filter's levels (`+`, `#` wildcards)?
@@ -246,6 +243,15 @@ _ROUTES_MEMORY = 1024
 _ROUTED_TOPIC_CHARS = 512
 """Only topics this short are remembered: ours are far shorter, and a peer's
 64 KB topic names must not take 1024 × 64 KB of memory."""
+
+
+def _remember(memo: dict[str, T], topic: str, value: T) -> None:
+    """A fact about a topic, kept while memory allows (see the two bounds above);
+    a full memo starts again, as job topics come and go."""
+    if len(topic) <= _ROUTED_TOPIC_CHARS:
+        if len(memo) >= _ROUTES_MEMORY:
+            memo.clear()
+        memo[topic] = value
 
 
 async def _cancel_and_wait(task: asyncio.Task[None]) -> None:
@@ -622,10 +628,7 @@ class MqttSession:
         if matching is None:
             levels = topic.split("/")
             matching = tuple(s for s in self._subscriptions if filter_matches(s.levels, levels))
-            if len(topic) <= _ROUTED_TOPIC_CHARS:
-                if len(self._routes) >= _ROUTES_MEMORY:
-                    self._routes.clear()  # job topics come and go: start again
-                self._routes[topic] = matching
+            _remember(self._routes, topic, matching)
         if not payload:
             # An empty retained payload deletes a retained message; nothing to handle,
             # but the message's owner may want to say it again.
@@ -640,10 +643,7 @@ class MqttSession:
             parsed = self._parsed.get(topic)
             if parsed is None:
                 parsed = parse_topic(self.root, topic)
-                if len(topic) <= _ROUTED_TOPIC_CHARS:
-                    if len(self._parsed) >= _ROUTES_MEMORY:
-                        self._parsed.clear()
-                    self._parsed[topic] = parsed
+                _remember(self._parsed, topic, parsed)
             decoded = decode_for_topic(parsed, bytes(payload), self._limits)
         except ProtocolError as error:
             # A live delivery says nothing of what the broker retained (the flag is
