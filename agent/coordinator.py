@@ -162,6 +162,7 @@ class Coordinator:
         successor: Callable[[], bool] = lambda: False,
         on_finished: Callable[[JobResult], None] | None = None,
         proven: Collection[str] = (),
+        takes_batches: Callable[[str], bool] = lambda device: False,
     ) -> None:
         self.device_id = DeviceId(device_id)
         self.epoch = epoch
@@ -207,6 +208,7 @@ class Coordinator:
             self.tracker,
             alive_devices=alive_devices,
             jobs=self._jobs,
+            takes_batches=takes_batches,
         )
 
     # --- lifecycle ------------------------------------------------------------------

@@ -14,8 +14,9 @@ nothing about where their input comes from. Each task instead names
   those rows there; rows a device keeps for itself never leave it.
 
 Only the last segment's tiles answer the leader (`TileResult`), which runs the
-tail. A successful job therefore costs the leader one task message per tile and
-one result per last-segment tile, and no message at the end.
+tail. A successful job therefore costs the leader one message per device (a
+`TileTaskBatch` of its tasks; one message per task to a device older than
+`TASK_BATCHES_SINCE`) and one result per last-segment tile, and no message at the end.
 
 This module only builds the tasks (pure: numpy slicing and wire models); the
 coordinator decides when the plane is used and falls back to the leader-relayed
@@ -24,19 +25,70 @@ path when a device fails, leaves or stalls.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+from typing import Final
 
 import numpy as np
 import numpy.typing as npt
 
 from edgedi.agent.layout import SegmentLayout, TileAssignment
 from edgedi.broker.ids import DeviceId
-from edgedi.broker.messages import RowsForward, TileTask, new_message_id
+from edgedi.broker.messages import (
+    MAX_TASKS_PER_BATCH,
+    RowsForward,
+    TileTask,
+    TileTaskBatch,
+    new_message_id,
+)
 from edgedi.broker.tensors import Tensor
 
-__all__ = ["direct_tasks", "forwards", "supports_direct"]
+__all__ = [
+    "TASK_BATCHES_SINCE",
+    "direct_tasks",
+    "forwards",
+    "supports_direct",
+    "takes_task_batches",
+    "task_batches",
+]
 
 Segments = Sequence[tuple[SegmentLayout, tuple[TileAssignment, ...]]]
+
+TASK_BATCHES_SINCE: Final = (0, 2)
+"""The first release (major, minor) whose devices read a `TileTaskBatch`."""
+
+_RELEASE = re.compile(r"(\d+)\.(\d+)")
+
+
+def takes_task_batches(software_version: object) -> bool:
+    """Does a device of this `software_version` (its birth's) read task batches?
+
+    Anything unparsable (a source checkout says "0+unknown") is taken for an old
+    device: it gets one message per task, which every version reads.
+    """
+    if not isinstance(software_version, str):
+        return False
+    release = _RELEASE.match(software_version)
+    if release is None:
+        return False
+    return (int(release[1]), int(release[2])) >= TASK_BATCHES_SINCE
+
+
+def task_batches(tasks: Sequence[TileTask]) -> list[TileTaskBatch]:
+    """`tasks` (one job's, for one device, in order) as few batches as the bound allows."""
+    if not tasks:
+        return []
+    first = tasks[0]
+    return [
+        TileTaskBatch(
+            sender=first.sender,
+            job_id=first.job_id,
+            epoch=first.epoch,
+            device=first.device,
+            tasks=tuple(tasks[start : start + MAX_TASKS_PER_BATCH]),
+        )
+        for start in range(0, len(tasks), MAX_TASKS_PER_BATCH)
+    ]
 
 
 def supports_direct(segments: Segments) -> bool:

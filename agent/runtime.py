@@ -60,6 +60,7 @@ from edgedi.agent.device import (
     measure_profile,
     measure_unit_profiles,
 )
+from edgedi.agent.direct import takes_task_batches
 from edgedi.agent.election import Decision, Election, LeaderClaim
 from edgedi.agent.home_assistant import HomeAssistant
 from edgedi.agent.identity import (
@@ -103,6 +104,7 @@ from edgedi.broker.messages import (
     TileResult,
     TileRows,
     TileTask,
+    TileTaskBatch,
     TileTrace,
     UnitProfile,
 )
@@ -810,6 +812,9 @@ class Agent:
         message = received.message
         if isinstance(message, TileTask):
             self.worker.accept(message)
+        elif isinstance(message, TileTaskBatch):
+            for task in message.tasks:  # the batch checked they are one job's, for one device
+                self.worker.accept(task)
         elif isinstance(message, CancelJob):
             self.worker.cancel_job(message)
 
@@ -1061,6 +1066,13 @@ class Agent:
                 # (both claimed while a stopping broker sent every Will) leading too.
                 self.election.contested = True
 
+    def _takes_task_batches(self, device: str) -> bool:
+        """Whether `device`'s birth names a release that reads `TileTaskBatch`."""
+        record = self.membership.get(device)
+        return record is not None and takes_task_batches(
+            record.capabilities.get("software_version")
+        )
+
     async def _start_leading(self) -> None:
         group = self._group
         if group is None or self._stopping:
@@ -1078,6 +1090,7 @@ class Agent:
             successor=self._successor_alive,
             on_finished=self._job_finished,
             proven=self._settled_devices(),
+            takes_batches=self._takes_task_batches,
         )
         self.coordinator = coordinator
         self._coordinator_task = group.create_task(

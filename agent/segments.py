@@ -22,14 +22,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
 
 from edgedi.agent.config import JobSettings
-from edgedi.agent.direct import direct_tasks
+from edgedi.agent.direct import direct_tasks, task_batches
 from edgedi.agent.job_intake import CoordinatorStatistics, DeviceLost, Inbound, Job, Reconnected
 from edgedi.agent.layout import SegmentLayout, TileAssignment
 from edgedi.agent.model_store import HeldModel
@@ -45,6 +45,7 @@ from edgedi.broker.messages import (
     TileFailed,
     TileResult,
     TileTask,
+    TileTaskBatch,
     new_message_id,
 )
 from edgedi.broker.plan import Plan
@@ -90,6 +91,7 @@ class SegmentRunner:
         *,
         alive_devices: Callable[[], Collection[str]],
         jobs: Mapping[str, Job],
+        takes_batches: Callable[[str], bool] = lambda device: False,
     ) -> None:
         self.device_id = device_id
         self.epoch = epoch
@@ -99,6 +101,8 @@ class SegmentRunner:
         self.statistics = statistics
         self.tracker = tracker
         self.alive_devices = alive_devices
+        self.takes_batches = takes_batches
+        """Does this device read `TileTaskBatch` (`edgedi.agent.direct.takes_task_batches`)?"""
         self.jobs = jobs
         """The coordinator's jobs in progress (speculative copies are bounded over all)."""
 
@@ -145,15 +149,9 @@ class SegmentRunner:
         tasks = direct_tasks(
             template, segments, x, self.settings.wire_dtype, self.splits_head(held, segments)
         )
-        # In segment order, each segment's tasks on the wire before the next one's are
-        # encoded (`_send_tasks`), and this device's own first: taking them costs the
-        # loop nothing. Sent all at once, the first segment's tasks went out only
-        # after every task of the job was encoded, some 30 ms at a 0.4-core loop for
-        # resnet34's 72 tasks, and no device (the leader neither) started before that.
-        tasks.sort(key=lambda t: (t.segment, t.device != self.device_id))
         job.direct_devices = used
         job.devices |= used
-        if not await self._send_tasks(job, tasks):
+        if not await self._send_tasks(job, self._direct_sends(tasks)):
             return None
         job.add_time("scatter", time.monotonic() - started)
         job.local_span(self.device_id, "scatter", started, time.monotonic())
@@ -412,22 +410,56 @@ class SegmentRunner:
             run=job.run,
         )
 
-    async def _send_tasks(self, job: Job, tasks: list[TileTask]) -> bool:
+    def _direct_sends(self, tasks: list[TileTask]) -> list[TileTask | TileTaskBatch]:
+        """A direct job's tasks as messages: one batch per device that reads them.
+
+        In segment order, this device's own first (taking them costs the loop
+        nothing); `_send_tasks` puts each segment's on the wire before it encodes the
+        next one's. Sent all at once, the first segment's tasks went out only after
+        every task of the job was encoded, some 30 ms at a 0.4-core loop for
+        resnet34's 72 tasks, and no device (the leader neither) started before that.
+        A batch goes where its device's first task would.
+        """
+        by_device: dict[str, list[TileTask]] = {}
+        sends: list[TileTask | TileTaskBatch] = []
+        for task in tasks:
+            if task.device == self.device_id or not self.takes_batches(task.device):
+                sends.append(task)
+            else:
+                by_device.setdefault(task.device, []).append(task)
+        for device_tasks in by_device.values():
+            sends.extend(task_batches(device_tasks))
+
+        def order(item: TileTask | TileTaskBatch) -> tuple[int, bool]:
+            first = item.tasks[0] if isinstance(item, TileTaskBatch) else item
+            return first.segment, first.device != self.device_id
+
+        return sorted(sends, key=order)
+
+    async def _send_tasks(self, job: Job, items: Sequence[TileTask | TileTaskBatch]) -> bool:
         """Publish tasks concurrently (the PUBACK round trips overlap); False if any failed.
 
-        Where the segment changes, the loop gets two turns before the next tasks are
-        encoded: one for the publishes to queue their packets, one for its writer
-        callback to put them on the socket (the MQTT client only writes from there).
+        Where the segment changes, and after a batch, the loop gets two turns before
+        the next message is encoded: one for the publishes to queue their packets,
+        one for its writer callback to put them on the socket (the MQTT client only
+        writes from there).
 
         A task that could not be sent (the broker is away) is not fatal: its tile
         turns overdue and is sent again.
         """
         sends: list[asyncio.Future[None]] = []
         try:
-            for index, task in enumerate(tasks):
-                sends.append(asyncio.ensure_future(self.links.send_task(task)))
-                following = tasks[index + 1] if index + 1 < len(tasks) else None
-                if following is not None and following.segment != task.segment:
+            for index, item in enumerate(items):
+                if isinstance(item, TileTaskBatch):
+                    sends.append(asyncio.ensure_future(self.links.send_batch(item)))
+                    segment = -1  # anything next goes after a turn of the loop
+                else:
+                    sends.append(asyncio.ensure_future(self.links.send_task(item)))
+                    segment = item.segment
+                following = items[index + 1] if index + 1 < len(items) else None
+                if following is not None and (
+                    isinstance(following, TileTaskBatch) or following.segment != segment
+                ):
                     await asyncio.sleep(0)
                     await asyncio.sleep(0)
             outcomes = await asyncio.gather(*sends, return_exceptions=True)
@@ -436,13 +468,18 @@ class SegmentRunner:
                 send.cancel()
             raise
         sent = True
-        for task, outcome in zip(tasks, outcomes, strict=True):
+        for item, outcome in zip(items, outcomes, strict=True):
             if isinstance(outcome, BrokerError):
+                tiles = (
+                    [task.tile for task in item.tasks]
+                    if isinstance(item, TileTaskBatch)
+                    else [item.tile]
+                )
                 logger.warning(
-                    "job %s: could not send tile %d to %s: %s",
+                    "job %s: could not send tiles %s to %s: %s",
                     job.job_id,
-                    task.tile,
-                    task.device,
+                    tiles,
+                    item.device,
                     outcome,
                 )
                 sent = False

@@ -25,6 +25,7 @@ from edgedi.broker.messages import (
     TileResult,
     TileRows,
     TileTask,
+    TileTaskBatch,
     TileTrace,
 )
 from edgedi.broker.topics import (
@@ -50,6 +51,8 @@ class CoordinatorLinks(Protocol):
     """How the coordinator reaches devices, clients and the compute thread."""
 
     async def send_task(self, task: TileTask) -> None: ...
+
+    async def send_batch(self, batch: TileTaskBatch) -> None: ...
 
     async def send_gate(self, message: GateValue, devices: Collection[str]) -> None: ...
 
@@ -99,6 +102,13 @@ class AgentTransport:
             self.worker.accept(task)
         else:
             await self.session.publish(DEVICE_TASKS, task, device=task.device)
+
+    async def send_batch(self, batch: TileTaskBatch) -> None:
+        if batch.device == self.device_id:
+            for task in batch.tasks:
+                self.worker.accept(task)
+        else:
+            await self.session.publish(DEVICE_TASKS, batch, device=batch.device)
 
     async def send_gate(self, message: GateValue, devices: Collection[str]) -> None:
         if any(device != self.device_id for device in devices):

@@ -51,6 +51,7 @@ from .messages import (
     TileResult,
     TileRows,
     TileTask,
+    TileTaskBatch,
     TileTrace,
     WireMessage,
     decode,
@@ -300,8 +301,9 @@ DEVICE_TASKS: Final = TopicSpec(
     pattern="devices/{device}/tasks",
     qos=1,
     retain=False,
-    kinds=(TileTask, CancelJob),
-    description="The leader's work for one device: tile tasks, and job cancellations.",
+    kinds=(TileTask, TileTaskBatch, CancelJob),
+    description="The leader's work for one device: tile tasks (one at a time, or a direct "
+    "job's all at once), and job cancellations.",
     writers="planner candidates (the leader)",
 )
 DEVICE_PEER: Final = TopicSpec(

@@ -26,6 +26,7 @@ from edgedi.broker.errors import (
     UnexpectedKind,
 )
 from edgedi.broker.messages import (
+    MAX_TASKS_PER_BATCH,
     SCHEMA_VERSION,
     CancelJob,
     DeviceBirth,
@@ -45,6 +46,7 @@ from edgedi.broker.messages import (
     TileResult,
     TileRows,
     TileTask,
+    TileTaskBatch,
     TileTrace,
     TraceSpan,
     WireMessage,
@@ -52,6 +54,7 @@ from edgedi.broker.messages import (
     decode_as,
     encode,
     message_kinds,
+    new_message_id,
 )
 from edgedi.broker.plan import Part, Plan, Segment
 from edgedi.broker.tensors import Limits, Tensor
@@ -90,7 +93,7 @@ def samples() -> dict[str, WireMessage]:
     """One deterministic message of every kind."""
     image = Tensor(np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4))
     rows = Tensor(np.linspace(-1, 1, 2 * 4 * 5, dtype=np.float32).reshape(2, 4, 5))
-    return {
+    messages: dict[str, WireMessage] = {
         "device_birth": DeviceBirth(
             **_COMMON,
             device="pi-1",
@@ -221,6 +224,18 @@ def samples() -> dict[str, WireMessage]:
             ),
         ),
     }
+    task = messages["tile_task"]
+    assert isinstance(task, TileTask)
+    direct = task.model_copy(update={"peers": ("pi-2", "pi-3")})
+    second = direct.model_copy(update={"tile": 1, "message_id": "f" * 32, "tensor": None})
+    messages["tile_task_batch"] = TileTaskBatch(
+        **_COMMON,
+        job_id="job-42",
+        epoch=4,
+        device="pi-2",
+        tasks=(direct, second),
+    )
+    return messages
 
 
 def test_samples_cover_every_kind() -> None:
@@ -399,3 +414,32 @@ def test_defaults_fill_in_identity_and_time() -> None:
 def test_tensors_refuse_json_serialisation() -> None:
     with pytest.raises(Exception, match="msgpack"):
         samples()["tile_task"].model_dump_json()
+
+
+def _batch_task(**changes: Any) -> TileTask:
+    task = samples()["tile_task"]
+    assert isinstance(task, TileTask)
+    return task.model_copy(update={"message_id": new_message_id(), **changes})
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"device": "pi-3"}, {"job_id": "job-43"}, {"epoch": 5}, {"sender": "pi-9"}],
+    ids=["device", "job", "epoch", "sender"],
+)
+def test_a_batch_holds_one_jobs_tasks_for_one_device(change: dict[str, Any]) -> None:
+    good = samples()["tile_task_batch"]
+    assert isinstance(good, TileTaskBatch)
+    raw = msgpack.unpackb(encode(good))
+    raw["tasks"][1].update(change)
+    with pytest.raises(DecodeError, match=r"task 1 is not of this batch"):
+        decode(msgpack.packb(raw, use_bin_type=True), (TileTaskBatch,))
+
+
+def test_a_batch_has_between_one_and_the_bound_of_tasks() -> None:
+    common = {**_COMMON, "job_id": "job-42", "epoch": 4, "device": "pi-2"}
+    with pytest.raises(ValidationError):
+        TileTaskBatch(**common, tasks=())
+    too_many = tuple(_batch_task(tile=0) for _ in range(MAX_TASKS_PER_BATCH + 1))
+    with pytest.raises(ValidationError):
+        TileTaskBatch(**common, tasks=too_many)

@@ -28,12 +28,13 @@ import torch
 
 from edgedi.agent.config import JobSettings
 from edgedi.agent.coordinator import Coordinator
-from edgedi.agent.direct import forwards
+from edgedi.agent.direct import forwards, takes_task_batches, task_batches
 from edgedi.agent.layout import segment_layout
 from edgedi.agent.model_store import TORCH_RNG_LOCK, ModelStore
 from edgedi.agent.planning import Planning
 from edgedi.agent.worker import Worker
 from edgedi.broker.messages import (
+    MAX_TASKS_PER_BATCH,
     CancelJob,
     DeviceBirth,
     DeviceCapabilities,
@@ -46,6 +47,7 @@ from edgedi.broker.messages import (
     TileResult,
     TileRows,
     TileTask,
+    TileTaskBatch,
     TileTrace,
 )
 from edgedi.broker.tensors import Tensor
@@ -92,6 +94,7 @@ class Links:
     results: list[JobResult] = field(default_factory=list)
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[TileTask] = field(default_factory=list)
+    batches: list[TileTaskBatch] = field(default_factory=list)
     cancels: list[tuple[str, CancelJob]] = field(default_factory=list)
     gates: list[GateValue] = field(default_factory=list)
     peer: list[tuple[str, TileRows | ReductionPartial]] = field(default_factory=list)
@@ -103,6 +106,12 @@ class Links:
         self.tasks.append(task)
         if task.device in self.workers and task.device not in self.gone:
             self.workers[task.device].accept(task)
+
+    async def send_batch(self, batch: TileTaskBatch) -> None:
+        self.batches.append(batch)
+        if batch.device in self.workers and batch.device not in self.gone:
+            for task in batch.tasks:
+                self.workers[batch.device].accept(task)
 
     async def send_gate(self, message: GateValue, devices: Collection[str]) -> None:
         self.gates.append(message)
@@ -213,6 +222,7 @@ async def _wired(
     settings: JobSettings | None = None,
     models: tuple[str, ...] = MODELS,
     proven: tuple[str, ...] = DEVICES,
+    takes_batches: Callable[[str], bool] = lambda device: False,
 ) -> AsyncIterator[Links]:
     """Workers and a leader wired in memory; `proven` are the devices the leader has
     seen answer before (the others are on probation: their first job is relayed)."""
@@ -238,6 +248,7 @@ async def _wired(
             settings,
             alive_devices=lambda: [d for d in DEVICES if d not in links.gone],
             proven=proven,
+            takes_batches=takes_batches,
         )
         links.coordinator = coordinator
         tasks = [asyncio.create_task(w.run()) for w in links.workers.values()]
@@ -290,6 +301,32 @@ async def test_direct_jobs_equal_the_whole_forward_pass(
     assert all(isinstance(m, TileResult) and m.segment == last for m in links.to_leader)
     # A successful job ends without a message to any device.
     assert not links.cancels
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("batched", [("b", "c"), ("c",)], ids=["all", "mixed"])
+async def test_a_direct_job_goes_out_as_one_batch_per_device_that_reads_them(
+    store: ModelStore, image: npt.NDArray[np.uint8], model: str, batched: tuple[str, ...]
+) -> None:
+    # Devices of a release that reads batches get one message a job; an older
+    # device ("mixed": b) still gets one message per task, in the same job.
+    async with _wired(store, SIZE, takes_batches=lambda device: device in batched) as links:
+        result = await links.result_of(submit(links, model, image, "equal"))
+        assert result.status == "ok", result.error
+        np.testing.assert_allclose(result.probabilities, reference(model, image), atol=1e-5)
+        assert links.coordinator is not None
+        assert links.coordinator.statistics.direct_fallbacks == 0
+        assert sorted(batch.device for batch in links.batches) == sorted(batched)
+        assert {task.device for task in links.tasks} == set(DEVICES) - set(batched)
+        for batch in links.batches:
+            segments = [task.segment for task in batch.tasks]
+            assert segments == sorted(segments) and len(set(segments)) == len(segments)
+            assert all(task.direct and task.attempt == 0 for task in batch.tasks)
+        segments_in_plan = 1 + max(
+            task.segment for task in [*links.tasks, *(t for b in links.batches for t in b.tasks)]
+        )
+        assert len(links.tasks) == segments_in_plan * (len(DEVICES) - len(batched))
+        assert not links.gates and not links.cancels
 
 
 async def test_a_newcomers_first_job_is_relayed_and_timed_then_direct(
@@ -458,3 +495,49 @@ async def test_a_resubmitted_job_runs_again_where_its_last_run_was_cancelled(
     assert worker.statistics.accepted == before  # the cancelled run stays cancelled
     worker.accept(task.model_copy(update={"run": 1}))
     assert worker.statistics.accepted == before + 1  # the next run is taken
+
+
+@pytest.mark.parametrize(
+    ("version", "reads"),
+    [
+        ("0.2.0", True),
+        ("0.2", True),
+        ("0.10.1", True),
+        ("1.0.0rc1", True),
+        ("0.1.0", False),
+        ("0+unknown", False),  # a source checkout: taken for an old device
+        ("test", False),
+        (None, False),
+        (3, False),
+    ],
+)
+def test_which_releases_read_task_batches(version: object, reads: bool) -> None:
+    assert takes_task_batches(version) is reads
+
+
+def test_a_long_task_list_is_split_into_bounded_batches_in_order() -> None:
+    template = TileTask(
+        sender="a",
+        job_id="j-1",
+        epoch=EPOCH,
+        plan_id="p",
+        device="b",
+        model="tiny",
+        model_digest="d",
+        input_size=SIZE,
+        segment=0,
+        first_unit=0,
+        last_unit=0,
+        row_parts=((0, 4),),
+        tile=0,
+        input_rows=(0, 4),
+        output_rows=(0, 4),
+        tensor=Tensor(np.zeros((1, 1, 4, 4), dtype=np.float32)),
+        deadline=0.0,
+    )
+    tasks = [template.model_copy(update={"segment": n}) for n in range(MAX_TASKS_PER_BATCH + 3)]
+    batches = task_batches(tasks)
+    assert [len(batch.tasks) for batch in batches] == [MAX_TASKS_PER_BATCH, 3]
+    assert [task.segment for batch in batches for task in batch.tasks] == list(range(len(tasks)))
+    assert all((b.job_id, b.epoch, b.device, b.sender) == ("j-1", EPOCH, "b", "a") for b in batches)
+    assert task_batches([]) == []

@@ -59,6 +59,7 @@ from edgedi.broker.messages import (
     TileResult,
     TileRows,
     TileTask,
+    TileTaskBatch,
     TileTrace,
     TraceSpan,
     WireMessage,
@@ -186,7 +187,13 @@ def valid_messages() -> dict[str, WireMessage]:
         TileFailed(**common, **tile, reason="test"),
         TileTrace(**common, **tile, spans=(TraceSpan(what="compute", start=1.0, end=2.0),)),
     ]
-    return {message.kind: message for message in messages}
+    valid = {message.kind: message for message in messages}
+    task = valid["tile_task"]
+    assert isinstance(task, TileTask)
+    valid["tile_task_batch"] = TileTaskBatch(
+        **common, job_id="job-1", epoch=3, device="pi-1", tasks=(task,)
+    )
+    return valid
 
 
 VALID = valid_messages()
