@@ -496,7 +496,9 @@ class Coordinator:
         started = time.monotonic()
         try:
             # A re-plan in progress does not hold the job: the plan it replaces runs.
-            plan = await self.planning.plan_for(submit.model, submit.strategy, stale_ok=True)
+            plan = await self.planning.plan_for(
+                submit.model, submit.strategy, stale_ok=True, for_job=True
+            )
         except PlanningError as error:
             raise JobFailed(str(error)) from None
         if plan.model_digest != held.digest:

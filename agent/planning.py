@@ -47,6 +47,7 @@ from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from edgedi.agent.exploration import SideBySide
 from edgedi.broker.messages import DeviceBirth
 from edgedi.broker.plan import Plan
 from edgedi.models.specs import get_spec
@@ -205,6 +206,8 @@ class Planning:
         self._candidates: dict[str, tuple[int, list[Candidate]]] = {}
         self._pending_fit: dict[str, tuple[Plan, float]] = {}
         self._fits: dict[str, int] = {}
+        # Per model: `auto`'s candidates being measured side by side (`SideBySide`).
+        self._rounds: dict[str, SideBySide] = {}
 
     def update(self, births: Mapping[str, DeviceBirth], alive: Iterable[str], epoch: int) -> bool:
         """Take the current membership; True when it differs from the last one."""
@@ -237,6 +240,7 @@ class Planning:
         for memory in (self._job_times, self._measured, self._pending_fit, self._fits):
             memory.clear()
         self._candidates.clear()
+        self._rounds.clear()
         self._planned = dict(self._factors)
         self.generation += 1
 
@@ -310,6 +314,13 @@ class Planning:
           probes know least, since they run while the other devices are idle).
         """
         automatic = plan.strategy.startswith("auto:")
+        side_by_side = self._rounds.get(model)
+        if automatic and side_by_side is not None and side_by_side.holds(plan.plan_id):
+            if not side_by_side.record(plan.plan_id, seconds + self._client_hops()):
+                return False
+            del self._rounds[model]
+            self._round_over(model, side_by_side)
+            return True
         if automatic:
             name = plan.strategy.removeprefix("auto:")
         else:
@@ -343,6 +354,49 @@ class Planning:
         else:
             return False
         logger.info("%s (%.0f ms): re-planning %s", why, plan.predicted_latency_s * 1000, model)
+        self._replan_now(model)
+        return True
+
+    def _round_over(self, model: str, side_by_side: SideBySide) -> None:
+        """Every candidate of a side-by-side round measured: judge them, re-plan.
+
+        The fastest multi-device candidate off its prediction by more than
+        `PREDICTION_TOLERANCE` has the message costs fitted to it (one fit a round).
+        """
+        measured = self._measured.setdefault(model, {})
+        results = side_by_side.medians()
+        # The best measured before took part again: how much its median moved is how
+        # much the machine did, and the candidates not in this round are scaled by it,
+        # so every median compares with the others as if measured now.
+        again = [name for name in results if name in measured]
+        if again:
+            drift = results[again[0]][1] / max(measured[again[0]], 1e-9)
+            for name in set(measured) - set(results):
+                measured[name] *= drift
+        off = []
+        for name, (plan, median) in results.items():
+            measured[name] = median
+            ratio = median / max(plan.predicted_latency_s, 1e-6)
+            if len(plan.devices_used) > 1 and abs(math.log(ratio)) > math.log(
+                1 + PREDICTION_TOLERANCE
+            ):
+                off.append((median, name, plan))
+        if off and self._fits.get(model, 0) < MAX_LATENCY_FITS:
+            median, _, plan = min(off, key=lambda item: (item[0], item[1]))
+            self._fits[model] = self._fits.get(model, 0) + 1
+            self._pending_fit[model] = (plan, median)
+        logger.info(
+            "auto measured side by side over %d jobs: %s; re-planning %s",
+            side_by_side.handed,
+            ", ".join(
+                f"{name} {median * 1000:.0f} ms (predicted {plan.predicted_latency_s * 1000:.0f})"
+                for name, (plan, median) in sorted(results.items(), key=lambda r: r[1][1])
+            ),
+            model,
+        )
+        self._replan_now(model)
+
+    def _replan_now(self, model: str) -> None:
         # Not kept running meanwhile: the next job is to measure the new choice.
         for key in [key for key in self._cache if key[0] == model]:
             del self._cache[key]
@@ -350,13 +404,14 @@ class Planning:
             del self._stale[key]
         if self.on_change is not None:
             self.on_change()
-        return True
 
     def _would_change(self, model: str, name: str, median: float, before: float | None) -> bool:
         """Would a new measurement of candidate `name` change `auto`'s choice?"""
         plan = self._cache.get((model, "auto"))
         if plan is None or (before is not None and abs(before - median) < 0.05 * median):
             return False
+        if model in self._rounds:
+            return False  # the round under way settles the choice
         chosen = plan.strategy.removeprefix("auto:")
         if chosen == name:
             return False
@@ -489,16 +544,26 @@ class Planning:
         return wanted
 
     async def plan_for(
-        self, model: str, strategy: str | None = None, *, stale_ok: bool = False
+        self,
+        model: str,
+        strategy: str | None = None,
+        *,
+        stale_ok: bool = False,
+        for_job: bool = False,
     ) -> Plan:
         """The plan for `model` (cached for this membership); `PlanningError` if none.
 
         With `stale_ok`, a plan that a re-plan from measurements replaced (same
         devices, same leader) is returned at once while its successor is still to be
-        made; the successor is then asked for through `on_change`.
+        made; the successor is then asked for through `on_change`. With `for_job`
+        (the coordinator's, once per job), `auto` hands out the candidates it is
+        measuring side by side in turn; otherwise the first of them.
         """
         strategy = strategy or self.default_strategy
         key = (model, strategy)
+        side_by_side = self._rounds.get(model) if strategy == "auto" else None
+        if for_job and side_by_side is not None and key in self._cache:
+            return side_by_side.next_plan()
         if stale_ok and key not in self._cache:
             stale = self._stale.get(key)
             if stale is not None:
@@ -524,17 +589,23 @@ class Planning:
                 profile_from_birth(birth).scaled(factors.get(_member(birth), 1.0))
                 for birth in devices
             ]
-            plan = await asyncio.get_running_loop().run_in_executor(
+            made, contenders = await asyncio.get_running_loop().run_in_executor(
                 self._planner_thread(),
                 functools.partial(
                     self._make_plan, model, strategy, profiles, self.epoch, generation
                 ),
             )
-            self._remember_factors(plan.plan_id, factors)
+            for _, contender in contenders:
+                self._remember_factors(contender.plan_id, factors)
+            self._remember_factors(made.plan_id, factors)
             if generation == self.generation:
-                self._cache[key] = plan
+                self._cache[key] = made
                 self._stale.pop(key, None)
-            return plan
+                if contenders:
+                    self._rounds[model] = SideBySide(contenders, MEASURED_JOBS)
+                    if for_job:
+                        return self._rounds[model].next_plan()
+            return made
 
     def _planner_thread(self) -> ThreadPoolExecutor:
         """The thread plans are made on (started on first use; `close` ends it)."""
@@ -557,10 +628,15 @@ class Planning:
         profiles: list[DeviceProfile],
         epoch: int,
         generation: int,
-    ) -> Plan:
+    ) -> tuple[Plan, list[tuple[str, Plan]]]:
         """Plan on a worker thread for the membership `generation` that `profiles` are
         of: the membership may change meanwhile, and candidates cached under the new
-        generation would name devices that have left."""
+        generation would name devices that have left.
+
+        Returns the plan and, when `auto` has candidates to measure side by side
+        (`SideBySide`), every one of them by name, the plan first; else no others.
+        """
+        contenders: list[tuple[str, Plan]] = []
         try:
             spec = get_spec(model, self.input_size)
             if strategy == "auto" and self.direct:
@@ -583,9 +659,17 @@ class Planning:
                 measured = self._measured_medians(model)
                 untried = [c for c in to_explore(found) if c.name not in measured]
                 # Measure the few best-predicted candidates (one device among them)
-                # on real jobs first; then keep the fastest measured.
+                # on real jobs first, side by side with the best measured so far;
+                # then keep the fastest measured.
+                tried = [c for c in found if c.name in measured]
                 best = untried[0] if untried else choose(found, measured)
                 plan = labelled(best, uuid.uuid4().hex, profiles)
+                if best.name not in measured:
+                    others = untried[1:] + ([choose(tried, measured)] if tried else [])
+                    if others:
+                        contenders = [(best.name, plan)] + [
+                            (c.name, labelled(c, uuid.uuid4().hex, profiles)) for c in others
+                        ]
                 logger.info(
                     "auto: %s",
                     ", ".join(
@@ -608,7 +692,12 @@ class Planning:
         except (PlannerError, ValueError, KeyError) as error:
             raise PlanningError(f"planning {model} with {strategy} failed: {error}") from error
         logger.info("new plan %s", plan.summary())
-        return plan
+        if contenders:
+            logger.info(
+                "auto: measuring %s side by side, job by job",
+                ", ".join(name for name, _ in contenders),
+            )
+        return plan, contenders
 
 
 def _lowest_priority() -> None:
