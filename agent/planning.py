@@ -102,6 +102,10 @@ PREDICTION_TOLERANCE = 0.15
 # Fits per model and membership (the cost used is the median of them): a cluster that
 # never settles keeps what it has then.
 MAX_LATENCY_FITS = 6
+# Side-by-side rounds per model and membership: each fit moves the predictions and may
+# bring up a candidate not measured yet, and each round is 10-15 jobs. After these,
+# `auto` keeps the fastest it measured.
+MAX_ROUNDS = 3
 
 
 class PlanningError(Exception):
@@ -206,8 +210,10 @@ class Planning:
         self._candidates: dict[str, tuple[int, list[Candidate]]] = {}
         self._pending_fit: dict[str, tuple[Plan, float]] = {}
         self._fits: dict[str, int] = {}
-        # Per model: `auto`'s candidates being measured side by side (`SideBySide`).
+        # Per model: `auto`'s candidates being measured side by side (`SideBySide`),
+        # and how many rounds it started.
         self._rounds: dict[str, SideBySide] = {}
+        self._rounds_started: dict[str, int] = {}
 
     def update(self, births: Mapping[str, DeviceBirth], alive: Iterable[str], epoch: int) -> bool:
         """Take the current membership; True when it differs from the last one."""
@@ -241,6 +247,7 @@ class Planning:
             memory.clear()
         self._candidates.clear()
         self._rounds.clear()
+        self._rounds_started.clear()
         self._planned = dict(self._factors)
         self.generation += 1
 
@@ -603,6 +610,7 @@ class Planning:
                 self._stale.pop(key, None)
                 if contenders:
                     self._rounds[model] = SideBySide(contenders, MEASURED_JOBS)
+                    self._rounds_started[model] = self._rounds_started.get(model, 0) + 1
                     if for_job:
                         return self._rounds[model].next_plan()
             return made
@@ -658,10 +666,12 @@ class Planning:
                     self._candidates[model] = (generation, found)
                 measured = self._measured_medians(model)
                 untried = [c for c in to_explore(found) if c.name not in measured]
+                tried = [c for c in found if c.name in measured]
+                if tried and self._rounds_started.get(model, 0) >= MAX_ROUNDS:
+                    untried, found = [], tried  # explored enough: the fastest measured
                 # Measure the few best-predicted candidates (one device among them)
                 # on real jobs first, side by side with the best measured so far;
                 # then keep the fastest measured.
-                tried = [c for c in found if c.name in measured]
                 best = untried[0] if untried else choose(found, measured)
                 plan = labelled(best, uuid.uuid4().hex, profiles)
                 if best.name not in measured:

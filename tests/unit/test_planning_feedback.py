@@ -19,6 +19,7 @@ import pytest
 
 from edgedi.agent.planning import (
     MAX_LATENCY_FITS,
+    MAX_ROUNDS,
     MEASURED_JOBS,
     Planning,
     profile_from_birth,
@@ -177,6 +178,28 @@ async def test_a_machine_that_slows_down_meanwhile_does_not_decide_the_choice() 
 
     settled, rounds = await settle(planning, drifting, rounds=60)
     assert settled.strategy == f"auto:{faster}", [[p.strategy for p in r] for r in rounds]
+
+
+@pytest.mark.parametrize("most", [1, MAX_ROUNDS])
+async def test_auto_stops_exploring_after_a_few_rounds(
+    monkeypatch: pytest.MonkeyPatch, most: int
+) -> None:
+    # Plans between devices keep measuring far slower than predicted: every fit moves
+    # the predictions and brings up candidates not measured yet (here two rounds'
+    # worth). After `most` rounds auto keeps the fastest it measured.
+    monkeypatch.setattr("edgedi.agent.planning.MAX_ROUNDS", most)
+    planning = Planning("a", SIZE, "auto")
+    births = {d: birth(d, s) for d, s in (("a", 1.0), ("b", 1.0), ("c", 0.6), ("d", 0.6))}
+    planning.update(births, list(births), 1)
+
+    def far_off(plan: Plan, number: int) -> float:
+        between = len(plan.devices_used) > 1
+        return plan.predicted_latency_s * (4 + number % 3 if between else 1.1)
+
+    settled, _ = await settle(planning, far_off)
+    assert planning._rounds_started[MODEL] == min(most, 2)
+    measured = planning._measured_medians(MODEL)
+    assert settled.strategy.removeprefix("auto:") == min(measured, key=measured.__getitem__)
 
 
 def planning_profile(planning: Planning, device: str) -> DeviceProfile | None:
