@@ -179,21 +179,26 @@ async def settle(
 ) -> list[JobResult | None]:
     """Warm-up jobs until the leader has settled on a plan (strategy `auto`).
 
-    At least `minimum` jobs; then more until the last `MEASURED_JOBS + 1` ran one plan
-    (the leader re-plans after each group it measures, and devices that join late
-    restart its exploration), at most `cap` (default 3 × `minimum`).
+    At least `minimum` jobs; then more until the last `2 × MEASURED_JOBS + 1` ran one
+    plan, at most `cap` (default 4 × `minimum`: a deep model's exploration, two or
+    three rounds of 10-15 jobs with a judged group after each, took 30-45 jobs in
+    session 9). The leader re-plans after each group of jobs it measures: the plan it
+    keeps is judged again on its first group, and a re-plan then (a fit, when it
+    measured off its prediction) starts another round of candidates measured side by
+    side; devices that join late restart its exploration.
     """
     from edgedi.agent.planning import MEASURED_JOBS
 
-    cap = 3 * minimum if cap is None else cap
+    cap = 4 * minimum if cap is None else cap
+    steady = 2 * MEASURED_JOBS + 1
     results: list[JobResult | None] = []
     while len(results) < cap:
         results.append(await run())
         if len(results) < minimum:
             continue
-        recent = results[-(MEASURED_JOBS + 1) :]
+        recent = results[-steady:]
         plans = {result.plan_id if result is not None else None for result in recent}
-        if len(recent) == MEASURED_JOBS + 1 and len(plans) == 1 and None not in plans:
+        if len(recent) == steady and len(plans) == 1 and None not in plans:
             break
     return results
 

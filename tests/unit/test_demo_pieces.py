@@ -194,21 +194,22 @@ def _result(plan_id: str) -> JobResult:
 
 
 async def test_warm_up_runs_until_the_leader_keeps_one_plan() -> None:
-    # Exploration: two candidates measured for 5 jobs each, then one kept for good.
-    plans = ["a"] * 5 + ["b"] * 5 + ["c"] * 20
+    # Exploration: candidates a and b side by side; c kept, judged on its first five
+    # jobs and re-planned (another round: d and c); then d kept for good.
+    plans = ["a", "b"] * 5 + ["c"] * 5 + ["d", "c"] * 5 + ["d"] * 20
     calls = iter(plans)
 
     async def run() -> JobResult | None:
         return _result(next(calls))
 
-    results = await settle(run, minimum=6)
-    # Past the minimum, until 6 jobs in a row (MEASURED_JOBS + 1) ran plan c.
-    assert [r.plan_id for r in results if r is not None] == plans[:16]
+    results = await settle(run, minimum=16)
+    # Past the minimum, until 11 jobs in a row (2 * MEASURED_JOBS + 1) ran plan d.
+    assert [r.plan_id for r in results if r is not None] == plans[:36]
 
 
 async def test_warm_up_gives_up_at_its_cap_and_counts_failures_as_unsettled() -> None:
     async def unsettled() -> JobResult | None:
         return None
 
-    assert len(await settle(unsettled, minimum=3)) == 9
+    assert len(await settle(unsettled, minimum=3)) == 12
     assert len(await settle(unsettled, minimum=3, cap=5)) == 5
