@@ -32,7 +32,8 @@ class SideBySide:
     plans: list[tuple[str, Plan]]
     """(candidate name, its plan), in the order they are handed out."""
     jobs: int
-    times: dict[str, list[float]] = field(default_factory=dict)
+    times: dict[str, list[float]] = field(init=False)
+    """Per plan id, the measured times of its jobs."""
     handed: int = 0
 
     def __post_init__(self) -> None:

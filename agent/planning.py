@@ -325,7 +325,6 @@ class Planning:
         if automatic and side_by_side is not None and side_by_side.holds(plan.plan_id):
             if not side_by_side.record(plan.plan_id, seconds + self._client_hops()):
                 return False
-            del self._rounds[model]
             self._round_over(model, side_by_side)
             return True
         if automatic:
@@ -404,7 +403,9 @@ class Planning:
         self._replan_now(model)
 
     def _replan_now(self, model: str) -> None:
-        # Not kept running meanwhile: the next job is to measure the new choice.
+        # Not kept running meanwhile: the next job is to measure the new choice (a
+        # round under way ends with the plans it hands out).
+        self._rounds.pop(model, None)
         for key in [key for key in self._cache if key[0] == model]:
             del self._cache[key]
         for key in [key for key in self._stale if key[0] == model]:
@@ -568,8 +569,9 @@ class Planning:
         """
         strategy = strategy or self.default_strategy
         key = (model, strategy)
+        # A round is started with its cache entry and ends with it (`_replan_now`).
         side_by_side = self._rounds.get(model) if strategy == "auto" else None
-        if for_job and side_by_side is not None and key in self._cache:
+        if for_job and side_by_side is not None:
             return side_by_side.next_plan()
         if stale_ok and key not in self._cache:
             stale = self._stale.get(key)

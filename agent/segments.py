@@ -452,13 +452,13 @@ class SegmentRunner:
             for index, item in enumerate(items):
                 if isinstance(item, TileTaskBatch):
                     sends.append(asyncio.ensure_future(self.links.send_batch(item)))
-                    segment = -1  # anything next goes after a turn of the loop
                 else:
                     sends.append(asyncio.ensure_future(self.links.send_task(item)))
-                    segment = item.segment
                 following = items[index + 1] if index + 1 < len(items) else None
                 if following is not None and (
-                    isinstance(following, TileTaskBatch) or following.segment != segment
+                    isinstance(item, TileTaskBatch)
+                    or isinstance(following, TileTaskBatch)
+                    or following.segment != item.segment
                 ):
                     await asyncio.sleep(0)
                     await asyncio.sleep(0)
