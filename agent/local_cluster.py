@@ -108,8 +108,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-EmulationMethod = Literal["cgroup-v1", "cgroup-v2", "slowdown", "none"]
-EmulationChoice = Literal["auto", "quota", "slowdown", "none"]
+EmulationMethod = Literal["cgroup-v1", "cgroup-v2", "paced", "slowdown", "none"]
+EmulationChoice = Literal["auto", "quota", "paced", "slowdown", "none"]
 
 # The relative speeds of a default cluster, repeated for more devices: two faster
 # boards and two slower ones, like a Pi 4 / Pi 3 mix (EdgeDI rates them 1.5 : 1).
@@ -170,6 +170,10 @@ class Emulation:
 
     @property
     def slowdowns(self) -> tuple[float, ...]:
+        """Each agent's `--slowdown`: relative to the fastest (slowdown), or to a whole
+        core (paced, whose speeds are core fractions)."""
+        if self.method == "paced":
+            return tuple(1.0 / speed for speed in self.speeds)
         fastest = max(self.speeds)
         return tuple(fastest / speed for speed in self.speeds)
 
@@ -199,6 +203,14 @@ class Emulation:
             if self.measured is not None:
                 measured = "/".join(f"{speed:.2f}" for speed in self.measured)
                 text += f"; measured on the model: {measured} of a core"
+        elif self.method == "paced":
+            shares = "/".join(f"{speed:g}" for speed in self.speeds)
+            text = (
+                f"{count} agent process(es), one torch thread each, compute paced to "
+                f"{shares} of a core (each step takes its CPU time / speed; real "
+                f"parallelism: {sum(self.speeds):.2f} of this machine's {self.cores} "
+                "cores), event loops under CPU quotas of the same speeds"
+            )
         elif self.method == "slowdown":
             factors = "/".join(f"{factor:.2g}x" for factor in self.slowdowns)
             text = (
@@ -271,12 +283,16 @@ class CpuQuotas:
                 with contextlib.suppress(OSError):
                     group.rmdir()
 
-    def create(self, name: str, cores: float, period_us: int = QUOTA_PERIOD_US) -> Path:
-        """A group limited to `cores` of one core (OSError when the kernel refuses)."""
+    def create(self, name: str, cores: float | None, period_us: int = QUOTA_PERIOD_US) -> Path:
+        """A group limited to `cores` of one core, or not limited (None); OSError when
+        the kernel refuses."""
         group = self.parent / f"{os.getpid()}-{name}"
         group.mkdir()
         self.groups.append(group)
-        quota = max(1000, int(period_us * cores))
+        quota = -1 if cores is None else max(1000, int(period_us * cores))
+        if self.version == 2 and cores is None:
+            (group / "cpu.max").write_text(f"max {period_us}")
+            return group
         if self.version == 1:
             (group / "cpu.cfs_period_us").write_text(str(period_us))
             (group / "cpu.cfs_quota_us").write_text(str(quota))
@@ -608,7 +624,12 @@ class LocalCluster:
         if self._quotas is not None:
             for device, speed in zip(self.device_ids, self.speeds, strict=True):
                 try:
-                    self._groups[device] = self._quotas.create(device, speed, self.quota_period_us)
+                    # Paced: the compute thread keeps its own pace (agent.pacing) and
+                    # must not also be throttled; its loop is, as under quotas.
+                    compute_speed = None if self.emulation.method == "paced" else speed
+                    self._groups[device] = self._quotas.create(
+                        device, compute_speed, self.quota_period_us
+                    )
                     if self._quotas.version == 1:
                         # The agent's own threads (event loop, planning) get a group of
                         # the same speed; its compute thread joins the device's group.
@@ -661,6 +682,13 @@ class LocalCluster:
         choice = self.emulation_choice
         if choice == "none":
             return Emulation("none", self.speeds, self.cores)
+        if choice == "paced":
+            quotas, why = CpuQuotas.detect()
+            if quotas is not None and quotas.version == 1:
+                self._quotas = quotas
+                return Emulation("paced", self.speeds, self.cores)
+            why = why or "moving the compute thread out of the quota group needs cgroup v1"
+            return Emulation("paced", self.speeds, self.cores, f"{why}: event loops unthrottled")
         note = ""
         if choice in ("auto", "quota"):
             quotas, why = CpuQuotas.detect()
@@ -716,7 +744,7 @@ class LocalCluster:
         ]
         if self.strategy is not None:
             command += ["--strategy", self.strategy]
-        if self.emulation.method == "slowdown":
+        if self.emulation.method in ("slowdown", "paced"):
             command += ["--slowdown", f"{self.emulation.slowdowns[position]:.4f}"]
         if self.calibration is not None:
             command += ["--state-dir", str(self._state_dir(device))]
@@ -737,7 +765,11 @@ class LocalCluster:
             )
             self.calibration = calibration
             logger.info("%s", calibration.describe(self.model))
-            if self._quotas is None or self._quotas.version != 1:
+            if (
+                self._quotas is None
+                or self._quotas.version != 1
+                or self.emulation.method == "paced"  # exact by construction
+            ):
                 return
             image = torch.randn(1, 1, self.input_size, self.input_size)
             measured = []

@@ -234,6 +234,7 @@ class Agent:
             session=lambda: self.session,
             worker=lambda: self.worker,
             coordinator=lambda: self.coordinator,
+            slowdown=settings.compute.slowdown,
         )
         self.worker = Worker(
             self.device_id,

@@ -14,6 +14,7 @@ from collections.abc import Callable, Collection
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
+from edgedi.agent.pacing import paced
 from edgedi.broker.connection import MqttSession
 from edgedi.broker.ids import DeviceId
 from edgedi.broker.messages import (
@@ -78,9 +79,12 @@ class AgentTransport:
         session: Callable[[], MqttSession],
         worker: Callable[[], Worker],
         coordinator: Callable[[], Coordinator | None],
+        slowdown: float = 1.0,
     ) -> None:
         self.device_id = device_id
         self.executor = executor
+        # The leader's own torch work (the tail) as slow as its tiles (agent.pacing).
+        self.slowdown = slowdown
         self._session = session
         self._worker = worker
         self._coordinator = coordinator
@@ -127,7 +131,8 @@ class AgentTransport:
 
     async def compute(self, function: Callable[[], T]) -> T:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, function)
+        result, _seconds = await loop.run_in_executor(self.executor, paced, function, self.slowdown)
+        return result
 
     async def send_partial(self, message: ReductionPartial) -> None:
         coordinator = self.coordinator

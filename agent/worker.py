@@ -15,8 +15,8 @@ whose tiles wait for each other's gates cannot deadlock a device. Every wait is
 bounded by the task's deadline; `CancelJob`, a deadline or a newer leader epoch
 drops a job's tile state.
 
-`compute.slowdown` emulates a slower device: after each compute step the compute
-thread sleeps `(slowdown - 1) × step time`, so the device stays busy as a slower
+`compute.slowdown` emulates a slower device (`edgedi.agent.pacing`): each compute
+step takes `slowdown` times the CPU it used, so the device stays busy as a slower
 one would, and the reported compute seconds include it.
 """
 
@@ -39,6 +39,7 @@ import torch
 from edgedi.agent.clock import local_deadline
 from edgedi.agent.layout import LayoutError, SegmentLayout, segment_layout
 from edgedi.agent.model_store import HeldModel, ModelNotHeld, ModelStore
+from edgedi.agent.pacing import paced
 from edgedi.broker.errors import BrokerError
 from edgedi.broker.ids import DeviceId
 from edgedi.broker.messages import (
@@ -737,12 +738,8 @@ class Worker:
     def _timed(self, function: Callable[[], Any]) -> tuple[Any, float, float]:
         """Runs on the compute thread: the step, then the emulated slowdown."""
         wall = time.time()
-        started = time.perf_counter()
-        result = function()
-        elapsed = time.perf_counter() - started
-        if self.slowdown > 1.0:
-            time.sleep((self.slowdown - 1.0) * elapsed)
-        return result, time.perf_counter() - started, wall
+        result, seconds = paced(function, self.slowdown)
+        return result, seconds, wall
 
     async def _compute(self, tile: _Tile) -> TileResult | TileFailed | None:
         """The tile's outcome for the leader; None when its rows went to its peers."""

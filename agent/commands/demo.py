@@ -90,10 +90,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--emulation",
-        choices=("auto", "quota", "slowdown", "none"),
+        choices=("auto", "quota", "paced", "slowdown", "none"),
         default="auto",
-        help="how device speeds are made: cgroup CPU quotas when possible (auto), "
-        "--slowdown sleeps, or none",
+        help="how device speeds are made: cgroup CPU quotas when possible (auto); paced "
+        "(each compute step takes its CPU time / speed, event loops under quotas); "
+        "--slowdown sleeps relative to the fastest; or none",
     )
     parser.add_argument(
         "--link",
@@ -731,6 +732,10 @@ def _summary(
         "a really slow device does not do",
         "cgroup-v2": "CPU quotas add throttling stalls (a few ms per 5 ms period) that a "
         "really slow device does not have",
+        "paced": "each compute step runs at this machine's full speed and then waits "
+        "until its CPU time / speed has passed (a step that waited for a core because "
+        "others computed at once loses nothing while the wait fits in that time), so no "
+        "quota stalls; the event loops are under quotas of the same speeds",
         "slowdown": f"the agents share this machine's {emulation.cores} cores and only their "
         "compute steps are slowed (message handling runs at full speed)",
         "none": f"the agents share this machine's {emulation.cores} cores at full speed",

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from edgedi.agent.client import connect
-from edgedi.agent.local_cluster import LocalCluster
+from edgedi.agent.local_cluster import CpuQuotas, LocalCluster
 from edgedi.broker.server import start_broker
 from edgedi.models.data import generate_image
 
@@ -53,6 +53,26 @@ def test_demo_streams_images_and_reports_the_speedup() -> None:
     assert "ideal speedup for these speeds:" in output
     assert ": identical" in output  # distributed == one plain forward pass
     assert "\x1b[" not in output  # no bar drawing when the output is not a terminal
+
+
+def test_demo_with_paced_devices_is_exact_and_leaves_no_quota_group() -> None:
+    quotas, why = CpuQuotas.detect()
+    if quotas is None or quotas.version != 1:
+        pytest.skip(f"paced devices keep their loops under quotas with cgroup v1: {why}")
+    before = set(quotas.parent.glob("*-dev-*"))
+    small = ("--devices", "2", "--images", "2", "--model", MODEL, "--size", str(SIZE))
+    completed = subprocess.run(
+        edgedi("demo", *small, "--emulation", "paced"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    output = completed.stdout
+    assert completed.returncode == 0, output + completed.stderr
+    assert "compute paced to 0.4/0.4 of a core" in output
+    assert "(paced)" in output and ": identical" in output
+    assert set(quotas.parent.glob("*-dev-*")) <= before  # every group it made is gone
 
 
 def test_demo_runs_on_an_existing_broker_with_the_shared_connection_options() -> None:

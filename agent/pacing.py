@@ -1,0 +1,41 @@
+"""An emulated slower device: a compute step takes `slowdown` times the CPU it used.
+
+`compute.slowdown` (the `slowdown` and `paced` emulations of `edgedi.agent.local_cluster`)
+makes this machine's core behave like a slower one. The step runs at full speed; the
+compute thread then sleeps until `slowdown × its CPU time` has passed since the step
+began. Measuring the thread's CPU time rather than the wall clock makes the emulated
+speed independent of other processes: a step that had to wait for a core (other
+devices of the same machine bursting at once) loses nothing as long as the wait fits
+in the time the slow device would have taken anyway, as a device of its own would.
+With several torch threads the step's CPU is spread over threads this one cannot see,
+so the wall clock is used instead.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+
+__all__ = ["paced"]
+
+T = TypeVar("T")
+
+
+def paced(function: Callable[[], T], slowdown: float) -> tuple[T, float]:
+    """Run `function` on this thread as a device `slowdown` times slower would: its
+    result and the seconds it took, the emulated wait included."""
+    started = time.perf_counter()
+    cpu_started = time.thread_time()
+    result = function()
+    if slowdown > 1.0:
+        if torch.get_num_threads() == 1:
+            used = time.thread_time() - cpu_started
+        else:
+            used = time.perf_counter() - started
+        remaining = started + slowdown * used - time.perf_counter()
+        if remaining > 0:
+            time.sleep(remaining)
+    return result, time.perf_counter() - started
