@@ -25,6 +25,7 @@ import torch
 
 import edgedi.models.profiling as profiling
 from edgedi.agent.model_store import TORCH_RNG_LOCK, ModelStore
+from edgedi.agent.pacing import step_clock
 from edgedi.broker.messages import DeviceCapabilities, UnitProfile
 from edgedi.models.calibration import time_model_tiles
 from edgedi.planner.profiles import fit_profile
@@ -210,6 +211,8 @@ def measure_unit_profiles(
     for name in store.held:
         held = store.get(name)
         key = _unit_cache_key(threads, held.digest)
+        if step_clock(slowdown) is not time.perf_counter:
+            key += "-cpu"
         entry = document.get(name)
         profile: UnitProfile | None = None
         if (
@@ -225,7 +228,9 @@ def measure_unit_profiles(
         if profile is None:
             started = time.perf_counter()
             with TORCH_RNG_LOCK:
-                timing = time_model_tiles(held.model)
+                # Paced (agent.pacing): timed by the clock that paces the steps, so
+                # agents calibrating at once on shared cores do not time each other.
+                timing = time_model_tiles(held.model, clock=step_clock(slowdown))
             fitted = fit_unit_times(
                 held.spec, timing.tiles, timing.tail_seconds, timing.copy_seconds_per_byte
             )

@@ -19,23 +19,27 @@ from typing import TypeVar
 
 import torch
 
-__all__ = ["paced"]
+__all__ = ["paced", "step_clock"]
 
 T = TypeVar("T")
+
+
+def step_clock(slowdown: float) -> Callable[[], float]:
+    """The clock a step of this thread is paced (and a paced device timed) by."""
+    if slowdown > 1.0 and torch.get_num_threads() == 1:
+        return time.thread_time
+    return time.perf_counter
 
 
 def paced(function: Callable[[], T], slowdown: float) -> tuple[T, float]:
     """Run `function` on this thread as a device `slowdown` times slower would: its
     result and the seconds it took, the emulated wait included."""
+    clock = step_clock(slowdown)
     started = time.perf_counter()
-    cpu_started = time.thread_time()
+    used_from = clock()
     result = function()
     if slowdown > 1.0:
-        if torch.get_num_threads() == 1:
-            used = time.thread_time() - cpu_started
-        else:
-            used = time.perf_counter() - started
-        remaining = started + slowdown * used - time.perf_counter()
+        remaining = started + slowdown * (clock() - used_from) - time.perf_counter()
         if remaining > 0:
             time.sleep(remaining)
     return result, time.perf_counter() - started

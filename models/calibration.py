@@ -89,24 +89,30 @@ def row_counts(height: int) -> tuple[int, ...]:
     return tuple(sorted({1, max(1, math.ceil(height / 4)), max(1, height // 2), height}))
 
 
-def _median_seconds(run: Callable[[], object], repeats: int, window_s: float) -> float:
+def _median_seconds(
+    run: Callable[[], object],
+    repeats: int,
+    window_s: float,
+    clock: Callable[[], float] = time.perf_counter,
+) -> float:
     """Median over `repeats` samples of the *sustained* seconds per run.
 
     Each sample runs back to back for at least `window_s` and divides: a device
     that bursts faster than it can sustain (a CPU quota refills every few
     milliseconds, a board throttles when hot) is priced at what it sustains,
-    which is what a busy device running a job's tiles gets.
+    which is what a busy device running a job's tiles gets. `clock` is the wall clock,
+    or the thread's CPU clock where the device's time is paced by it (agent.pacing).
     """
-    started = time.perf_counter()
+    started = clock()
     run()  # warm-up: allocations, first-call dispatch
-    estimate = max(time.perf_counter() - started, 1e-6)
+    estimate = max(clock() - started, 1e-6)
     count = max(1, math.ceil(window_s / estimate))
     times = []
     for _ in range(repeats):
-        started = time.perf_counter()
+        started = clock()
         for _ in range(count):
             run()
-        times.append((time.perf_counter() - started) / count)
+        times.append((clock() - started) / count)
     return statistics.median(times)
 
 
@@ -132,9 +138,16 @@ def _run_channel_tile(
 
 
 def time_model_tiles(
-    model: ZooModel, repeats: int = 3, window_s: float = SUSTAIN_WINDOW_S
+    model: ZooModel,
+    repeats: int = 3,
+    window_s: float = SUSTAIN_WINDOW_S,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> ModelTiming:
-    """Time every spatial unit's tiles and the tail of `model` (blocking)."""
+    """Time every spatial unit's tiles and the tail of `model` (blocking), by `clock`."""
+
+    def median(run: Callable[[], object]) -> float:
+        return _median_seconds(run, repeats, window_s, clock)
+
     spec = model.spec
     generator = torch.Generator().manual_seed(0)
     tiles = []
@@ -157,7 +170,7 @@ def time_model_tiles(
                     # once, not per unit (`copy_seconds_per_byte` prices that).
                     return _drive(run_tile(model, geometry, x, gate_mode="local"))  # type: ignore[arg-type]
 
-                tiles.append(TileTiming(index, rows, _median_seconds(run, repeats, window_s)))
+                tiles.append(TileTiming(index, rows, median(run)))
         channel_tiles = []
         for index, unit in enumerate(spec.spatial_units):
             if not channel_splittable(unit):
@@ -168,7 +181,7 @@ def time_model_tiles(
                 run_share = functools.partial(
                     _run_channel_tile, model, unit, Rows(0, count), whole, out
                 )
-                seconds = _median_seconds(run_share, repeats, window_s)
+                seconds = median(run_share)
                 channel_tiles.append(ChannelTiming(index, count, seconds))
         last = spec.spatial_units[-1]
         last_output = torch.randn((1, *last.out_shape), generator=generator)
@@ -176,12 +189,10 @@ def time_model_tiles(
         tail = spec.tail_units
         if tail and tail[0].kind == "gap":
             pooled = last_output.double().mean(dim=(2, 3)).numpy()
-            tail_s = _median_seconds(
-                lambda: run_tail(model, first_tail, pooled=pooled), repeats, window_s
-            )
+            tail_s = median(lambda: run_tail(model, first_tail, pooled=pooled))
         elif tail:
             map_ = last_output
-            tail_s = _median_seconds(lambda: run_tail(model, first_tail, map_), repeats, window_s)
+            tail_s = median(lambda: run_tail(model, first_tail, map_))
         else:
             tail_s = 0.0
         block = np.ones(_COPY_ELEMENTS, dtype=np.float32)
@@ -190,5 +201,5 @@ def time_model_tiles(
             # What the worker does with a tile's input and output: a float32 copy each.
             return np.ascontiguousarray(torch.from_numpy(block.copy()).numpy())
 
-        copy_s = _median_seconds(copy, repeats, window_s) / (2 * block.nbytes)
+        copy_s = median(copy) / (2 * block.nbytes)
     return ModelTiming(tuple(tiles), tail_s, copy_s, tuple(channel_tiles))

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
 
 from edgedi.agent import pacing
 from edgedi.agent.local_cluster import Emulation, LocalCluster
+from edgedi.models.calibration import time_model_tiles
+from edgedi.models.zoo import build_model
 
 
 class FakeClocks:
@@ -111,3 +114,21 @@ def test_paced_without_root_paces_the_compute_and_says_the_loops_run_free(
     assert emulation.method == "paced"
     assert emulation.slowdowns == pytest.approx((2.5, 2.5, 4.0, 4.0))
     assert "not running as root" in emulation.note and "event loops unthrottled" in emulation.note
+
+
+def test_a_paced_device_is_timed_by_the_clock_that_paces_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert pacing.step_clock(2.5) is time.thread_time
+    assert pacing.step_clock(1.0) is time.perf_counter
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert pacing.step_clock(2.5) is time.perf_counter
+
+
+def test_tile_calibration_reads_only_the_clock_it_is_given() -> None:
+    # A clock that never moves: every timing is zero, so none used another clock.
+    model = build_model("tiny-edgedi", 32, seed=0).eval()
+    timing = time_model_tiles(model, repeats=1, window_s=0.0, clock=lambda: 0.0)
+    assert timing.tiles and all(tile.seconds == 0.0 for tile in timing.tiles)
+    assert timing.tail_seconds == 0.0 and timing.copy_seconds_per_byte == 0.0
