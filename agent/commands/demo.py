@@ -392,15 +392,49 @@ async def _timed(
 
 
 async def _traced_job(
-    client: InferenceClient, item: _Image, model: str, limit_s: float
+    client: InferenceClient, item: _Image, model: str, limit_s: float, strategy: str | None = None
 ) -> JobResult | None:
     from edgedi.agent.client import JobTimeout
 
     try:
-        result = await client.infer(item.image, model, timeout=limit_s, trace=True)
+        result = await client.infer(
+            item.image, model, strategy=strategy, timeout=limit_s, trace=True
+        )
     except JobTimeout:
         return None
     return result if result.status == "ok" and result.trace else None
+
+
+def _factors_summary(
+    cluster: LocalCluster, distributed: JobResult, single: JobResult
+) -> tuple[list[str], dict[str, float] | None]:
+    """The traced job's speedup over a traced `single` job, taken apart into factors."""
+    from edgedi.agent.speedup_factors import speedup_factors
+
+    assert cluster.emulation is not None
+    speeds = dict(zip(cluster.device_ids, cluster.emulation.effective, strict=True))
+    try:
+        factors = speedup_factors(
+            distributed.trace,
+            distributed.latency_ms.get("total", 0.0),
+            single.trace,
+            single.latency_ms.get("total", 0.0),
+            speeds,
+        )
+    except ValueError as error:
+        return [f"  (no speedup factors for the traced jobs: {error})"], None
+    return [
+        f"  why not the ideal, from this job and one traced job of single "
+        f"({factors.single_ms:.0f} ms): ideal {factors.ideal:.2f}x",
+        f"    x {factors.work_ratio:.2f} work: the plan computed "
+        f"{factors.distributed_work_ms:.0f} ms of one-core work, one device "
+        f"{factors.single_work_ms:.0f} ms (halo rows computed twice, small tiles, caches "
+        "shared by devices computing at once)",
+        f"    x {factors.distributed_busy:.0%} busy: the devices computed that share of what "
+        "they could have in the job's time (the rest waiting for rows, gates, tasks, the tail)",
+        f"    / {factors.single_busy:.0%} busy: the one device's share of its job",
+        f"    = {factors.speedup:.2f}x for these two jobs",
+    ], factors.as_dict()
 
 
 def _trace_summary(result: JobResult) -> tuple[list[str], dict[str, Any]]:
@@ -507,14 +541,23 @@ async def _stream(
                 bar.advance()
         announcement = await client.current_plan()
         final = announcement.plan if announcement is not None else plan
-        # One more job, not counted, with its timeline: where the time of a job goes.
+        # One more job, not counted, with its timeline: where the time of a job goes;
+        # and one of `single`, to say why the first is not the ideal speedup faster.
         traced = await _traced_job(client, items[0], args.model, args.timeout)
+        traced_single = (
+            await _traced_job(client, items[0], args.model, args.timeout, "single")
+            if args.baseline and traced is not None
+            else None
+        )
     reference = await asyncio.to_thread(_reference_probabilities, network, items)
     lines, figures = _summary(args, cluster, items, weights, reference, final)
     for line in lines:
         _say(line)
     if traced is not None:
         trace_lines, figures["trace"] = _trace_summary(traced)
+        if traced_single is not None:
+            factor_lines, figures["factors"] = _factors_summary(cluster, traced, traced_single)
+            trace_lines += factor_lines
         for line in trace_lines:
             _say(line)
         if args.gantt is not None:

@@ -52,6 +52,7 @@ def test_demo_streams_images_and_reports_the_speedup() -> None:
     assert "measured speedup over one device:" in output
     assert "ideal speedup for these speeds:" in output
     assert ": identical" in output  # distributed == one plain forward pass
+    assert "why not the ideal, from this job and one traced job of single" in output
     assert "\x1b[" not in output  # no bar drawing when the output is not a terminal
 
 
@@ -62,16 +63,21 @@ def test_demo_with_paced_devices_is_exact_and_leaves_no_quota_group() -> None:
     before = set(quotas.parent.glob("*-dev-*"))
     small = ("--devices", "2", "--images", "2", "--model", MODEL, "--size", str(SIZE))
     completed = subprocess.run(
-        edgedi("demo", *small, "--emulation", "paced"),
+        edgedi("demo", *small, "--emulation", "paced", "--json"),
         capture_output=True,
         text=True,
         timeout=300,
         check=False,
     )
-    output = completed.stdout
-    assert completed.returncode == 0, output + completed.stderr
+    output = completed.stderr  # --json: the person's lines go to stderr
+    assert completed.returncode == 0, output + completed.stdout
     assert "compute paced to 0.4/0.4 of a core" in output
     assert "(paced)" in output and ": identical" in output
+    figures = json.loads(completed.stdout)
+    assert figures["emulation"] == "paced"
+    factors = figures["factors"]  # the traced jobs' speedup taken apart
+    product = factors["ideal"] * factors["work_ratio"] * factors["distributed_busy"]
+    assert product / factors["single_busy"] == pytest.approx(factors["speedup"])
     assert set(quotas.parent.glob("*-dev-*")) <= before  # every group it made is gone
 
 
