@@ -434,6 +434,15 @@ def _factors_summary(
         "they could have in the job's time (the rest waiting for rows, gates, tasks, the tail)",
         f"    / {factors.single_busy:.0%} busy: the one device's share of its job",
         f"    = {factors.speedup:.2f}x for these two jobs",
+        *(
+            [
+                "    (under CPU quotas a step shorter than a period can run at a whole core's "
+                "pace, so the work of short steps is under-counted and their share busy with "
+                "it; --emulation paced times every step as the device's speed makes it)"
+            ]
+            if cluster.emulation.method.startswith("cgroup")
+            else []
+        ),
     ], factors.as_dict()
 
 
