@@ -35,7 +35,7 @@ from pathlib import Path
 
 from edgedi.agent.client import JobTimeout, connect
 from edgedi.agent.commands.demo import settle, warm_up_jobs_for_auto
-from edgedi.agent.local_cluster import LocalCluster
+from edgedi.agent.local_cluster import EmulationChoice, LocalCluster
 from edgedi.agent.trace_chart import render_comparison
 from edgedi.broker.messages import JobResult
 from edgedi.models.data import iter_images
@@ -92,6 +92,7 @@ class Run:
     link_note: str
     series: dict[str, Series]
     seconds: float
+    emulation: str = "cgroup-v1"
 
 
 async def _measure(
@@ -141,9 +142,16 @@ async def _measure(
     return series
 
 
-def run_one(model: str, link: str, devices: int, strategies: list[str], images: int) -> Run:
+def run_one(
+    model: str,
+    link: str,
+    devices: int,
+    strategies: list[str],
+    images: int,
+    emulation: EmulationChoice = "auto",
+) -> Run:
     started = time.monotonic()
-    cluster = LocalCluster(devices, model=model, input_size=SIZE, link=link)
+    cluster = LocalCluster(devices, model=model, input_size=SIZE, link=link, emulation=emulation)
     try:
         cluster.start()
         asyncio.run(cluster.wait_ready(300))
@@ -158,6 +166,7 @@ def run_one(model: str, link: str, devices: int, strategies: list[str], images: 
             cluster.links.describe(),
             series,
             time.monotonic() - started,
+            cluster.emulation.method,
         )
     finally:
         cluster.stop(keep_logs=bool(os.environ.get("EDGEDI_KEEP_LOGS")))
@@ -169,8 +178,8 @@ def _table(run: Run) -> list[str]:
     lines = [
         f"### {run.model}, {run.devices} devices, {run.link}",
         "",
-        f"Speeds {'/'.join(f'{s:.2f}' for s in run.speeds)} of a core (ideal speedup "
-        f"{run.ideal:.2f}×); links: {run.link_note}; {run.seconds:.0f} s.",
+        f"Speeds {'/'.join(f'{s:.2f}' for s in run.speeds)} of a core by {run.emulation} "
+        f"(ideal speedup {run.ideal:.2f}×); links: {run.link_note}; {run.seconds:.0f} s.",
         "",
         "| strategy | median ms | p90 ms | speedup over single | predicted ms | prediction error | "
         "jobs | plan chosen |",
@@ -273,6 +282,12 @@ def main() -> int:
     parser.add_argument("--links", default="loopback", help="loopback,1gbit,100mbit")
     parser.add_argument("--strategies", help="comma-separated (default: all)")
     parser.add_argument("--images", type=int, default=10, help="images per strategy")
+    parser.add_argument(
+        "--emulation",
+        choices=("auto", "quota", "paced", "slowdown"),
+        default="auto",
+        help="how device speeds are made (edgedi demo --emulation; default: CPU quotas)",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results/speedup.md"))
     parser.add_argument("--plots", type=Path, help="folder for PNG plots")
     args = parser.parse_args()
@@ -287,7 +302,7 @@ def main() -> int:
         for link in args.links.split(","):
             for devices in (int(d) for d in args.devices.split(",")):
                 print(f"{model}, {devices} devices, {link} ...", file=sys.stderr, flush=True)
-                runs.append(run_one(model, link, devices, strategies, args.images))
+                runs.append(run_one(model, link, devices, strategies, args.images, args.emulation))
     command = shlex.join([".venv/bin/python", *sys.argv])
     lines = [
         "# Measured speedup of every strategy",
