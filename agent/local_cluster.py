@@ -209,8 +209,11 @@ class Emulation:
                 f"{count} agent process(es), one torch thread each, compute paced to "
                 f"{shares} of a core (each step takes its CPU time / speed; real "
                 f"parallelism: {sum(self.speeds):.2f} of this machine's {self.cores} "
-                "cores), event loops under CPU quotas of the same speeds"
+                "cores)"
             )
+            # The only note of a paced emulation says why its loops run free.
+            if not self.note:
+                text += ", event loops under CPU quotas of the same speeds"
         elif self.method == "slowdown":
             factors = "/".join(f"{factor:.2g}x" for factor in self.slowdowns)
             text = (

@@ -787,7 +787,12 @@ def _summary(
         "paced": "each compute step runs at this machine's full speed and then waits "
         "until its CPU time / speed has passed (a step that waited for a core because "
         "others computed at once loses nothing while the wait fits in that time), so no "
-        "quota stalls; the event loops are under quotas of the same speeds",
+        "quota stalls; "
+        + (
+            "the event loops are not throttled"
+            if emulation.note
+            else "the event loops are under quotas of the same speeds"
+        ),
         "slowdown": f"the agents share this machine's {emulation.cores} cores and only their "
         "compute steps are slowed (message handling runs at full speed)",
         "none": f"the agents share this machine's {emulation.cores} cores at full speed",

@@ -103,6 +103,7 @@ def test_the_paced_emulation_slows_each_device_to_its_core_fraction() -> None:
     assert emulation.slowdowns == pytest.approx((2.5, 2.5, 4.0, 4.0))
     assert emulation.ideal_speedup == pytest.approx(1.3 / 0.4)
     assert "compute paced to 0.4/0.4/0.25/0.25 of a core" in emulation.describe()
+    assert "event loops under CPU quotas" in emulation.describe()
 
 
 def test_paced_without_root_paces_the_compute_and_says_the_loops_run_free(
@@ -114,6 +115,7 @@ def test_paced_without_root_paces_the_compute_and_says_the_loops_run_free(
     assert emulation.method == "paced"
     assert emulation.slowdowns == pytest.approx((2.5, 2.5, 4.0, 4.0))
     assert "not running as root" in emulation.note and "event loops unthrottled" in emulation.note
+    assert "under CPU quotas" not in emulation.describe()
 
 
 def test_a_paced_device_is_timed_by_the_clock_that_paces_it(
