@@ -16,6 +16,7 @@ from typing import Any
 import msgpack
 import numpy as np
 import pytest
+from plan_builders import one_tile_plan
 from pydantic import ValidationError
 
 from edgedi.broker.errors import (
@@ -56,7 +57,7 @@ from edgedi.broker.messages import (
     message_kinds,
     new_message_id,
 )
-from edgedi.broker.plan import Part, Plan, Segment
+from edgedi.broker.plan import Plan
 from edgedi.broker.tensors import Limits, Tensor
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -68,25 +69,7 @@ _COMMON: dict[str, Any] = {
 
 
 def _plan() -> Plan:
-    part = Part(device="pi-1", rows=(0, 10))
-    segment = Segment(
-        first_unit=0, last_unit=2, out_height=10, out_width=10, sink="pi-1", parts=(part,)
-    )
-    return Plan(
-        plan_id="plan-7",
-        epoch=4,
-        strategy="equal",
-        model="vgg16-compact",
-        model_digest="abc",
-        input_shape=(1, 40, 40),
-        created_at=1700000000.0,
-        leader="pi-1",
-        devices=("pi-1",),
-        mode="rows",
-        segments=(segment,),
-        tail_device="pi-1",
-        predicted_latency_s=0.05,
-    )
+    return one_tile_plan(plan_id="plan-7", epoch=4, model="vgg16-compact")
 
 
 def samples() -> dict[str, WireMessage]:

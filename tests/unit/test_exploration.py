@@ -3,30 +3,15 @@
 from __future__ import annotations
 
 import pytest
+from plan_builders import one_tile_plan
 
 from edgedi.agent.exploration import SideBySide
-from edgedi.broker.plan import Part, Plan, Segment
+from edgedi.broker.plan import Plan
 
 
 def plan(plan_id: str) -> Plan:
-    part = Part(device="pi-1", rows=(0, 10))
-    segment = Segment(
-        first_unit=0, last_unit=2, out_height=10, out_width=10, sink="pi-1", parts=(part,)
-    )
-    return Plan(
-        plan_id=plan_id,
-        epoch=1,
-        strategy=f"auto:{plan_id}",
-        model="tiny",
-        model_digest="abc",
-        input_shape=(3, 40, 40),
-        created_at=0.0,
-        leader="pi-1",
-        devices=("pi-1",),
-        mode="rows",
-        segments=(segment,),
-        tail_device="pi-1",
-        predicted_latency_s=0.05,
+    return one_tile_plan(
+        plan_id=plan_id, strategy=f"auto:{plan_id}", input_shape=(3, 40, 40), created_at=0.0
     )
 
 

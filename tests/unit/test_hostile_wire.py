@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from plan_builders import one_tile_plan
 
 from edgedi.agent.election import Election, LeaderClaim
 from edgedi.broker.connection import MqttSession, Received, SessionSettings
@@ -67,7 +68,7 @@ from edgedi.broker.messages import (
     encode,
     message_kinds,
 )
-from edgedi.broker.plan import Part, Plan, Segment
+from edgedi.broker.plan import Plan
 from edgedi.broker.tensors import Limits, Tensor
 from edgedi.broker.topics import (
     CATALOGUE,
@@ -92,29 +93,7 @@ def topic_of(spec: TopicSpec) -> str:
 
 
 def _plan() -> Plan:
-    segment = Segment(
-        first_unit=0,
-        last_unit=2,
-        out_height=10,
-        out_width=10,
-        sink="pi-1",
-        parts=(Part(device="pi-1", rows=(0, 10)),),
-    )
-    return Plan(
-        plan_id="plan-1",
-        epoch=3,
-        strategy="equal",
-        model="tiny",
-        model_digest="abc",
-        input_shape=(1, 40, 40),
-        created_at=1700000000.0,
-        leader="pi-1",
-        devices=("pi-1",),
-        mode="rows",
-        segments=(segment,),
-        tail_device="pi-1",
-        predicted_latency_s=0.05,
-    )
+    return one_tile_plan(epoch=3)
 
 
 def valid_messages() -> dict[str, WireMessage]:
