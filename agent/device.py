@@ -208,10 +208,13 @@ def measure_unit_profiles(
     document = _read_unit_cache(cache) if cache is not None else {}
     changed = False
     result: dict[str, UnitProfile] = {}
+    # Paced (agent.pacing): timed by the clock that paces the steps, so agents
+    # calibrating at once on shared cores do not time each other.
+    clock = step_clock(slowdown)
     for name in store.held:
         held = store.get(name)
         key = _unit_cache_key(threads, held.digest)
-        if step_clock(slowdown) is not time.perf_counter:
+        if clock is not time.perf_counter:
             key += "-cpu"
         entry = document.get(name)
         profile: UnitProfile | None = None
@@ -228,9 +231,7 @@ def measure_unit_profiles(
         if profile is None:
             started = time.perf_counter()
             with TORCH_RNG_LOCK:
-                # Paced (agent.pacing): timed by the clock that paces the steps, so
-                # agents calibrating at once on shared cores do not time each other.
-                timing = time_model_tiles(held.model, clock=step_clock(slowdown))
+                timing = time_model_tiles(held.model, clock=clock)
             fitted = fit_unit_times(
                 held.spec, timing.tiles, timing.tail_seconds, timing.copy_seconds_per_byte
             )

@@ -169,6 +169,13 @@ class Emulation:
         return self.measured if self.measured is not None else self.speeds
 
     @property
+    def loops_under_quotas(self) -> bool:
+        """Whether the agents' event loops run under quotas of their speeds (paced
+        devices keep them there only where the compute thread can leave: cgroup v1;
+        the note of a paced emulation says why not)."""
+        return self.method.startswith("cgroup") or (self.method == "paced" and not self.note)
+
+    @property
     def slowdowns(self) -> tuple[float, ...]:
         """Each agent's `--slowdown`: relative to the fastest (slowdown), or to a whole
         core (paced, whose speeds are core fractions)."""
@@ -211,8 +218,7 @@ class Emulation:
                 f"parallelism: {sum(self.speeds):.2f} of this machine's {self.cores} "
                 "cores)"
             )
-            # The only note of a paced emulation says why its loops run free.
-            if not self.note:
+            if self.loops_under_quotas:
                 text += ", event loops under CPU quotas of the same speeds"
         elif self.method == "slowdown":
             factors = "/".join(f"{factor:.2g}x" for factor in self.slowdowns)
@@ -292,15 +298,12 @@ class CpuQuotas:
         group = self.parent / f"{os.getpid()}-{name}"
         group.mkdir()
         self.groups.append(group)
-        quota = -1 if cores is None else max(1000, int(period_us * cores))
-        if self.version == 2 and cores is None:
-            (group / "cpu.max").write_text(f"max {period_us}")
-            return group
+        quota = None if cores is None else max(1000, int(period_us * cores))
         if self.version == 1:
             (group / "cpu.cfs_period_us").write_text(str(period_us))
-            (group / "cpu.cfs_quota_us").write_text(str(quota))
+            (group / "cpu.cfs_quota_us").write_text(str(-1 if quota is None else quota))
         else:
-            (group / "cpu.max").write_text(f"{quota} {period_us}")
+            (group / "cpu.max").write_text(f"{'max' if quota is None else quota} {period_us}")
         return group
 
     def add(self, group: Path, pid: int) -> None:

@@ -789,9 +789,9 @@ def _summary(
         "others computed at once loses nothing while the wait fits in that time), so no "
         "quota stalls; "
         + (
-            "the event loops are not throttled"
-            if emulation.note
-            else "the event loops are under quotas of the same speeds"
+            "the event loops are under quotas of the same speeds"
+            if emulation.loops_under_quotas
+            else "the event loops are not throttled"
         ),
         "slowdown": f"the agents share this machine's {emulation.cores} cores and only their "
         "compute steps are slowed (message handling runs at full speed)",
