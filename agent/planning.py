@@ -5,8 +5,10 @@ planner's `DeviceProfile`s (fitted time models, memory, cores, link) and asks th
 configured strategy (or a job's override) for a plan. Plans are cached per
 (model, strategy) for one membership: any change of the alive set, or of a
 device's session (a restart re-profiles it), makes a new generation and the
-cache starts over. Planning is pure Python/numpy and can take ~0.1 s for deep
-models, so it runs on a helper thread, never on the event loop.
+cache starts over. Planning is pure Python and takes most of a second of CPU for
+deep models, so it runs in a process of its own (`agent.plan_worker`): neither on
+the event loop nor on a thread, where it would hold the GIL against the compute
+thread.
 
 The plan of the default model is what the leader publishes on `plans/current`;
 jobs of other models or strategies get theirs on demand.
@@ -33,33 +35,34 @@ otherwise every re-plan added to a job's latency.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
 import logging
 import math
-import os
 import statistics
-import threading
 import time
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 from edgedi.agent.exploration import SideBySide
+from edgedi.agent.plan_worker import (
+    CostField,
+    PlanWorker,
+    PlanWorkerError,
+    auto_candidates,
+    fit_message_cost,
+    strategy_plan,
+)
 from edgedi.broker.messages import DeviceBirth
 from edgedi.broker.plan import Plan
 from edgedi.models.specs import get_spec
-from edgedi.models.units import ModelSpec
 from edgedi.planner.cost import NetworkModel
 from edgedi.planner.errors import InfeasiblePlanError, PlannerError
 from edgedi.planner.profiles import COST_CLASSES, DeviceProfile, TimeModel, UnitTimes
 from edgedi.planner.replay import Replay, replay_plan, supports_replay
-from edgedi.planner.strategies import get_strategy
 from edgedi.planner.strategies.auto import (
     Candidate,
-    candidates,
     choose,
     labelled,
     to_explore,
@@ -187,7 +190,7 @@ class Planning:
         self._stale: dict[tuple[str, str], Plan] = {}
         self._wanted: dict[tuple[str, str], None] = {}
         self._lock = asyncio.Lock()
-        self._executor: ThreadPoolExecutor | None = None
+        self._worker = PlanWorker()
         self.generation = 0
         # Per (device, session): the measured speed factor, and the one plans use.
         self._factors: dict[_Member, float] = {}
@@ -446,14 +449,15 @@ class Planning:
         }
         return network.model_copy(update=update) if update else network
 
-    def _fit_message_cost(self, model: str, spec: ModelSpec, profiles: list[DeviceProfile]) -> None:
+    async def _fit_message_cost(self, model: str, profiles: list[DeviceProfile]) -> None:
         """Fit the cost every device-to-device message of a job adds on top of the
         probed link (its wait for a busy loop, a busy broker, a busy machine), so that
         the replay of the plan that was measured predicts what it measured.
 
         Bisection on `NetworkModel.gate_round_s` for plans with gate rounds, else on
-        `NetworkModel.broker_per_message_s`; a plan that sends nothing between devices
-        (one device) says nothing about either and is not fitted.
+        `NetworkModel.broker_per_message_s` (`plan_worker.fit_message_cost`); a plan
+        that sends nothing between devices (one device) says nothing about either and
+        is not fitted.
         """
         pending = self._pending_fit.pop(model, None)
         if pending is None:
@@ -465,25 +469,19 @@ class Planning:
         # many times: their error is fitted as a cost per round; the others' as a
         # cost per message.
         rounds = any(s.reductions and len({p.device for p in s.parts}) > 1 for s in plan.segments)
-        field = "gate_round_s" if rounds else "broker_per_message_s"
+        field: CostField = "gate_round_s" if rounds else "broker_per_message_s"
         memory = self._round_cost if rounds else self._message_cost
         history = self._round_fits if rounds else self._cost_fits
-        base = self._network(model)
-
-        def replayed(cost: float) -> float:
-            network = base.model_copy(update={field: cost})
-            return replay_plan(plan, spec, profiles, network).latency_s
-
-        low, high = 0.0, 0.05
-        if replayed(low) >= measured:
-            cost = low
-        elif replayed(high) <= measured:
-            cost = high
-        else:
-            for _ in range(30):
-                middle = (low + high) / 2
-                low, high = (middle, high) if replayed(middle) < measured else (low, middle)
-            cost = (low + high) / 2
+        cost = await self._worker.run(
+            fit_message_cost,
+            plan,
+            model,
+            self.input_size,
+            profiles,
+            self._network(model),
+            field,
+            measured,
+        )
         # One plan's median is noisy and carries that plan's own errors: the cost in
         # use is the median of the last fits, over the plans measured so far.
         fits = history.setdefault(model, deque(maxlen=MAX_LATENCY_FITS))
@@ -598,11 +596,8 @@ class Planning:
                 profile_from_birth(birth).scaled(factors.get(_member(birth), 1.0))
                 for birth in devices
             ]
-            made, contenders = await asyncio.get_running_loop().run_in_executor(
-                self._planner_thread(),
-                functools.partial(
-                    self._make_plan, model, strategy, profiles, self.epoch, generation
-                ),
+            made, contenders = await self._make_plan(
+                model, strategy, profiles, self.epoch, generation
             )
             for _, contender in contenders:
                 self._remember_factors(contender.plan_id, factors)
@@ -617,21 +612,11 @@ class Planning:
                         return self._rounds[model].next_plan()
             return made
 
-    def _planner_thread(self) -> ThreadPoolExecutor:
-        """The thread plans are made on (started on first use; `close` ends it)."""
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix="planning", initializer=_lowest_priority
-            )
-        return self._executor
-
     def close(self) -> None:
-        """End the planning thread (a plan being made is left to finish on it)."""
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
+        """End the planning process (a plan being made is abandoned)."""
+        self._worker.close()
 
-    def _make_plan(
+    async def _make_plan(
         self,
         model: str,
         strategy: str,
@@ -639,33 +624,33 @@ class Planning:
         epoch: int,
         generation: int,
     ) -> tuple[Plan, list[tuple[str, Plan]]]:
-        """Plan on a worker thread for the membership `generation` that `profiles` are
-        of: the membership may change meanwhile, and candidates cached under the new
-        generation would name devices that have left.
+        """Plan for the membership `generation` that `profiles` are of: the membership
+        may change meanwhile, and candidates cached under the new generation would
+        name devices that have left. The searches and replays run in the planning
+        process (`PlanWorker`); what they read and change of the leader's state is
+        read and changed here, on the event loop.
 
         Returns the plan and, when `auto` has candidates to measure side by side
         (`SideBySide`), every one of them by name, the plan first; else no others.
         """
         contenders: list[tuple[str, Plan]] = []
         try:
-            spec = get_spec(model, self.input_size)
             if strategy == "auto" and self.direct:
-                self._fit_message_cost(model, spec, profiles)
-                network = self._network(model)
+                await self._fit_message_cost(model, profiles)
                 known = self._candidates.get(model)
-                if known is not None and known[0] == generation:
-                    # The same devices: only the message costs changed, so the plans
-                    # are the same; replaying them again is cheap (planning is not).
-                    found = known[1]
-                    for candidate in found:
-                        candidate.predicted_s = replay_plan(
-                            candidate.plan, spec, profiles, network
-                        ).latency_s
-                else:
-                    found = candidates(
-                        spec, profiles, leader=self.leader, epoch=epoch, network=network
-                    )
-                    self._candidates[model] = (generation, found)
+                # The same devices: only the message costs changed, so the plans are
+                # the same; replaying them again is cheap (planning is not).
+                found = await self._worker.run(
+                    auto_candidates,
+                    model,
+                    self.input_size,
+                    profiles,
+                    self.leader,
+                    epoch,
+                    self._network(model),
+                    known[1] if known is not None and known[0] == generation else None,
+                )
+                self._candidates[model] = (generation, found)
                 measured = self._measured_medians(model)
                 untried = [c for c in to_explore(found) if c.name not in measured]
                 tried = [c for c in found if c.name in measured]
@@ -690,18 +675,24 @@ class Planning:
                     ),
                 )
             else:
-                planner = get_strategy(strategy)
-                plan = planner.plan(
-                    spec, profiles, epoch=epoch, leader=self.leader, plan_id=uuid.uuid4().hex
+                # With the direct plane on, the plan predicts what the client will
+                # measure: the direct plane's replay, step by step.
+                plan = await self._worker.run(
+                    strategy_plan,
+                    model,
+                    self.input_size,
+                    strategy,
+                    profiles,
+                    self.leader,
+                    epoch,
+                    uuid.uuid4().hex,
+                    self._network(model) if self.direct else None,
                 )
-                if self.direct and supports_replay(plan):
-                    # What the client will measure: the direct plane, step by step.
-                    network = self._network(model)
-                    replayed = replay_plan(plan, spec, profiles, network).latency_s
-                    plan = plan.model_copy(update={"predicted_latency_s": replayed})
         except InfeasiblePlanError as error:
             raise PlanningError(f"no plan for {model} with {strategy}: {error}") from error
         except (PlannerError, ValueError, KeyError) as error:
+            raise PlanningError(f"planning {model} with {strategy} failed: {error}") from error
+        except (BrokenProcessPool, PlanWorkerError) as error:
             raise PlanningError(f"planning {model} with {strategy} failed: {error}") from error
         logger.info("new plan %s", plan.summary())
         if contenders:
@@ -710,12 +701,3 @@ class Planning:
                 ", ".join(name for name, _ in contenders),
             )
         return plan, contenders
-
-
-def _lowest_priority() -> None:
-    """Planning is background work: on a leader's busy core its event loop and
-    compute thread come first, or a re-plan (most of a second of CPU for a deep
-    model, seconds on a small board) slows the very jobs whose times it learns from.
-    Linux gives each thread its own nice value."""
-    with contextlib.suppress(AttributeError, OSError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
