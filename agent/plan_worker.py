@@ -206,21 +206,38 @@ def fit_message_cost(
     base: NetworkModel,
     field: CostField,
     measured_s: float,
-) -> float:
-    """The cost of `field` (per gate round, or per message between devices) with
-    which the replay of `plan` predicts `measured_s`: bisection in [0, 50 ms]."""
+) -> dict[CostField, float]:
+    """The costs with which the replay of `plan` predicts `measured_s`.
+
+    `field` (per gate round, or per message between devices) is fitted by bisection
+    in [0, 50 ms]. A plan measured faster than its replay with `field` at 0 was
+    over-priced by the other cost (a per-message cost fitted to a slower plan):
+    that one is then fitted too, in [0, its value]. Returns each cost fitted."""
     spec = get_spec(model, input_size)
+    other: CostField = "broker_per_message_s" if field == "gate_round_s" else "gate_round_s"
 
-    def replayed(cost: float) -> float:
-        network = base.model_copy(update={field: cost})
-        return replay_plan(plan, spec, profiles, network).latency_s
+    def fitted(network: NetworkModel, name: CostField, high: float) -> float:
+        def replayed(cost: float) -> float:
+            return replay_plan(
+                plan, spec, profiles, network.model_copy(update={name: cost})
+            ).latency_s
 
-    low, high = 0.0, _FIT_CEILING_S
-    if replayed(low) >= measured_s:
-        return low
-    if replayed(high) <= measured_s:
-        return high
-    for _ in range(_FIT_STEPS):
-        middle = (low + high) / 2
-        low, high = (middle, high) if replayed(middle) < measured_s else (low, middle)
-    return (low + high) / 2
+        low = 0.0
+        if replayed(low) >= measured_s:
+            return low
+        if replayed(high) <= measured_s:
+            return high
+        for _ in range(_FIT_STEPS):
+            middle = (low + high) / 2
+            low, high = (middle, high) if replayed(middle) < measured_s else (low, middle)
+        return (low + high) / 2
+
+    costs: dict[CostField, float] = {field: fitted(base, field, _FIT_CEILING_S)}
+    at_zero = base.model_copy(update={field: 0.0})
+    if (
+        costs[field] == 0.0
+        and getattr(base, other) > 0.0
+        and replay_plan(plan, spec, profiles, at_zero).latency_s > measured_s
+    ):
+        costs[other] = fitted(at_zero, other, getattr(base, other))
+    return costs

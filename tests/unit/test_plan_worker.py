@@ -116,22 +116,38 @@ async def test_a_fitted_cost_makes_the_replay_predict_the_measurement() -> None:
         plan = await worker.run(
             strategy_plan, MODEL, SIZE, "equal", profiles, profiles[0].device, 1, "p", None
         )
+        assert any(segment.reductions for segment in plan.segments), "a plan with gate rounds"
         base = NetworkModel()
         predicted = replay_plan(plan, spec, profiles, base).latency_s
-        cost = await worker.run(
-            fit_message_cost,
-            plan,
-            MODEL,
-            SIZE,
-            profiles,
-            base,
-            "broker_per_message_s",
-            predicted * 1.5,
+        costs = await worker.run(
+            fit_message_cost, plan, MODEL, SIZE, profiles, base, "gate_round_s", predicted * 1.5
         )
-        fitted = base.model_copy(update={"broker_per_message_s": cost})
+        assert list(costs) == ["gate_round_s"] and costs["gate_round_s"] > 0
+        fitted = base.model_copy(update=costs)
         assert replay_plan(plan, spec, profiles, fitted).latency_s == pytest.approx(
             predicted * 1.5, rel=1e-3
         )
+    finally:
+        worker.close()
+
+
+async def test_a_plan_faster_than_any_round_cost_fits_the_message_cost_down() -> None:
+    """A per-message cost fitted to a slow plan over-prices a fast one with gate
+    rounds: no cost per round fits it, so the cost per message is fitted too."""
+    profiles = cluster(3)
+    spec = get_spec(MODEL, SIZE)
+    worker = PlanWorker()
+    try:
+        plan = await worker.run(
+            strategy_plan, MODEL, SIZE, "equal", profiles, profiles[0].device, 1, "p", None
+        )
+        dear = NetworkModel(broker_per_message_s=0.005)
+        cheap = replay_plan(plan, spec, profiles, NetworkModel(broker_per_message_s=0.001))
+        costs = await worker.run(
+            fit_message_cost, plan, MODEL, SIZE, profiles, dear, "gate_round_s", cheap.latency_s
+        )
+        assert costs["gate_round_s"] == 0.0
+        assert costs["broker_per_message_s"] == pytest.approx(0.001, rel=1e-3)
     finally:
         worker.close()
 

@@ -205,3 +205,22 @@ async def test_auto_stops_exploring_after_a_few_rounds(
 def planning_profile(planning: Planning, device: str) -> DeviceProfile | None:
     known = planning._births.get(device)
     return None if known is None else profile_from_birth(known)
+
+
+async def test_a_replan_that_makes_the_same_plan_again_keeps_its_id() -> None:
+    # A fit moves every prediction, and the same candidate may win again: jobs then
+    # go on as one plan, and a client sees one plan in force.
+    planning = Planning("a", SIZE, "auto")
+    births = {d: birth(d, 1.0) for d in ("a", "b")}
+    planning.update(births, list(births), 1)
+    first = await planning.plan_for(MODEL)
+    planning._round_cost[MODEL] = 1e-6  # a fit that changes no choice
+    planning._replan_now(MODEL)
+    again = await planning.plan_for(MODEL)
+    assert again is not first and again.strategy == first.strategy
+    assert again.plan_id == first.plan_id
+    # Another membership: another plan.
+    births["c"] = birth("c", 0.5)
+    planning.update(births, list(births), 1)
+    other = await planning.plan_for(MODEL)
+    assert other.plan_id != first.plan_id
