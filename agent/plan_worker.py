@@ -210,11 +210,11 @@ def fit_message_cost(
     """The costs with which the replay of `plan` predicts `measured_s`.
 
     `field` (per gate round, or per message between devices) is fitted by bisection
-    in [0, 50 ms]. A plan measured faster than its replay with `field` at 0 was
-    over-priced by the other cost (a per-message cost fitted to a slower plan):
-    that one is then fitted too, in [0, its value]. Returns each cost fitted."""
+    in [0, 50 ms]. A plan with gate rounds measured faster than its replay with no
+    cost per round was over-priced per message (a cost fitted to a slower plan):
+    that cost is then fitted too, in [0, its value]. Returns each cost fitted."""
     spec = get_spec(model, input_size)
-    other: CostField = "broker_per_message_s" if field == "gate_round_s" else "gate_round_s"
+    other: CostField = "broker_per_message_s"
 
     def fitted(network: NetworkModel, name: CostField, high: float) -> float:
         def replayed(cost: float) -> float:
@@ -234,8 +234,10 @@ def fit_message_cost(
 
     costs: dict[CostField, float] = {field: fitted(base, field, _FIT_CEILING_S)}
     at_zero = base.model_copy(update={field: 0.0})
+    # Only a plan with gate rounds: one without has no cost per round to fit.
     if (
-        costs[field] == 0.0
+        field == "gate_round_s"
+        and costs[field] == 0.0
         and getattr(base, other) > 0.0
         and replay_plan(plan, spec, profiles, at_zero).latency_s > measured_s
     ):

@@ -228,3 +228,22 @@ def test_the_process_ends_when_its_agent_is_killed(tmp_path: Path) -> None:
             assert _wait_gone(planning), "the planning process outlived its killed agent"
         finally:
             agent.kill()
+
+
+async def test_a_plan_without_gate_rounds_fits_only_the_message_cost() -> None:
+    profiles = cluster(3)
+    spec = get_spec("tiny", SIZE)
+    worker = PlanWorker()
+    try:
+        plan = await worker.run(
+            strategy_plan, "tiny", SIZE, "edgeci", profiles, profiles[0].device, 1, "p", None
+        )
+        assert not any(segment.reductions for segment in plan.segments)
+        base = NetworkModel(gate_round_s=0.01)
+        fast = replay_plan(plan, spec, profiles, base).latency_s / 2
+        costs = await worker.run(
+            fit_message_cost, plan, "tiny", SIZE, profiles, base, "broker_per_message_s", fast
+        )
+        assert costs == {"broker_per_message_s": 0.0}
+    finally:
+        worker.close()
