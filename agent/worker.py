@@ -58,9 +58,10 @@ from edgedi.broker.ratelimit import RateLimitedLog
 from edgedi.broker.tensors import Tensor
 from edgedi.models.channel_split import run_channel_tile
 from edgedi.models.head_split import head_partial
+from edgedi.models.interior import output_inputs, part_geometry, ready_interior
 from edgedi.models.reduce import CoverageError, combine
 from edgedi.models.tiling import GatePartial, TileRunner, run_tile
-from edgedi.models.units import TileGeometry, splittable_head
+from edgedi.models.units import Rows, TileGeometry, Unit, splittable_head
 
 __all__ = ["Worker", "WorkerLinks", "WorkerStatistics"]
 
@@ -114,6 +115,8 @@ class WorkerStatistics:
     busy_seconds: float = 0.0
     gate_rounds: int = 0
     """Attention gates this device's tiles waited at (one partial out, one value back)."""
+    early_parts: int = 0
+    """Direct tiles whose interior was computed before their halo arrived."""
 
 
 @dataclass
@@ -139,6 +142,26 @@ class _Tile:
     """Wall time its input was complete."""
     spans: list[TraceSpan] = field(default_factory=list)
     """The timeline of a traced task (`TileTask.trace`)."""
+    early_queued: bool = False
+    """Its interior is queued (or was) to run before its halo arrives (`models.interior`)."""
+    early_task: asyncio.Task[None] | None = None
+    early: tuple[Rows, npt.NDArray[Any]] | None = None
+    """The interior computed ahead: its output rows and their values."""
+
+    @property
+    def units(self) -> tuple[Unit, ...]:
+        return tuple(self.held.spec.units[self.task.first_unit : self.task.last_unit + 1])
+
+    @property
+    def may_start_early(self) -> bool:
+        """A direct row tile with no gates: its output rows may be computed in parts."""
+        layout = self.layout
+        return (
+            self.received is not None
+            and not layout.gates
+            and layout.channel_parts is None
+            and layout.column_parts is None
+        )
 
     def span(
         self, what: Literal["rows", "queue", "compute", "gate"], start: float, end: float
@@ -188,7 +211,7 @@ class Worker:
         self.max_active = max_active
         self.wire_dtype = np.dtype(wire_dtype)
         self.statistics = WorkerStatistics()
-        self._queue: asyncio.Queue[_Tile] = asyncio.Queue(maxsize=max_queued)
+        self._queue: asyncio.Queue[_Tile | _Interior] = asyncio.Queue(maxsize=max_queued)
         self._refusals: asyncio.Queue[TileFailed] = asyncio.Queue(maxsize=max(64, max_queued))
         self._tiles: dict[tuple[str, int, int], _Tile] = {}
         self._gate_values: dict[tuple[str, int, int], npt.NDArray[Any]] = {}
@@ -276,8 +299,11 @@ class Worker:
             tile.queued = True
         # Only a valid newer attempt replaces the tile in hand: a refused one must not
         # cancel work the leader is still waiting for. (A queued one is skipped.)
-        if existing is not None and existing.runner is not None:
-            existing.runner.cancel()
+        if existing is not None:
+            if existing.early_task is not None:
+                existing.early_task.cancel()
+            if existing.runner is not None:
+                existing.runner.cancel()
         self._tiles[key] = tile
         self._idle.clear()
         self.statistics.accepted += 1
@@ -434,7 +460,10 @@ class Worker:
             :, :, :, columns.start : columns.stop
         ]
         tile.received[start:stop] = True
-        if tile.waiting_for_rows or tile.queued:
+        if tile.queued:
+            return
+        if tile.waiting_for_rows:
+            self._maybe_start_early(tile)
             return
         tile.ready_at = time.time()
         tile.span("rows", tile.accepted_at, tile.ready_at)
@@ -447,6 +476,20 @@ class Worker:
             )
             return
         tile.queued = True
+
+    def _maybe_start_early(self, tile: _Tile) -> None:
+        """Queue the tile's interior when enough of its input is in (`models.interior`)."""
+        if tile.early_queued or not tile.may_start_early or tile.received is None:
+            return
+        out = tile.rows.out_rows
+        inputs = output_inputs(tile.units, out)
+        if ready_interior(inputs, out, tile.rows.in_rows.start, tile.received) is None:
+            return
+        try:
+            self._queue.put_nowait(_Interior(tile))
+        except asyncio.QueueFull:
+            return  # the whole tile runs when its rows are in, as without
+        tile.early_queued = True
 
     def _expire_waiting(self) -> None:
         """Direct tiles whose rows never came (their job moved on): gone at the deadline."""
@@ -588,6 +631,8 @@ class Worker:
                 continue
             self.statistics.cancelled += 1
             logger.debug("dropping tile %s: %s", key, why)
+            if tile.early_task is not None:
+                tile.early_task.cancel()
             if tile.runner is not None:
                 tile.runner.cancel()
             else:  # still queued: the dispatcher skips it
@@ -650,14 +695,65 @@ class Worker:
             group.create_task(self._send_refusals(), name=f"worker-refusals-{self.device_id}")
             while True:
                 await self._slots.acquire()
-                tile = await self._queue.get()
+                queued = await self._queue.get()
+                tile = queued.tile if isinstance(queued, _Interior) else queued
                 key = _key(tile.task)
                 if self._tiles.get(key) is not tile:  # cancelled or replaced while queued
                     self._slots.release()
                     continue
-                tile.runner = group.create_task(
-                    self._run_tile(tile), name=f"tile-{tile.task.job_id}-{key[1]}-{key[2]}"
-                )
+                name = f"{tile.task.job_id}-{key[1]}-{key[2]}"
+                if isinstance(queued, _Interior):
+                    tile.early_task = group.create_task(
+                        self._run_interior(tile), name=f"interior-{name}"
+                    )
+                else:
+                    tile.runner = group.create_task(self._run_tile(tile), name=f"tile-{name}")
+
+    async def _run_interior(self, tile: _Tile) -> None:
+        """The tile's interior, while its halo is still on the way; its edges are
+        computed with the rest (`_compute`). Holds a slot like a tile."""
+        try:
+            if not tile.waiting_for_rows or tile.received is None or tile.input is None:
+                return  # all its rows came meanwhile: the tile runs whole
+            out = tile.rows.out_rows
+            inputs = output_inputs(tile.units, out)
+            interior = ready_interior(inputs, out, tile.rows.in_rows.start, tile.received)
+            if interior is None:
+                return
+            geometry = part_geometry(tile.units, interior)
+            x = self._part_input(tile, geometry)
+            output, seconds = await self._step(
+                tile, functools.partial(self._run_part, tile, geometry, x)
+            )
+            tile.compute_seconds += seconds
+            self.statistics.busy_seconds += seconds
+            tile.early = (interior, output)
+            self.statistics.early_parts += 1
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the whole tile still runs once its rows are in
+            logger.exception("interior of tile %s failed", _key(tile.task))
+        finally:
+            self._slots.release()
+
+    def _part_input(self, tile: _Tile, geometry: TileGeometry) -> npt.NDArray[np.float32]:
+        """A copy of the input rows of part `geometry` (the tile's input may still be
+        written to by later rows)."""
+        assert tile.input is not None
+        first = tile.rows.in_rows.start
+        rows = tile.input[:, :, geometry.in_rows.start - first : geometry.in_rows.stop - first]
+        return np.array(rows, dtype=np.float32, copy=True)
+
+    def _run_part(
+        self, tile: _Tile, geometry: TileGeometry, x: npt.NDArray[np.float32]
+    ) -> npt.NDArray[Any]:
+        """On the compute thread: output rows of one part of a gate-free tile."""
+        if not np.isfinite(x).all():
+            raise _TileRefused("input tensor holds NaN or infinite values")
+        runner = run_tile(tile.held.model, geometry, torch.from_numpy(x), columns=tile.columns)
+        output = _advance(runner, None, self.wire_dtype)
+        assert not isinstance(output, GatePartial)  # a tile with gates has no parts
+        return output
 
     async def _send_refusals(self) -> None:
         while True:
@@ -745,8 +841,27 @@ class Worker:
         """The tile's outcome for the leader; None when its rows went to its peers."""
         task = tile.task
         runner_holder: list[TileRunner] = []
+        if tile.early_task is not None:
+            await asyncio.wait([tile.early_task])  # on the compute thread before us, or done
+        early = tile.early
+
+        def edges() -> npt.NDArray[Any]:
+            """The rows around the interior computed ahead, stitched to it."""
+            assert early is not None
+            interior, inside = early
+            out = tile.rows.out_rows
+            pieces = []
+            for part in (Rows(out.start, interior.start), interior, Rows(interior.stop, out.stop)):
+                if part == interior:
+                    pieces.append(inside)
+                elif not part.empty:
+                    geometry = part_geometry(tile.units, part)
+                    pieces.append(self._run_part(tile, geometry, self._part_input(tile, geometry)))
+            return np.ascontiguousarray(np.concatenate(pieces, axis=2))
 
         def start() -> GatePartial | npt.NDArray[Any]:
+            if early is not None:
+                return edges()
             array = tile.input if task.tensor is None else task.tensor.array
             assert array is not None
             if not np.isfinite(array).all():
@@ -926,6 +1041,13 @@ class Worker:
 
 
 _PartialKey = tuple[str, int, int, int]  # job, segment, gate, epoch
+
+
+@dataclass(frozen=True)
+class _Interior:
+    """In the queue: the interior of `tile`, to compute before its halo arrives."""
+
+    tile: _Tile
 
 
 class _PartialStore:

@@ -12,7 +12,9 @@ it, with the costs each device measured on itself:
    sums once, the broker fans them out to the segment's other devices, and a
    device goes on once every partial has reached it;
 4. at a segment's end each tile sends the rows each next-segment tile needs straight
-   to that tile's device (rows kept on the same device cost nothing);
+   to that tile's device (rows kept on the same device cost nothing); a tile without
+   gates computes its interior from the rows its own device made while its halo is
+   on the way, and its edges once the halo is in (`edgedi.models.interior`);
 5. the last segment's tiles send their output to the leader, which runs the tail;
    when the head starts with a linear layer on the whole map (VGG-16), each last
    tile first applies its block of that layer and sends the partial sums instead
@@ -34,7 +36,10 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from edgedi.broker.plan import Plan
+from edgedi.models.interior import output_inputs, part_geometry, ready_interior
 from edgedi.models.units import (
     BYTES_PER_ELEMENT,
     ModelSpec,
@@ -203,6 +208,18 @@ class _Links:
         return arrivals
 
 
+def _interior(units: Sequence[Unit], tile: TileGeometry, made: Rows) -> Rows | None:
+    """The output rows of `tile` computable from input rows `made` alone, as the
+    worker computes them ahead (None: the tile runs whole)."""
+    if tile.empty or made.empty:
+        return None
+    received = np.zeros(len(tile.in_rows), dtype=np.bool_)
+    start = tile.in_rows.start
+    received[max(0, made.start - start) : max(0, made.stop - start)] = True
+    inputs = output_inputs(tuple(units), tile.out_rows)
+    return ready_interior(inputs, tile.out_rows, start, received)
+
+
 def replay_plan(
     plan: Plan,
     spec: ModelSpec,
@@ -278,6 +295,7 @@ def replay_plan(
     scatter = max(ready.values())
 
     outputs: list[float] = []
+    own: dict[int, tuple[float, Rows]] = {}  # the first segment's input all comes at once
     for number, (segment, tiles) in enumerate(zip(plan.segments, geometries, strict=True)):
         units = spatial[segment.first_unit : segment.last_unit + 1]
         fractions = shares[number]
@@ -297,6 +315,33 @@ def replay_plan(
         count = len(tiles)
         rounds = max(len(p) for p in phases) - 1
         finish = dict(ready)
+        if rounds == 0 and fractions is None and own:
+            # Interiors first, from the rows each device made itself, then the rest
+            # of each tile once all its rows are in.
+            rest = [p[0] for p in phases]
+            ahead: dict[int, float] = {}
+            for k in sorted(own, key=lambda k: own[k][0]):
+                device, tile = tiles[k]
+                interior = _interior(units, tile, own[k][1])
+                if interior is None:
+                    continue
+                seconds = tile_phases(profiles[device], digest, part_geometry(units, interior))[0]
+                ahead[k] = compute(device, own[k][0], seconds, f"s{number} tile {k} interior")
+                whole_s = tile_phases(profiles[device], digest, tile)[0]
+                edges_s = sum(
+                    tile_phases(profiles[device], digest, part_geometry(units, part))[0]
+                    for part in (
+                        Rows(tile.out_rows.start, interior.start),
+                        Rows(interior.stop, tile.out_rows.stop),
+                    )
+                    if not part.empty
+                )
+                rest[k] += edges_s - whole_s
+            for k in sorted(range(count), key=lambda k: finish[k]):
+                start = max(finish[k], ahead.get(k, 0.0))
+                finish[k] = compute(tiles[k][0], start, rest[k], f"s{number} tile {k} p0")
+            phases = []  # done
+            rounds = -1
         for phase in range(rounds + 1):
             for k in sorted(range(count), key=lambda k: finish[k]):
                 device = tiles[k][0]
@@ -347,6 +392,8 @@ def replay_plan(
         consumers = geometries[number + 1]
         row_bytes = float(spatial[segment.last_unit].out_row_bytes)
         needs: dict[int, float] = {}
+        # Per consumer: when the rows its own device made are in, and which they are.
+        own = {}
         for k, (device, tile) in enumerate(tiles):
             made = tile.out_rows
             for j, (target, other) in enumerate(consumers):
@@ -358,6 +405,9 @@ def replay_plan(
                     finish[k], device, target, shared * row_bytes, f"s{number + 1} rows"
                 )
                 needs[j] = max(needs.get(j, 0.0), reached)
+                if target == device:
+                    own_at, own_rows = own.get(j, (0.0, Rows(0, 0)))
+                    own[j] = (max(own_at, reached), own_rows.hull(made))
         ready = needs
 
     tail_ready = max(outputs)

@@ -541,3 +541,20 @@ def test_a_long_task_list_is_split_into_bounded_batches_in_order() -> None:
     assert [task.segment for batch in batches for task in batch.tasks] == list(range(len(tasks)))
     assert all((b.job_id, b.epoch, b.device, b.sender) == ("j-1", EPOCH, "b", "a") for b in batches)
     assert task_batches([]) == []
+
+
+async def test_tiles_compute_their_interior_before_their_halo_and_stay_exact(
+    links: Links, image: npt.NDArray[np.uint8]
+) -> None:
+    # Each tile's own rows come from its own device the moment its previous tile
+    # ends; the halo comes from the neighbours' later. "tiny" has no gates: every
+    # later-segment tile may start on its interior.
+    for _ in range(3):
+        job_id = submit(links, "tiny", image, "equal")
+        result = await links.result_of(job_id)
+        assert result.status == "ok", result.error
+        np.testing.assert_allclose(result.probabilities, reference("tiny", image), atol=1e-5)
+    early = sum(worker.statistics.early_parts for worker in links.workers.values())
+    assert early > 0
+    assert links.coordinator is not None
+    assert links.coordinator.statistics.direct_fallbacks == 0

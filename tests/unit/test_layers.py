@@ -36,6 +36,7 @@ PLANNER_ALLOWED_OURS = (
     "edgedi.planner",
     "edgedi.models.units",
     "edgedi.models.specs",
+    "edgedi.models.interior",
     "edgedi.broker.plan",
 )
 # Modules of the model layer that never import torch: the arithmetic the runtime's event

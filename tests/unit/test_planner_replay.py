@@ -259,3 +259,32 @@ def test_channel_tiles_are_fitted_and_priced_by_their_own_model() -> None:
 class _ChannelSample:
     def __init__(self, unit: int, channels: int, seconds: float) -> None:
         self.unit, self.channels, self.seconds = unit, channels, seconds
+
+
+def test_a_tile_without_gates_computes_its_interior_while_its_halo_travels(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # VGG-16 split over two devices on a slow link: every boundary's halo takes a
+    # while, and the worker computes each tile's interior meanwhile.
+    spec = get_spec("vgg16", 64)
+    devices = [
+        device(name, 1.0, latency_s=0.02, bandwidth=1e7, model="vgg16") for name in ("a", "b")
+    ]
+    plan = get_strategy("equal").plan(spec, devices, leader="a")
+    assert len(plan.segments) > 1
+    replay = replay_plan(plan, spec, devices)
+    interiors = [e for e in replay.events if e.label.endswith("interior")]
+    assert interiors
+    for event in interiors:
+        segment = event.label.split()[0]
+        # Begun before the halo from the other device arrived.
+        assert any(
+            e.label.startswith(f"{segment} rows") and e.end > event.start
+            for e in replay.events
+            if e.kind == "send"
+        ), event
+    # Priced as the worker runs it: each tile waiting for all its rows is slower.
+    monkeypatch.setattr("edgedi.planner.replay._interior", lambda *_: None)
+    waiting = replay_plan(plan, spec, devices)
+    assert not [e for e in waiting.events if e.label.endswith("interior")]
+    assert replay.latency_s < waiting.latency_s
