@@ -246,6 +246,7 @@ class Agent:
             max_active=settings.compute.max_active_tiles,
             max_queued=settings.compute.max_queued_tiles,
             wire_dtype=settings.jobs.wire_dtype,
+            unit_costs=self._unit_costs,
         )
         self.metrics = AgentMetrics(self)
         self.home_assistant = HomeAssistant(self)
@@ -494,6 +495,13 @@ class Agent:
             unit_profiles=dict(self.unit_profiles),
             link=self._link_estimate(),
         )
+
+    def _unit_costs(self, digest: str) -> tuple[tuple[float, float], ...] | None:
+        """The unit costs this device measured for the model of `digest`, if any."""
+        for profile in self.unit_profiles.values():
+            if profile.digest == digest:
+                return profile.units
+        return None
 
     def _link_estimate(self) -> LinkEstimate:
         """What the birth announces: the measurement, unless the settings name a link."""

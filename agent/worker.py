@@ -58,7 +58,13 @@ from edgedi.broker.ratelimit import RateLimitedLog
 from edgedi.broker.tensors import Tensor
 from edgedi.models.channel_split import run_channel_tile
 from edgedi.models.head_split import head_partial
-from edgedi.models.interior import output_inputs, part_geometry, ready_interior
+from edgedi.models.interior import (
+    UnitCosts,
+    output_inputs,
+    part_geometry,
+    ready_interior,
+    split_pays,
+)
 from edgedi.models.reduce import CoverageError, combine
 from edgedi.models.tiling import GatePartial, TileRunner, run_tile
 from edgedi.models.units import Rows, TileGeometry, Unit, splittable_head
@@ -201,6 +207,7 @@ class Worker:
         max_active: int = 8,
         max_queued: int = 32,
         wire_dtype: str = "float32",
+        unit_costs: Callable[[str], UnitCosts | None] = lambda digest: None,
     ) -> None:
         self.device_id = DeviceId(device_id)
         self.store = store
@@ -210,6 +217,9 @@ class Worker:
         self.slowdown = slowdown
         self.max_active = max_active
         self.wire_dtype = np.dtype(wire_dtype)
+        # This device's measured unit costs by model digest: they say whether a
+        # tile's interior is worth computing ahead (`models.interior.split_pays`).
+        self.unit_costs = unit_costs
         self.statistics = WorkerStatistics()
         self._queue: asyncio.Queue[_Tile | _Interior] = asyncio.Queue(maxsize=max_queued)
         self._refusals: asyncio.Queue[TileFailed] = asyncio.Queue(maxsize=max(64, max_queued))
@@ -477,13 +487,24 @@ class Worker:
             return
         tile.queued = True
 
-    def _maybe_start_early(self, tile: _Tile) -> None:
-        """Queue the tile's interior when enough of its input is in (`models.interior`)."""
-        if tile.early_queued or not tile.may_start_early or tile.received is None:
-            return
+    def _interior(self, tile: _Tile) -> Rows | None:
+        """The output rows of `tile` to compute now, before the rest of its input is
+        in: as many as its input allows, if splitting the tile pays."""
+        if not tile.may_start_early or tile.received is None:
+            return None
+        costs = self.unit_costs(tile.held.digest)
+        if costs is None:
+            return None  # not measured: no way to tell whether splitting pays
         out = tile.rows.out_rows
         inputs = output_inputs(tile.units, out)
-        if ready_interior(inputs, out, tile.rows.in_rows.start, tile.received) is None:
+        interior = ready_interior(inputs, out, tile.rows.in_rows.start, tile.received)
+        if interior is None or not split_pays(tile.units, tile.rows, interior, costs):
+            return None
+        return interior
+
+    def _maybe_start_early(self, tile: _Tile) -> None:
+        """Queue the tile's interior when enough of its input is in (`models.interior`)."""
+        if tile.early_queued or self._interior(tile) is None:
             return
         try:
             self._queue.put_nowait(_Interior(tile))
@@ -713,11 +734,9 @@ class Worker:
         """The tile's interior, while its halo is still on the way; its edges are
         computed with the rest (`_compute`). Holds a slot like a tile."""
         try:
-            if not tile.waiting_for_rows or tile.received is None or tile.input is None:
+            if not tile.waiting_for_rows:
                 return  # all its rows came meanwhile: the tile runs whole
-            out = tile.rows.out_rows
-            inputs = output_inputs(tile.units, out)
-            interior = ready_interior(inputs, out, tile.rows.in_rows.start, tile.received)
+            interior = self._interior(tile)
             if interior is None:
                 return
             geometry = part_geometry(tile.units, interior)

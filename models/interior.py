@@ -31,11 +31,29 @@ import numpy.typing as npt
 
 from edgedi.models.units import Rows, TileGeometry, Unit, segment_tiles
 
-__all__ = ["EARLY_SHARE", "output_inputs", "part_geometry", "ready_interior"]
+__all__ = [
+    "EARLY_SHARE",
+    "MAX_SPLIT_COST",
+    "UnitCosts",
+    "output_inputs",
+    "part_geometry",
+    "ready_interior",
+    "split_pays",
+    "tile_seconds",
+]
 
 # An interior worth computing on its own: at least this share of the tile's output
 # rows (a sliver costs its fixed per-op costs twice for little overlap).
 EARLY_SHARE = 0.25
+# ... and its three parts together cost at most this much more than the whole tile,
+# by the device's measured unit costs. Each part pays every op's fixed cost: a
+# ResNet-34 tile of 13 rows of a 50x50 map took 1.8 ms whole and 3.0 ms in three
+# parts on one core, a VGG-16 tile of 50 rows of a 100x100 map hardly more.
+MAX_SPLIT_COST = 0.1
+
+UnitCosts = Sequence[tuple[float, float]]
+"""Per spatial unit (by index): seconds per multiply-add and seconds per op
+invocation, as a device measured them (`UnitProfile.units`, `UnitTimes.units`)."""
 
 
 def _partition(height: int, parts: Sequence[Rows]) -> list[Rows]:
@@ -85,3 +103,27 @@ def ready_interior(
     if best is None or len(best) == len(out) or len(best) < EARLY_SHARE * len(out):
         return None
     return best
+
+
+def tile_seconds(geometry: TileGeometry, costs: UnitCosts) -> float:
+    """A gate-free tile's compute time by per-unit costs, op by op (as the planner's
+    `tile_phases` prices it)."""
+    if geometry.empty:
+        return 0.0
+    total = 0.0
+    for unit_rows in geometry.units:
+        per_mac, fixed = costs[unit_rows.unit.index]
+        for item in (*unit_rows.main, *(unit_rows.shortcut or ())):
+            total += per_mac * item.op.macs(len(item.out_rows)) + fixed
+    return total
+
+
+def split_pays(
+    units: tuple[Unit, ...], tile: TileGeometry, interior: Rows, costs: UnitCosts
+) -> bool:
+    """Whether computing `tile` as interior and edges costs at most `MAX_SPLIT_COST`
+    more than computing it whole."""
+    out = tile.out_rows
+    parts = (Rows(out.start, interior.start), interior, Rows(interior.stop, out.stop))
+    split = sum(tile_seconds(part_geometry(units, p), costs) for p in parts if not p.empty)
+    return split <= (1 + MAX_SPLIT_COST) * tile_seconds(tile, costs)

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edgedi.broker.plan import Plan
-from edgedi.models.interior import output_inputs, part_geometry, ready_interior
+from edgedi.models.interior import output_inputs, part_geometry, ready_interior, split_pays
 from edgedi.models.units import (
     BYTES_PER_ELEMENT,
     ModelSpec,
@@ -57,7 +57,7 @@ from edgedi.planner.cost import (
     phase_seconds,
 )
 from edgedi.planner.errors import InfeasiblePlanError
-from edgedi.planner.profiles import DeviceProfile
+from edgedi.planner.profiles import DeviceProfile, UnitTimes
 from edgedi.planner.unit_costs import channel_tile_macs
 
 __all__ = ["Replay", "ReplayEvent", "replay_plan", "supports_replay", "tile_phases"]
@@ -208,16 +208,23 @@ class _Links:
         return arrivals
 
 
-def _interior(units: Sequence[Unit], tile: TileGeometry, made: Rows) -> Rows | None:
+def _interior(
+    units: Sequence[Unit], tile: TileGeometry, made: Rows, measured: UnitTimes | None
+) -> Rows | None:
     """The output rows of `tile` computable from input rows `made` alone, as the
-    worker computes them ahead (None: the tile runs whole)."""
-    if tile.empty or made.empty:
+    worker computes them ahead when its measured costs say that splitting pays
+    (None: the tile runs whole)."""
+    if tile.empty or made.empty or measured is None:
         return None
     received = np.zeros(len(tile.in_rows), dtype=np.bool_)
     start = tile.in_rows.start
     received[max(0, made.start - start) : max(0, made.stop - start)] = True
     inputs = output_inputs(tuple(units), tile.out_rows)
-    return ready_interior(inputs, tile.out_rows, start, received)
+    interior = ready_interior(inputs, tile.out_rows, start, received)
+    costs = [(m.seconds_per_mac, m.seconds_fixed) for m in measured.units]
+    if interior is None or not split_pays(tuple(units), tile, interior, costs):
+        return None
+    return interior
 
 
 def replay_plan(
@@ -322,7 +329,7 @@ def replay_plan(
             ahead: dict[int, float] = {}
             for k in sorted(own, key=lambda k: own[k][0]):
                 device, tile = tiles[k]
-                interior = _interior(units, tile, own[k][1])
+                interior = _interior(units, tile, own[k][1], profiles[device].units_for(digest))
                 if interior is None:
                     continue
                 seconds = tile_phases(profiles[device], digest, part_geometry(units, interior))[0]

@@ -53,6 +53,7 @@ from edgedi.broker.messages import (
 from edgedi.broker.tensors import Tensor
 from edgedi.models.checkpoints import load_model
 from edgedi.models.data import generate_image
+from edgedi.models.interior import UnitCosts
 from edgedi.models.specs import get_spec
 from edgedi.models.training import normalize
 
@@ -63,6 +64,9 @@ EPOCH = 3
 MODELS = ("tiny", "tiny-edgedi")
 DEVICES = ("a", "b", "c")
 RESULT_TIMEOUT_S = 60.0  # bounds a hang only
+# Unit costs the workers go by: 1 ns per multiply-add, no fixed cost per op, so any
+# interior that leaves a few rows of edges pays.
+MAC_COSTS = tuple((1e-9, 0.0) for _ in range(64))
 _NUMBERS = itertools.count()
 
 
@@ -101,6 +105,8 @@ class Links:
     to_leader: list[ReductionPartial | TileResult | TileFailed] = field(default_factory=list)
     gone: set[str] = field(default_factory=set)
     drop_peer: Callable[[TileRows | ReductionPartial], bool] = lambda message: False
+    peer_delay_s: float = 0.0
+    """How long a message between two devices takes (one to itself: nothing)."""
 
     async def send_task(self, task: TileTask) -> None:
         self.tasks.append(task)
@@ -150,6 +156,7 @@ class Links:
                 return
             if device != sender:
                 self.peer.append((device, message))
+                await asyncio.sleep(self.peer_delay_s)
             worker = self.workers[device]
             if isinstance(message, TileRows):
                 worker.on_rows(message)
@@ -223,6 +230,7 @@ async def _wired(
     models: tuple[str, ...] = MODELS,
     proven: tuple[str, ...] = DEVICES,
     takes_batches: Callable[[str], bool] = lambda device: False,
+    unit_costs: Callable[[str], UnitCosts | None] = lambda digest: MAC_COSTS,
 ) -> AsyncIterator[Links]:
     """Workers and a leader wired in memory; `proven` are the devices the leader has
     seen answer before (the others are on probation: their first job is relayed)."""
@@ -238,6 +246,7 @@ async def _wired(
                 executor,
                 _WorkerLinks(links, device),
                 accepts_epoch=lambda epoch: epoch >= EPOCH,
+                unit_costs=unit_costs,
             )
         coordinator = Coordinator(
             "a",
@@ -543,18 +552,39 @@ def test_a_long_task_list_is_split_into_bounded_batches_in_order() -> None:
     assert task_batches([]) == []
 
 
-async def test_tiles_compute_their_interior_before_their_halo_and_stay_exact(
-    links: Links, image: npt.NDArray[np.uint8]
-) -> None:
+async def test_tiles_compute_their_interior_before_their_halo_and_stay_exact() -> None:
     # Each tile's own rows come from its own device the moment its previous tile
-    # ends; the halo comes from the neighbours' later. "tiny" has no gates: every
-    # later-segment tile may start on its interior.
-    for _ in range(3):
-        job_id = submit(links, "tiny", image, "equal")
-        result = await links.result_of(job_id)
-        assert result.status == "ok", result.error
-        np.testing.assert_allclose(result.probabilities, reference("tiny", image), atol=1e-5)
-    early = sum(worker.statistics.early_parts for worker in links.workers.values())
-    assert early > 0
-    assert links.coordinator is not None
-    assert links.coordinator.statistics.direct_fallbacks == 0
+    # ends; the halo comes from the neighbours' later. "tiny" has no gates: a
+    # later-segment tile may start on its interior (at 96 px its strips are tall
+    # enough for one that pays).
+    size = 96
+    store = ModelStore(["tiny"], size)
+    store.load_all()
+    picture = generate_image(2, 5, size, 0)
+    with TORCH_RNG_LOCK:
+        model, _ = load_model("tiny", size)
+    with torch.inference_mode():
+        expected = torch.softmax(model(normalize(np.array(picture)[None])).double(), dim=1)
+    async with _wired(store, size, models=("tiny",)) as links:
+        links.peer_delay_s = 0.05  # the halo comes well after a device's own rows
+        for _ in range(3):
+            job_id = submit(links, "tiny", picture, "equal")
+            result = await links.result_of(job_id)
+            assert result.status == "ok", result.error
+            np.testing.assert_allclose(result.probabilities, expected.numpy()[0], atol=1e-5)
+        early = sum(worker.statistics.early_parts for worker in links.workers.values())
+        assert early > 0
+        assert links.coordinator is not None
+        assert links.coordinator.statistics.direct_fallbacks == 0
+
+
+async def test_no_interior_ahead_where_the_ops_fixed_costs_make_splitting_dear(
+    store: ModelStore, image: npt.NDArray[np.uint8]
+) -> None:
+    dear = tuple((1e-9, 1.0) for _ in range(64))  # a second per op invocation
+    for costs in (lambda digest: dear, lambda digest: None):  # dear, and not measured
+        async with _wired(store, SIZE, unit_costs=costs) as links:
+            job_id = submit(links, "tiny", image, "equal")
+            result = await links.result_of(job_id)
+            assert result.status == "ok", result.error
+            assert not any(w.statistics.early_parts for w in links.workers.values())

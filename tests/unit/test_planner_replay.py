@@ -266,7 +266,7 @@ def test_a_tile_without_gates_computes_its_interior_while_its_halo_travels(
 ) -> None:
     # VGG-16 split over two devices on a slow link: every boundary's halo takes a
     # while, and the worker computes each tile's interior meanwhile.
-    spec = get_spec("vgg16", 64)
+    spec = get_spec("vgg16", 200)  # the size `device` measures its units at
     devices = [
         device(name, 1.0, latency_s=0.02, bandwidth=1e7, model="vgg16") for name in ("a", "b")
     ]
