@@ -104,6 +104,12 @@ PREDICTION_TOLERANCE = 0.15
 # Fits per model and membership (the cost used is the median of them): a cluster that
 # never settles keeps what it has then.
 MAX_LATENCY_FITS = 6
+# A job run with an explicit strategy (the demo's `single` baseline) makes `auto` switch
+# to that plan only when its median beats the plan in force by more than this: two
+# medians of five jobs on a shared machine differ by 10-30 % on noise alone, and in
+# one resnet34 demo of session 11 the baseline's took a four-device plan that had
+# measured faster off the demo's stream.
+SWITCH_MARGIN = 0.1
 # Side-by-side rounds per model and membership: each fit moves the predictions and may
 # bring up a candidate not measured yet, and each round is 10-15 jobs. After these,
 # `auto` keeps the fastest it measured.
@@ -428,7 +434,7 @@ class Planning:
         if chosen == name:
             return False
         expected = self._measured.get(model, {}).get(chosen, plan.predicted_latency_s)
-        return median < expected
+        return median < expected * (1 - SWITCH_MARGIN)
 
     def _client_hops(self) -> float:
         """The image's hop to the leader and the result's back, as the replay prices them."""

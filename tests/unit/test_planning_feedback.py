@@ -224,3 +224,26 @@ async def test_a_replan_that_makes_the_same_plan_again_keeps_its_id() -> None:
     planning.update(births, list(births), 1)
     other = await planning.plan_for(MODEL)
     assert other.plan_id != first.plan_id
+
+
+async def test_an_explicit_strategy_takes_over_only_when_clearly_faster() -> None:
+    # The demo runs `single` beside auto's plan: a median of five `single` jobs a
+    # little below the plan's (noise) must not make auto switch to one device.
+    replans: list[bool] = []
+    planning = Planning("a", SIZE, "auto", on_change=lambda: replans.append(True))
+    births = {d: birth(d, 1.0) for d in ("a", "b")}
+    planning.update(births, list(births), 1)
+    chosen = await planning.plan_for(MODEL)
+    planning._rounds.pop(MODEL, None)  # settled on it, measured at 100 ms
+    name = chosen.strategy.removeprefix("auto:")
+    assert name != "single/1", "auto chose one device itself: nothing to take over"
+    planning._measured[MODEL] = {name: 0.1}
+    single = await planning.plan_for(MODEL, "single")
+    hops = planning._client_hops()
+    for _ in range(MEASURED_JOBS):
+        assert not planning.observe_job(MODEL, single, 0.095 - hops)  # 5 % faster: noise
+    assert not replans
+    for _ in range(MEASURED_JOBS - 1):
+        planning.observe_job(MODEL, single, 0.08 - hops)
+    assert planning.observe_job(MODEL, single, 0.08 - hops)  # 20 % faster: it takes over
+    assert replans == [True]
