@@ -15,6 +15,12 @@ whose tiles wait for each other's gates cannot deadlock a device. Every wait is
 bounded by the task's deadline; `CancelJob`, a deadline or a newer leader epoch
 drops a job's tile state.
 
+On the direct data plane a tile without attention gates may start before its
+input is complete: once the rows its own device made are in, it computes the output
+rows those determine (its interior), and the rest when the halo from its
+neighbours has come, where the device's measured unit costs say splitting pays
+(`edgedi.models.interior`).
+
 `compute.slowdown` emulates a slower device (`edgedi.agent.pacing`): each compute
 step takes `slowdown` times the CPU it used, so the device stays busy as a slower
 one would, and the reported compute seconds include it.
@@ -750,6 +756,8 @@ class Worker:
             self.statistics.early_parts += 1
         except asyncio.CancelledError:
             raise
+        except _TileRefused:
+            pass  # bad input rows: the whole tile refuses them, with the reason
         except Exception:  # the whole tile still runs once its rows are in
             logger.exception("interior of tile %s failed", _key(tile.task))
         finally:
