@@ -64,13 +64,7 @@ from edgedi.broker.ratelimit import RateLimitedLog
 from edgedi.broker.tensors import Tensor
 from edgedi.models.channel_split import run_channel_tile
 from edgedi.models.head_split import head_partial
-from edgedi.models.interior import (
-    UnitCosts,
-    output_inputs,
-    part_geometry,
-    ready_interior,
-    split_pays,
-)
+from edgedi.models.interior import UnitCosts, interior_to_compute, part_geometry
 from edgedi.models.reduce import CoverageError, combine
 from edgedi.models.tiling import GatePartial, TileRunner, run_tile
 from edgedi.models.units import Rows, TileGeometry, Unit, splittable_head
@@ -501,12 +495,7 @@ class Worker:
         costs = self.unit_costs(tile.held.digest)
         if costs is None:
             return None  # not measured: no way to tell whether splitting pays
-        out = tile.rows.out_rows
-        inputs = output_inputs(tile.units, out)
-        interior = ready_interior(inputs, out, tile.rows.in_rows.start, tile.received)
-        if interior is None or not split_pays(tile.units, tile.rows, interior, costs):
-            return None
-        return interior
+        return interior_to_compute(tile.units, tile.rows, tile.received, costs)
 
     def _maybe_start_early(self, tile: _Tile) -> None:
         """Queue the tile's interior when enough of its input is in (`models.interior`)."""

@@ -35,6 +35,7 @@ __all__ = [
     "EARLY_SHARE",
     "MAX_SPLIT_COST",
     "UnitCosts",
+    "interior_to_compute",
     "output_inputs",
     "part_geometry",
     "ready_interior",
@@ -127,3 +128,17 @@ def split_pays(
     parts = (Rows(out.start, interior.start), interior, Rows(interior.stop, out.stop))
     split = sum(tile_seconds(part_geometry(units, p), costs) for p in parts if not p.empty)
     return split <= (1 + MAX_SPLIT_COST) * tile_seconds(tile, costs)
+
+
+def interior_to_compute(
+    units: tuple[Unit, ...], tile: TileGeometry, received: npt.NDArray[np.bool_], costs: UnitCosts
+) -> Rows | None:
+    """The output rows of `tile` to compute before the rest of its input is in: as
+    many as the input rows `received` so far allow (`received[i]`: row
+    `tile.in_rows.start + i`), if splitting the tile pays by `costs`."""
+    interior = ready_interior(
+        output_inputs(units, tile.out_rows), tile.out_rows, tile.in_rows.start, received
+    )
+    if interior is None or not split_pays(units, tile, interior, costs):
+        return None
+    return interior

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edgedi.broker.plan import Plan
-from edgedi.models.interior import output_inputs, part_geometry, ready_interior, split_pays
+from edgedi.models.interior import interior_to_compute, part_geometry
 from edgedi.models.units import (
     BYTES_PER_ELEMENT,
     ModelSpec,
@@ -219,12 +219,8 @@ def _interior(
     received = np.zeros(len(tile.in_rows), dtype=np.bool_)
     start = tile.in_rows.start
     received[max(0, made.start - start) : max(0, made.stop - start)] = True
-    inputs = output_inputs(tuple(units), tile.out_rows)
-    interior = ready_interior(inputs, tile.out_rows, start, received)
     costs = [(m.seconds_per_mac, m.seconds_fixed) for m in measured.units]
-    if interior is None or not split_pays(tuple(units), tile, interior, costs):
-        return None
-    return interior
+    return interior_to_compute(tuple(units), tile, received, costs)
 
 
 def replay_plan(
@@ -322,7 +318,8 @@ def replay_plan(
         count = len(tiles)
         rounds = max(len(p) for p in phases) - 1
         finish = dict(ready)
-        if rounds == 0 and fractions is None and own:
+        priced_ahead = rounds == 0 and fractions is None and bool(own)
+        if priced_ahead:
             # Interiors first, from the rows each device made itself, then the rest
             # of each tile once all its rows are in.
             rest = [p[0] for p in phases]
@@ -347,9 +344,7 @@ def replay_plan(
             for k in sorted(range(count), key=lambda k: finish[k]):
                 start = max(finish[k], ahead.get(k, 0.0))
                 finish[k] = compute(tiles[k][0], start, rest[k], f"s{number} tile {k} p0")
-            phases = []  # done
-            rounds = -1
-        for phase in range(rounds + 1):
+        for phase in range(0 if priced_ahead else rounds + 1):  # else: priced above
             for k in sorted(range(count), key=lambda k: finish[k]):
                 device = tiles[k][0]
                 seconds = phases[k][phase] if phase < len(phases[k]) else 0.0
