@@ -446,6 +446,35 @@ def _factors_summary(
     ], factors.as_dict()
 
 
+def _sync_summary(traced: JobResult) -> tuple[list[str], dict[str, Any] | None]:
+    """What the traced job's synchronisation points cost beyond computing."""
+    from edgedi.agent.sync_costs import sync_costs
+
+    costs = sync_costs(traced.trace)
+    if costs.boundary_ms is None and costs.exchange_ms is None:
+        return [], None
+    parts = []
+    if costs.boundary_ms is not None:
+        parts.append(
+            f"{len(costs.boundaries_ms)} segment boundaries at a median {costs.boundary_ms:.1f} ms"
+        )
+    if costs.exchange_ms is not None:
+        parts.append(
+            f"{len(costs.exchanges_ms)} exchanges within segments (gates, channel units) "
+            f"at {costs.exchange_ms:.1f} ms"
+        )
+    return [
+        f"  synchronisation on the critical path: {'; '.join(parts)}, each beyond the longest "
+        "computing of its step (rows, partials and results on their way, the devices' "
+        "imbalance; below 0 where interiors overlapped it)",
+    ], {
+        "boundaries_ms": list(costs.boundaries_ms),
+        "exchanges_ms": list(costs.exchanges_ms),
+        "boundary_ms": costs.boundary_ms,
+        "exchange_ms": costs.exchange_ms,
+    }
+
+
 def _trace_summary(result: JobResult) -> tuple[list[str], dict[str, Any]]:
     """A traced job's chart and per-device times, for the person and for `--json`."""
     from edgedi.agent.trace_chart import LEGEND, device_times, render_trace
@@ -564,9 +593,11 @@ async def _stream(
         _say(line)
     if traced is not None:
         trace_lines, figures["trace"] = _trace_summary(traced)
+        sync_lines, figures["sync"] = _sync_summary(traced)
         if traced_single is not None:
             factor_lines, figures["factors"] = _factors_summary(cluster, traced, traced_single)
             trace_lines += factor_lines
+        trace_lines += sync_lines
         for line in trace_lines:
             _say(line)
         if args.gantt is not None:

@@ -78,6 +78,8 @@ def test_demo_with_paced_devices_is_exact_and_leaves_no_quota_group() -> None:
     factors = figures["factors"]  # the traced jobs' speedup taken apart
     product = factors["ideal"] * factors["work_ratio"] * factors["distributed_busy"]
     assert product / factors["single_busy"] == pytest.approx(factors["speedup"])
+    sync = figures["sync"]  # None when the plan ran as one segment
+    assert sync is None or len(sync["boundaries_ms"]) + len(sync["exchanges_ms"]) > 0
     assert set(quotas.parent.glob("*-dev-*")) <= before  # every group it made is gone
 
 
