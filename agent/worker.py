@@ -875,7 +875,23 @@ class Worker:
                     pieces.append(self._run_part(tile, geometry, self._part_input(tile, geometry)))
             return np.ascontiguousarray(np.concatenate(pieces, axis=2))
 
+        out_rows = (tile.rows.out_rows.start, tile.rows.out_rows.stop)
+
+        def finished(step: GatePartial | npt.NDArray[Any]) -> GatePartial | npt.NDArray[Any]:
+            """The output, and the tile's block of the head's first layer where it has one,
+            in the same trip to the compute thread: a trip back through the event loop
+            between them cost a quota-limited device up to 9 ms on the critical path."""
+            if isinstance(step, GatePartial) or not task.head_partial:
+                return step
+            return head_partial(tile.held.model, out_rows, torch.from_numpy(step))
+
+        def advance(value: npt.NDArray[Any]) -> GatePartial | npt.NDArray[Any]:
+            return finished(_advance(runner_holder[0], value, self.wire_dtype))
+
         def start() -> GatePartial | npt.NDArray[Any]:
+            return finished(begin())
+
+        def begin() -> GatePartial | npt.NDArray[Any]:
             if early is not None:
                 return edges()
             array = tile.input if task.tensor is None else task.tensor.array
@@ -919,24 +935,13 @@ class Worker:
             value = await self._gate_value(tile, step.index)
             tile.span("gate", waited, time.time())
             self.statistics.gate_rounds += 1
-            step, seconds = await self._step(
-                tile, functools.partial(_advance, runner_holder[0], value, self.wire_dtype)
-            )
+            step, seconds = await self._step(tile, functools.partial(advance, value))
             tile.compute_seconds += seconds
             self.statistics.busy_seconds += seconds
         output = step
         if task.forward:
             await self._forward(tile, output)
             return None
-        out_rows = (tile.rows.out_rows.start, tile.rows.out_rows.stop)
-        if task.head_partial:
-            rows_output = output
-            output, seconds = await self._step(
-                tile,
-                lambda: head_partial(tile.held.model, out_rows, torch.from_numpy(rows_output)),
-            )
-            tile.compute_seconds += seconds
-            self.statistics.busy_seconds += seconds
         columns = tile.columns.out_rows
         return TileResult(
             sender=self.device_id,
