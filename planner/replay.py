@@ -32,6 +32,7 @@ Pure: no I/O, no torch.
 
 from __future__ import annotations
 
+import bisect
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -158,7 +159,16 @@ def channel_partial_bytes(unit: Unit) -> float:
 
 
 class _Links:
-    """Each device's link: messages leave one after another; hops add latencies."""
+    """Each device's link: messages leave one after another; hops add latencies.
+
+    The broker forwards one delivery at a time, at `network.broker_bandwidth` or else
+    the fastest link any device probed through it (a stream through the broker never
+    measured faster than the broker forwards). A message alone is not slowed by it,
+    its transfer overlaps the sender's link; deliveries at once queue: four devices
+    exchanging a channel unit's 173 KB partials make twelve deliveries, which a replay
+    with only the devices' links priced as if they all went in parallel. On a shaped
+    LAN the broker's own link is that queue.
+    """
 
     def __init__(self, profiles: dict[str, DeviceProfile], network: NetworkModel) -> None:
         self.profiles = profiles
@@ -166,6 +176,28 @@ class _Links:
         self.free: dict[str, float] = defaultdict(float)
         self.events: list[ReplayEvent] = []
         self.bytes_moved = 0.0
+        self.broker_rate = network.broker_bandwidth or max(
+            (p.bandwidth for p in profiles.values()), default=float("inf")
+        )
+        # The broker's busy intervals, sorted and disjoint. The replay does not price
+        # messages in time order (device by device, tile by tile), so a delivery takes
+        # the first gap from its arrival on that is long enough, not the queue's end.
+        self.broker_busy: list[tuple[float, float]] = []
+
+    def _forwarded(self, start: float, size: float) -> float:
+        """When the broker is done forwarding one delivery of `size` bytes that reaches
+        it at `start`."""
+        length = size / self.broker_rate
+        busy = self.broker_busy
+        index = bisect.bisect_left(busy, (start, start))
+        begin = start
+        if index > 0:
+            begin = max(begin, busy[index - 1][1])
+        while index < len(busy) and busy[index][0] < begin + length:
+            begin = max(begin, busy[index][1])
+            index += 1
+        busy.insert(index, (begin, begin + length))
+        return begin + length
 
     def send(self, now: float, sender: str, receiver: str, size: float, label: str) -> float:
         """When a message of `size` bytes sent at `now` reaches `receiver`."""
@@ -177,8 +209,8 @@ class _Links:
         start = max(now, self.free[sender])
         hold = size / min(a.bandwidth, b.bandwidth)
         self.free[sender] = start + hold
-        arrival = start + hold + (a.latency_s + b.latency_s) / 2
-        arrival += self.network.broker_per_message_s
+        arrival = max(start + hold, self._forwarded(start, size))
+        arrival += (a.latency_s + b.latency_s) / 2 + self.network.broker_per_message_s
         self.events.append(ReplayEvent(sender, "send", f"{label} → {receiver}", start, arrival))
         return arrival
 
@@ -201,7 +233,8 @@ class _Links:
         for receiver in remote:
             b = self.profiles[receiver]
             hold = size / min(a.bandwidth, b.bandwidth)
-            arrival = start + hold + (a.latency_s + b.latency_s) / 2
+            arrival = max(start + hold, self._forwarded(start, size))
+            arrival += (a.latency_s + b.latency_s) / 2
             arrivals[receiver] = arrival + self.network.broker_per_message_s
         end = max(arrivals.values())
         self.events.append(ReplayEvent(sender, "send", f"{label} → {len(remote)}", start, end))

@@ -288,3 +288,32 @@ def test_a_tile_without_gates_computes_its_interior_while_its_halo_travels(
     waiting = replay_plan(plan, spec, devices)
     assert not [e for e in waiting.events if e.label.endswith("interior")]
     assert replay.latency_s < waiting.latency_s
+
+
+def test_the_broker_forwards_one_delivery_at_a_time() -> None:
+    """A message alone costs its link; deliveries at once queue at the broker."""
+    from edgedi.planner.replay import _Links
+
+    size = 173_056.0  # a ResNet-34 channel unit's partial: 256 x 13 x 13 float32
+    names = ("a", "b", "c", "d")
+    network = NetworkModel(message_overhead_bytes=0, broker_per_message_s=0.0)
+    hop = size / 1e8 + 5e-4  # its bytes over the link, plus the latency
+    alone = _Links({n: device(n, 1.0) for n in names}, network)
+    assert alone.send(0.0, "a", "b", size, "rows") == pytest.approx(hop)
+
+    # Four devices publish a partial at the same moment, each for the three others:
+    # twelve deliveries through the broker, at the fastest probed link's rate.
+    storm = _Links({n: device(n, 1.0) for n in names}, network)
+    arrivals = [
+        max(storm.broadcast(0.0, sender, names, size, "partial").values()) for sender in names
+    ]
+    assert max(arrivals) == pytest.approx(12 * size / 1e8 + 5e-4)
+
+    # Priced out of time order, an earlier message takes the broker's gap before a
+    # later one instead of queueing behind it.
+    out_of_order = _Links({n: device(n, 1.0) for n in names}, network)
+    out_of_order.send(1.0, "a", "b", size, "later")
+    assert out_of_order.send(0.0, "c", "d", size, "earlier") == pytest.approx(hop)
+    assert out_of_order.send(1.0, "c", "d", size, "with the later") == pytest.approx(
+        1.0 + 2 * size / 1e8 + 5e-4
+    )
