@@ -150,6 +150,12 @@ class PlannerSettings(_Section):
     model: str | None = Field(
         None, description="model of the plan published on plans/current (default: the first held)"
     )
+    cgroup_procs: Path | None = Field(
+        None,
+        description="emulation only: a cgroup `cgroup.procs` file the planning process joins "
+        "at start, so a leader's planning takes another core's time, not its event loop's "
+        "quota (local clusters)",
+    )
 
 
 class JobSettings(_Section):

@@ -40,8 +40,10 @@ own. The rate is measured once (`Links.measured_mbit`) for the output; the agent
 measure their own link through the broker (`edgedi.agent.link_probe`) and announce
 that, unless `link_mbit_s` / `link_latency_ms` are given, which they announce
 instead. Each device's compute thread joins its quota group; the rest of the agent
-(event loop, planning) runs in a second group of the same speed, so a busy compute
-thread does not stall the device's messages for milliseconds. Without root or
+(its event loop) runs in a second group of the same speed, so a busy compute
+thread does not stall the device's messages for milliseconds; a leader's planning
+process joins a third (`planner.cgroup_procs`), as a board would plan on another of
+its cores instead of on its event loop's quota. Without root or
 `ip`/`tc` the cluster falls back to loopback and `links.note` says why. With a
 shaped link, the broker runs in its namespace from the start: its fault-injection
 `restart()` would bring it back in the launcher's and is for loopback clusters.
@@ -578,6 +580,7 @@ class LocalCluster:
         self._quotas: CpuQuotas | None = None
         self._groups: dict[str, Path] = {}
         self._loop_groups: dict[str, Path] = {}
+        self._plan_groups: dict[str, Path] = {}
         self._own_log_dir = log_dir is None
         # Only a name until `start()` creates it: constructing starts nothing.
         self.log_dir = log_dir or Path(tempfile.gettempdir()) / (
@@ -637,11 +640,16 @@ class LocalCluster:
                         device, compute_speed, self.quota_period_us
                     )
                     if self._quotas.version == 1:
-                        # The agent's own threads (event loop, planning) get a group of
-                        # the same speed; its compute thread joins the device's group.
+                        # The agent's own threads (its event loop) get a group of the
+                        # same speed; its compute thread joins the device's group.
                         self._loop_groups[device] = self._quotas.create(
                             f"{device}-loop", speed, self.quota_period_us
                         )
+                    # A leader plans in a process of its own, as a board would on
+                    # another of its cores: not on its event loop's quota.
+                    self._plan_groups[device] = self._quotas.create(
+                        f"{device}-plan", speed, self.quota_period_us
+                    )
                 except OSError as error:
                     raise ClusterError(
                         f"cannot create the CPU quota group of {device}: {error}"
@@ -824,6 +832,9 @@ class LocalCluster:
         )
         if group is not None and loop_group is not None:
             environment["EDGEDI_COMPUTE__CGROUP_TASKS"] = str(group / "tasks")
+        plan_group = self._plan_groups.get(device)
+        if plan_group is not None:
+            environment["EDGEDI_PLANNER__CGROUP_PROCS"] = str(plan_group / "cgroup.procs")
         if self.connection is not None:
             # The environment, not flags: a password on a command line is in `ps`.
             environment.update(_connection_environment(self.connection))

@@ -44,6 +44,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from pathlib import Path
 
 from edgedi.agent.exploration import SideBySide
 from edgedi.agent.plan_worker import (
@@ -181,6 +182,7 @@ class Planning:
         *,
         on_change: Callable[[], None] | None = None,
         direct: bool = True,
+        cgroup_procs: Path | None = None,
     ) -> None:
         self.leader = leader
         self.input_size = input_size
@@ -195,7 +197,7 @@ class Planning:
         self._stale: dict[tuple[str, str], Plan] = {}
         self._wanted: dict[tuple[str, str], None] = {}
         self._lock = asyncio.Lock()
-        self._worker = PlanWorker()
+        self._worker = PlanWorker(cgroup_procs)
         self.generation = 0
         # Per (device, session): the measured speed factor, and the one plans use.
         self._factors: dict[_Member, float] = {}

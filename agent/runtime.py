@@ -215,6 +215,7 @@ class Agent:
             settings.planner.strategy,
             on_change=lambda: self._plan_dirty.set(),
             direct=settings.jobs.direct,
+            cgroup_procs=settings.planner.cgroup_procs,
         )
         self.journal = JobJournal(settings.jobs.journal_size, settings.jobs.deadline_s)
         self.births: dict[str, DeviceBirth] = {}

@@ -16,6 +16,7 @@ from edgedi.agent.plan_worker import (
     PlanWorkerError,
     auto_candidates,
     fit_message_cost,
+    join_cgroup,
     strategy_plan,
 )
 from edgedi.models.specs import get_spec
@@ -197,6 +198,23 @@ async def test_a_killed_process_is_replaced_and_close_ends_it() -> None:
     assert second != first
     worker.close()
     assert _wait_gone(second), "close() left the planning process running"
+
+
+async def test_the_process_joins_the_cgroup_it_is_given(tmp_path: Path) -> None:
+    # A plain file stands in for a cgroup's `cgroup.procs`: the process writes its pid.
+    procs = tmp_path / "cgroup.procs"
+    procs.write_text("")
+    worker = PlanWorker(procs)
+    try:
+        pid = await worker.run(os.getpid)
+    finally:
+        worker.close()
+    assert procs.read_text() == str(pid) and pid != os.getpid()
+
+
+def test_a_cgroup_that_refuses_leaves_the_process_where_it_is(tmp_path: Path) -> None:
+    assert join_cgroup(None) is False
+    assert join_cgroup(tmp_path / "no-such-group" / "cgroup.procs") is False
 
 
 _AGENT = """
