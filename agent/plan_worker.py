@@ -147,7 +147,7 @@ def _background_process(cgroup_procs: Path | None = None) -> None:
 
     `cgroup_procs` (emulated devices only, `planner.cgroup_procs`): the group this
     process joins. Spawned by the agent, it starts in the agent's event-loop group,
-    whose CPU quota it would then spend: in one traced demo the leader's loop was
+    whose CPU quota it would then spend: in one demo the leader's loop was
     throttled in 840 periods during 19 s of planning, its peers' in 25-183. A board
     plans on another of its cores."""
     join_cgroup(cgroup_procs)
