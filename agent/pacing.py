@@ -9,17 +9,24 @@ devices of the same machine bursting at once) loses nothing as long as the wait 
 in the time the slow device would have taken anyway, as a device of its own would.
 With several torch threads the step's CPU is spread over threads this one cannot see,
 so the wall clock is used instead.
+
+Under CPU quotas instead (the local cluster's default), the agent's threads and its
+planning process join the quota groups the launcher made for them (`join_cgroup`).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 import torch
 
-__all__ = ["paced", "step_clock"]
+__all__ = ["join_cgroup", "paced", "step_clock"]
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -43,3 +50,17 @@ def paced(function: Callable[[], T], slowdown: float) -> tuple[T, float]:
         if remaining > 0:
             time.sleep(remaining)
     return result, time.perf_counter() - started
+
+
+def join_cgroup(members: Path | None, member: int, who: str) -> bool:
+    """Write `member` (a thread id to a v1 `tasks` file, a process id to `cgroup.procs`)
+    into `members`, the emulated device's quota group; False, logged, when there is no
+    group or the kernel refuses: `who` then runs where it started."""
+    if members is None:
+        return False
+    try:
+        members.write_text(str(member))
+    except OSError as error:
+        logger.warning("%s could not join %s: %s", who, members, error)
+        return False
+    return True

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import logging
 import multiprocessing
 import os
 import signal
@@ -32,6 +31,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Literal, TypeVar
 
+from edgedi.agent.pacing import join_cgroup
 from edgedi.broker.plan import Plan
 from edgedi.models.specs import get_spec
 from edgedi.planner.cost import NetworkModel
@@ -40,8 +40,6 @@ from edgedi.planner.profiles import DeviceProfile
 from edgedi.planner.replay import replay_plan, supports_replay
 from edgedi.planner.strategies import get_strategy
 from edgedi.planner.strategies.auto import Candidate, candidates
-
-logger = logging.getLogger(__name__)
 
 __all__ = [
     "CostField",
@@ -150,26 +148,13 @@ def _background_process(cgroup_procs: Path | None = None) -> None:
     whose CPU quota it would then spend: in one demo the leader's loop was
     throttled in 840 periods during 19 s of planning, its peers' in 25-183. A board
     plans on another of its cores."""
-    join_cgroup(cgroup_procs)
+    join_cgroup(cgroup_procs, os.getpid(), "the planning process")
     with contextlib.suppress(AttributeError, OSError):
         os.setpriority(os.PRIO_PROCESS, 0, 19)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(
         target=_exit_with, args=(os.getppid(),), name="parent-watch", daemon=True
     ).start()
-
-
-def join_cgroup(cgroup_procs: Path | None) -> bool:
-    """Move this process into the group of `cgroup_procs`; False (logged) when the
-    kernel refuses, so a planning process still plans, only on its agent's quota."""
-    if cgroup_procs is None:
-        return False
-    try:
-        cgroup_procs.write_text(str(os.getpid()))
-    except OSError as error:
-        logger.warning("the planning process could not join %s: %s", cgroup_procs, error)
-        return False
-    return True
 
 
 def _exit_with(parent: int) -> None:

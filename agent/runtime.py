@@ -78,6 +78,7 @@ from edgedi.agent.loop_lag import LoopLag
 from edgedi.agent.membership import HEARTBEAT_PERIOD_S, SILENT_AFTER_S, Membership
 from edgedi.agent.metrics import AgentMetrics
 from edgedi.agent.model_store import HeldModel, ModelStore
+from edgedi.agent.pacing import join_cgroup
 from edgedi.agent.planning import Planning, PlanningError
 from edgedi.agent.systemd import notify, watchdog_loop
 from edgedi.agent.transport import AgentTransport
@@ -166,12 +167,7 @@ def _first_unit(held: HeldModel, x: torch.Tensor) -> None:
 
 def _join_cgroup(tasks: Path | None) -> None:
     """Compute thread start: join the emulated device's CPU quota group, if any."""
-    if tasks is None:
-        return
-    try:
-        tasks.write_text(str(threading.get_native_id()))
-    except OSError as error:
-        logger.warning("compute thread could not join %s: %s", tasks, error)
+    join_cgroup(tasks, threading.get_native_id(), "compute thread")
 
 
 class Agent:

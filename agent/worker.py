@@ -889,9 +889,6 @@ class Worker:
             return finished(_advance(runner_holder[0], value, self.wire_dtype))
 
         def start() -> GatePartial | npt.NDArray[Any]:
-            return finished(begin())
-
-        def begin() -> GatePartial | npt.NDArray[Any]:
             if early is not None:
                 return edges()
             array = tile.input if task.tensor is None else task.tensor.array
@@ -924,7 +921,7 @@ class Worker:
             return _advance(runner, None, self.wire_dtype)
 
         try:
-            step, seconds = await self._step(tile, start)
+            step, seconds = await self._step(tile, lambda: finished(start()))
         except _TileRefused as refusal:
             return self._failure(tile.task, str(refusal))
         tile.compute_seconds += seconds

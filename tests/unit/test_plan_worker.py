@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from edgedi.agent.pacing import join_cgroup
 from edgedi.agent.plan_worker import (
     PlanWorker,
     PlanWorkerError,
     auto_candidates,
     fit_message_cost,
-    join_cgroup,
     strategy_plan,
 )
 from edgedi.models.specs import get_spec
@@ -213,8 +213,8 @@ async def test_the_process_joins_the_cgroup_it_is_given(tmp_path: Path) -> None:
 
 
 def test_a_cgroup_that_refuses_leaves_the_process_where_it_is(tmp_path: Path) -> None:
-    assert join_cgroup(None) is False
-    assert join_cgroup(tmp_path / "no-such-group" / "cgroup.procs") is False
+    assert join_cgroup(None, os.getpid(), "a test") is False
+    assert join_cgroup(tmp_path / "no-such-group" / "cgroup.procs", os.getpid(), "a test") is False
 
 
 _AGENT = """
